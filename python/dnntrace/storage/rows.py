@@ -1,0 +1,148 @@
+"""Turn native stat-bank rows (counts int64[n, width], moments float64[n, 8]) into trace columns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import layout as L
+from .layout import Layout
+from .schema import BASE_SCHEMA
+
+_HEADER_COLUMNS = {
+    "count": L.COUNT,
+    "nan_count": L.NAN,
+    "posinf_count": L.POSINF,
+    "neginf_count": L.NEGINF,
+    "zero_count": L.ZEROS,
+    "negative_count": L.NEGATIVES,
+    "underflow_pos_count": L.UNDER_POS,
+    "underflow_neg_count": L.UNDER_NEG,
+    "overflow_pos_count": L.OVER_POS,
+    "overflow_neg_count": L.OVER_NEG,
+    "calls": L.CALLS,
+}
+
+
+def sparse_hist(hist: np.ndarray) -> tuple[np.ndarray, pa.ListArray]:
+    """(offsets, list<uint32>) holding each row's non-zero bucket range, vectorised."""
+    n, _ = hist.shape
+    nz = hist != 0
+    any_nz = nz.any(axis=1)
+    first = np.where(any_nz, nz.argmax(axis=1), 0)
+    last = np.where(any_nz, hist.shape[1] - 1 - nz[:, ::-1].argmax(axis=1), -1)
+    lengths = np.where(any_nz, last - first + 1, 0)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    if total:
+        row_of = np.repeat(np.arange(n), lengths)
+        col = np.arange(total) - np.repeat(offsets[:-1], lengths) + np.repeat(first, lengths)
+        values = hist[row_of, col]
+    else:
+        values = np.zeros(0, hist.dtype)
+    if values.size and values.max() > np.iinfo(np.uint32).max:
+        raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.uint32)))
+    return first.astype(np.int32), lists
+
+
+def state_to_batch(
+    counts: np.ndarray,
+    moments: np.ndarray,
+    layout: Layout,
+    *,
+    step: int | np.ndarray,
+    module: Sequence[str],
+    kind: Sequence[str],
+    tensor: Sequence[str],
+    dtype: Sequence[str],
+    shape: Sequence[Sequence[int]],
+    phase: str | Sequence[str] = "train",
+    rank: int = 0,
+    wall_time_s: float | np.ndarray = 0.0,
+) -> pa.RecordBatch:
+    """A record batch of the trace schema from ``n`` slot rows and their labels."""
+    counts = np.asarray(counts, dtype=np.int64)
+    moments = np.asarray(moments, dtype=np.float64)
+    n = counts.shape[0]
+    if counts.shape != (n, layout.width) or moments.shape != (n, L.NUM_MOMENTS):
+        raise ValueError(
+            f"state rows of shape {counts.shape}/{moments.shape} do not fit layout {layout}"
+        )
+    finite = (
+        counts[:, L.COUNT] - counts[:, L.NAN] - counts[:, L.POSINF] - counts[:, L.NEGINF]
+    )
+    has = finite > 0
+    mn = np.where(has, moments[:, L.MIN], np.nan)
+    mx = np.where(has, moments[:, L.MAX], np.nan)
+    offsets, hist = sparse_hist(counts[:, L.HEADER :])
+    cols: dict[str, Any] = {
+        "step": np.broadcast_to(np.asarray(step, dtype=np.int64), (n,)),
+        "phase": [phase] * n if isinstance(phase, str) else list(phase),
+        "rank": np.full(n, rank, dtype=np.int32),
+        "wall_time_s": np.broadcast_to(np.asarray(wall_time_s, dtype=np.float64), (n,)),
+        "module": list(module),
+        "kind": list(kind),
+        "tensor": list(tensor),
+        "dtype": list(dtype),
+        "shape": [list(s) for s in shape],
+        "numel": np.array([int(np.prod(s)) for s in shape], dtype=np.int64),
+    }
+    for name, idx in _HEADER_COLUMNS.items():
+        cols[name] = counts[:, idx]
+    cols["min"] = mn
+    cols["max"] = mx
+    cols["sum"] = moments[:, L.SUM] + moments[:, L.SUM_COMP]
+    cols["sumsq"] = moments[:, L.SUMSQ] + moments[:, L.SUMSQ_COMP]
+    cols["absmax"] = np.where(has, np.maximum(np.abs(mn), np.abs(mx)), np.nan)
+    cols["k"] = np.full(n, layout.k, np.int8)
+    cols["emin"] = np.full(n, layout.emin, np.int16)
+    cols["octaves"] = np.full(n, layout.octaves, np.int16)
+    cols["hist_offset"] = offsets
+    cols["hist"] = hist
+    arrays = []
+    for field in BASE_SCHEMA:
+        v = cols[field.name]
+        if isinstance(v, pa.Array):
+            arrays.append(v.cast(field.type) if v.type != field.type else v)
+        elif pa.types.is_dictionary(field.type):
+            arrays.append(pa.array(v, type=pa.string()).dictionary_encode().cast(field.type))
+        else:
+            arrays.append(pa.array(v, type=field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=BASE_SCHEMA)
+
+
+def scalar_batch(
+    step: int, names: Sequence[str], values: Sequence[float], *, phase: str = "train",
+    rank: int = 0, wall_time_s: float = 0.0, layout: Layout | None = None,
+) -> pa.RecordBatch:
+    """Rows of kind ``scalar`` (loss, learning rate, ...)."""
+    layout = layout or Layout()
+    n = len(names)
+    counts = np.zeros((n, layout.width), np.int64)
+    counts[:, L.COUNT] = 1
+    counts[:, L.CALLS] = 1
+    v = np.asarray(values, dtype=np.float64)
+    fin = np.isfinite(v)
+    counts[:, L.NAN] = np.isnan(v)
+    counts[:, L.POSINF] = v == np.inf
+    counts[:, L.NEGINF] = v == -np.inf
+    counts[:, L.ZEROS] = v == 0
+    counts[:, L.NEGATIVES] = v < 0
+    moments = np.zeros((n, L.NUM_MOMENTS))
+    moments[:, L.SUM] = np.where(fin, v, 0.0)
+    moments[:, L.SUMSQ] = np.where(fin, v * v, 0.0)
+    moments[:, L.MIN] = np.where(fin, v, np.inf)
+    moments[:, L.MAX] = np.where(fin, v, -np.inf)
+    batch = state_to_batch(
+        counts, moments, layout, step=step, module=[""] * n, kind=["scalar"] * n,
+        tensor=list(names), dtype=["float64"] * n, shape=[()] * n, phase=phase, rank=rank,
+        wall_time_s=wall_time_s,
+    )
+    # a scalar's value is the row's sum even when it is not finite
+    idx = batch.schema.get_field_index("sum")
+    return batch.set_column(idx, "sum", pa.array(v, pa.float64()))

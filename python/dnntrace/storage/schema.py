@@ -1,0 +1,81 @@
+"""The Arrow schema of a trace file, format version 1 (see docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"dnntrace"
+
+KINDS = ("activation", "activation_grad", "weight", "weight_grad", "scalar")
+PHASES = ("train", "eval")
+
+COUNT_COLUMNS = (
+    "count",
+    "nan_count",
+    "posinf_count",
+    "neginf_count",
+    "zero_count",
+    "negative_count",
+    "underflow_pos_count",
+    "underflow_neg_count",
+    "overflow_pos_count",
+    "overflow_neg_count",
+)
+
+_FIELDS = [
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("phase", pa.dictionary(pa.int8(), pa.string())),
+    pa.field("rank", pa.int32()),
+    pa.field("wall_time_s", pa.float64()),
+    pa.field("module", pa.dictionary(pa.int32(), pa.string())),
+    pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
+    pa.field("tensor", pa.dictionary(pa.int32(), pa.string())),
+    pa.field("dtype", pa.dictionary(pa.int8(), pa.string())),
+    pa.field("shape", pa.list_(pa.int64())),
+    pa.field("numel", pa.int64()),
+    pa.field("calls", pa.int64()),
+    *[pa.field(c, pa.int64()) for c in COUNT_COLUMNS],
+    pa.field("min", pa.float64()),
+    pa.field("max", pa.float64()),
+    pa.field("sum", pa.float64()),
+    pa.field("sumsq", pa.float64()),
+    pa.field("absmax", pa.float64()),
+    pa.field("k", pa.int8()),
+    pa.field("emin", pa.int16()),
+    pa.field("octaves", pa.int16()),
+    pa.field("hist_offset", pa.int32()),
+    pa.field("hist", pa.list_(pa.uint32())),
+]
+
+BASE_SCHEMA = pa.schema(_FIELDS)
+
+
+def make_schema(metadata: dict[str, Any]) -> pa.Schema:
+    """The file schema with ``metadata`` (JSON-able) under the ``dnntrace`` key."""
+    meta = {"schema_version": SCHEMA_VERSION, **metadata}
+    return BASE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; the message is one line naming the problem."""
+
+
+def read_metadata(schema: pa.Schema, source: str = "trace") -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise TraceError(f"{source}: Arrow stream without dnntrace metadata (not a dnntrace trace)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise TraceError(f"{source}: dnntrace metadata is not valid JSON ({e})") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise TraceError(
+            f"{source}: unknown trace schema version {version!r} "
+            f"(this dnntrace reads version {SCHEMA_VERSION})"
+        )
+    return dict(meta)
