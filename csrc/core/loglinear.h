@@ -95,6 +95,41 @@ DNNTRACE_HD uint64_t f64_bits(double v) {
 #endif
 }
 
+// fp16 / bf16 bits to fp32, exact (shared with the CUDA kernel).
+DNNTRACE_HD float half_bits_to_float(uint16_t h) {
+  const uint32_t s = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t m = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0x1fu) {
+    bits = s | 0x7f800000u | (m << 13);
+  } else if (e == 0) {
+    // subnormal (or zero): m * 2^-24 is exact in fp32
+    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;
+    bits = s | f32_bits(f);
+  } else {
+    bits = s | ((e + 112u) << 23) | (m << 13);
+  }
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+DNNTRACE_HD float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
 // Index into a slot's counts row for a value given by its fp32 bits. Written with selects only,
 // so the CPU loop vectorises and CUDA warps do not diverge.
 DNNTRACE_HD int32_t row_index_f32(uint32_t bits, int k, int32_t lo, int32_t per_sign) {
