@@ -5,7 +5,7 @@
 namespace dnntrace::core {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DNNTRACE_CLONES __attribute__((target_clones("avx2", "default")))
+#define DNNTRACE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define DNNTRACE_CLONES
 #endif
@@ -17,6 +17,40 @@ void fold(double& hi, double& lo, double v) {
   two_sum(hi, v, s, e);
   hi = s;
   lo += e;
+}
+
+// GCC/Clang vector extensions: explicit 8-wide lanes that compile to AVX2 in the x86-64-v3 clone
+// and to pairs of SSE registers in the baseline one (the compiler does not vectorise the mixed
+// float -> double reductions by itself).
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+// Exact block moments with NaN/Inf masked out; used for blocks that contain non-finite values.
+void f32_block_moments_masked(const float* x, int n, BlockAcc& acc) {
+  double bs = 0, bq = 0;
+  for (int i = 0; i < n; ++i) {
+    const float v = x[i];
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a < 0x7f800000u) {
+      const double d = v;
+      bs += d;
+      bq += d * d;
+      if (v < acc.mn) acc.mn = v;
+      if (v > acc.mx) acc.mx = v;
+    }
+    acc.negatives += (u > 0x80000000u) && (u <= 0xff800000u);
+    acc.nan += a > 0x7f800000u;
+    acc.posinf += u == 0x7f800000u;
+    acc.neginf += u == 0xff800000u;
+    acc.zeros += a == 0u;
+    acc.neg_zeros += u == 0x80000000u;
+  }
+  fold(acc.sum, acc.sum_c, bs);
+  fold(acc.sq, acc.sq_c, bq);
 }
 
 }  // namespace
@@ -33,94 +67,99 @@ void BlockAcc::merge(const BlockAcc& o) {
   posinf += o.posinf;
   neginf += o.neginf;
   zeros += o.zeros;
+  neg_zeros += o.neg_zeros;
 }
 
 DNNTRACE_CLONES void f32_block_moments(const float* x, int n, BlockAcc& acc) {
-  double s[kLanes] = {}, q[kLanes] = {};
-  float mn[kLanes], mx[kLanes];
-  int32_t neg[kLanes] = {}, nan[kLanes] = {}, pinf[kLanes] = {}, ninf[kLanes] = {},
-          zer[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) {
+  // Fast path: no masking. Non-finite values show up in the `bad` count, and such (rare) blocks
+  // are recomputed exactly with masks.
+  v4d s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  v8f mn, mx;
+  for (int l = 0; l < 8; ++l) {
     mn[l] = __builtin_huge_valf();
     mx[l] = -__builtin_huge_valf();
   }
-  const int full = n - n % kLanes;
-  auto body = [&](int l, float v) {
-    uint32_t u;
+  const v8f zero = {};
+  v8i neg = {}, zer = {}, nzer = {}, bad = {};
+  const int full = n - n % 8;
+  for (int i = 0; i < full; i += 8) {
+    v8f v;
+    std::memcpy(&v, x + i, sizeof v);
+    v8i u;
     std::memcpy(&u, &v, sizeof u);
-    const uint32_t a = u & 0x7fffffffu;
-    const bool fin = a < 0x7f800000u;
-    const float f = fin ? v : 0.0f;
-    const double d = static_cast<double>(f);
-    s[l] += d;
-    q[l] += d * d;  // exact: the square of a float fits in a double
-    mn[l] = (fin && v < mn[l]) ? v : mn[l];
-    mx[l] = (fin && v > mx[l]) ? v : mx[l];
-    neg[l] += (u > 0x80000000u && u <= 0xff800000u) ? 1 : 0;
-    nan[l] += (a > 0x7f800000u) ? 1 : 0;
-    pinf[l] += (u == 0x7f800000u) ? 1 : 0;
-    ninf[l] += (u == 0xff800000u) ? 1 : 0;
-    zer[l] += (a == 0u) ? 1 : 0;
-  };
-  for (int i = 0; i < full; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) body(l, x[i + l]);
-  for (int i = full; i < n; ++i) body(i - full, x[i]);
+    const v8i a = u & 0x7fffffff;
+    const v4d lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), v4d);
+    const v4d hi = __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), v4d);
+    s0 += lo;
+    s1 += hi;
+    q0 += lo * lo;  // exact: the square of a float fits in a double
+    q1 += hi * hi;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    neg -= v < zero;  // -0 and NaN compare false
+    zer -= a == 0;
+    nzer -= u == static_cast<int32_t>(0x80000000u);
+    bad -= a > 0x7f7fffff;
+  }
+  int64_t nbad = 0;
+  for (int l = 0; l < 8; ++l) nbad += bad[l];
+  for (int i = full; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof u);
+    nbad += (u & 0x7fffffffu) >= 0x7f800000u;
+  }
+  if (nbad) {
+    f32_block_moments_masked(x, n, acc);
+    return;
+  }
   double bs = 0, bq = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    bs += s[l];
-    bq += q[l];
+  for (int l = 0; l < 4; ++l) {
+    bs += s0[l] + s1[l];
+    bq += q0[l] + q1[l];
+  }
+  for (int l = 0; l < 8; ++l) {
     acc.mn = mn[l] < acc.mn ? mn[l] : acc.mn;
     acc.mx = mx[l] > acc.mx ? mx[l] : acc.mx;
     acc.negatives += neg[l];
-    acc.nan += nan[l];
-    acc.posinf += pinf[l];
-    acc.neginf += ninf[l];
     acc.zeros += zer[l];
+    acc.neg_zeros += nzer[l];
+  }
+  for (int i = full; i < n; ++i) {
+    const float v = x[i];
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const double d = v;
+    bs += d;
+    bq += d * d;
+    if (v < acc.mn) acc.mn = v;
+    if (v > acc.mx) acc.mx = v;
+    acc.negatives += v < 0.0f;
+    acc.zeros += (u & 0x7fffffffu) == 0u;
+    acc.neg_zeros += u == 0x80000000u;
   }
   fold(acc.sum, acc.sum_c, bs);
   fold(acc.sq, acc.sq_c, bq);
 }
 
-DNNTRACE_CLONES void f64_block_moments(const double* x, int n, BlockAcc& acc) {
-  double s[kLanes] = {}, q[kLanes] = {};
-  double mn[kLanes], mx[kLanes];
-  int32_t neg[kLanes] = {}, nan[kLanes] = {}, pinf[kLanes] = {}, ninf[kLanes] = {},
-          zer[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) {
-    mn[l] = __builtin_huge_val();
-    mx[l] = -__builtin_huge_val();
-  }
-  const int full = n - n % kLanes;
-  auto body = [&](int l, double v) {
+void f64_block_moments(const double* x, int n, BlockAcc& acc) {
+  double bs = 0, bq = 0;
+  for (int i = 0; i < n; ++i) {
+    const double v = x[i];
     uint64_t u;
     std::memcpy(&u, &v, sizeof u);
     const uint64_t a = u & 0x7fffffffffffffffull;
-    const bool fin = a < 0x7ff0000000000000ull;
-    const double f = fin ? v : 0.0;
-    s[l] += f;
-    q[l] += f * f;
-    mn[l] = (fin && v < mn[l]) ? v : mn[l];
-    mx[l] = (fin && v > mx[l]) ? v : mx[l];
-    neg[l] += (u > 0x8000000000000000ull && u <= 0xfff0000000000000ull) ? 1 : 0;
-    nan[l] += (a > 0x7ff0000000000000ull) ? 1 : 0;
-    pinf[l] += (u == 0x7ff0000000000000ull) ? 1 : 0;
-    ninf[l] += (u == 0xfff0000000000000ull) ? 1 : 0;
-    zer[l] += (a == 0u) ? 1 : 0;
-  };
-  for (int i = 0; i < full; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) body(l, x[i + l]);
-  for (int i = full; i < n; ++i) body(i - full, x[i]);
-  double bs = 0, bq = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    bs += s[l];
-    bq += q[l];
-    acc.mn = mn[l] < acc.mn ? mn[l] : acc.mn;
-    acc.mx = mx[l] > acc.mx ? mx[l] : acc.mx;
-    acc.negatives += neg[l];
-    acc.nan += nan[l];
-    acc.posinf += pinf[l];
-    acc.neginf += ninf[l];
-    acc.zeros += zer[l];
+    if (a < 0x7ff0000000000000ull) {
+      bs += v;
+      bq += v * v;
+      if (v < acc.mn) acc.mn = v;
+      if (v > acc.mx) acc.mx = v;
+    }
+    acc.negatives += v < 0.0;
+    acc.nan += a > 0x7ff0000000000000ull;
+    acc.posinf += u == 0x7ff0000000000000ull;
+    acc.neginf += u == 0xfff0000000000000ull;
+    acc.zeros += a == 0u;
+    acc.neg_zeros += u == 0x8000000000000000ull;
   }
   fold(acc.sum, acc.sum_c, bs);
   fold(acc.sq, acc.sq_c, bq);
@@ -140,6 +179,46 @@ DNNTRACE_CLONES void f32_block_indices(const float* x, int n, const HistLayout& 
 
 void f64_block_indices(const double* x, int n, const HistLayout& l, int32_t* idx) {
   for (int i = 0; i < n; ++i) idx[i] = row_index(x[i], l);
+}
+
+void f32_block_scatter_raw(const float* x, int n, int k, uint32_t* table) {
+  // Four interleaved counters per id: runs of equal values (the zeros of ReLU outputs) update
+  // four different addresses in turn instead of waiting on one store after another.
+  const int shift = 23 - k;
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint32_t u[4];
+    std::memcpy(u, x + i, sizeof u);
+    table[((u[0] >> shift) << 2) + 0] += 1;
+    table[((u[1] >> shift) << 2) + 1] += 1;
+    table[((u[2] >> shift) << 2) + 2] += 1;
+    table[((u[3] >> shift) << 2) + 3] += 1;
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    table[(u >> shift) << 2] += 1;
+  }
+}
+
+void fold_raw_table(const uint32_t* table, int copies, const HistLayout& l, int64_t* row) {
+  const int k = l.k;
+  const int ids = raw_id_count(k);
+  const int32_t lo = f32_lo(l), ps = l.per_sign();
+  for (int id = 0; id < ids; ++id) {
+    int64_t c = 0;
+    for (int j = 0; j < copies; ++j) c += table[static_cast<size_t>(id) * copies + j];
+    if (!c) continue;
+    const int32_t s = id >> (8 + k);
+    const int32_t e = (id >> k) & 0xff;
+    if (e == 0xff) continue;  // NaN and Inf: counted by the moments pass
+    if (e == 0) {             // zeros and subnormals: the caller moves the zeros out
+      row[kUnderPos + s] += c;
+      continue;
+    }
+    // the lowest value of this id, as fp32 bits, through the shared mapping
+    row[row_index_f32(static_cast<uint32_t>(id) << (23 - k), k, lo, ps)] += c;
+  }
 }
 
 DNNTRACE_CLONES void half_to_float(const uint16_t* x, int n, float* out) {

@@ -1,6 +1,10 @@
-// Torch-free CPU building blocks of the fused summary: moments of a block of values and the row
-// index of every value, written as simple lane loops that the compiler vectorises (the functions
-// are compiled for AVX2 and a baseline, chosen at run time).
+// Torch-free CPU building blocks of the fused summary. Blocks of up to 1024 values (L1-resident)
+// go through: moments and special counts (explicit 8-wide vector lanes), then, for large inputs,
+// the raw bucket id of every value, which for fp32 is just `bits >> (23 - k)`, scattered into a
+// per-thread table of all 2^(9+k) ids. The table is folded into a slot's row (window,
+// underflow, overflow) once per thread, so the per-element histogram work is one shift and one
+// increment. Functions are compiled for x86-64-v3 (AVX2/FMA/F16C) and a baseline, picked at run
+// time.
 #pragma once
 
 #include <cstdint>
@@ -12,25 +16,37 @@ namespace dnntrace::core {
 // Values are processed in blocks of at most this many elements; partial sums are taken per block
 // and folded with TwoSum, so rounding error does not grow with the tensor's length.
 constexpr int kBlock = 1024;
-constexpr int kLanes = 8;
 
 // Moments and special counts of a run of blocks. sum/sumsq carry a compensation term each.
 struct BlockAcc {
   double sum = 0, sum_c = 0, sq = 0, sq_c = 0;
   double mn = __builtin_huge_val(), mx = -__builtin_huge_val();
-  int64_t negatives = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  int64_t negatives = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0, neg_zeros = 0;
 
   // Fold another accumulator in, in a fixed order (the caller fixes the order).
   void merge(const BlockAcc& o);
 };
 
-// Adds the moments and special counts of x[0..n) (n <= kBlock) to acc.
+// Adds the moments and special counts of x[0..n) (n <= kBlock) to acc: finite sums, finite
+// min/max, negatives, NaN, +Inf, -Inf, zeros and negative zeros.
 void f32_block_moments(const float* x, int n, BlockAcc& acc);
 void f64_block_moments(const double* x, int n, BlockAcc& acc);
 
-// idx[i] = row index of x[i] (n <= kBlock).
+// idx[i] = row index of x[i] (n <= kBlock): the full mapping, for small inputs and fp64.
 void f32_block_indices(const float* x, int n, const HistLayout& l, int32_t* idx);
 void f64_block_indices(const double* x, int n, const HistLayout& l, int32_t* idx);
+
+// Adds 1 to table[4 * (bits(x[i]) >> (23 - k)) + i % 4] for each value: its raw id (sign,
+// exponent, top k mantissa bits) with four interleaved counters per id (n <= kBlock).
+void f32_block_scatter_raw(const float* x, int n, int k, uint32_t* table);
+
+// Number of raw ids for k mantissa bits: 2^(9 + k).
+inline int raw_id_count(int k) { return 1 << (9 + k); }
+
+// Adds a raw-id table (`copies` interleaved counters per id) into a row: ids of exponent 0
+// (zeros and subnormals) go to underflow, ids of exponent 255 (NaN, Inf) are skipped: the caller
+// takes those counts from the moments pass and corrects underflow by the zero counts.
+void fold_raw_table(const uint32_t* table, int copies, const HistLayout& l, int64_t* row);
 
 // Exact conversion of n values to fp32.
 void half_to_float(const uint16_t* x, int n, float* out);

@@ -1,0 +1,107 @@
+"""The page: selection widgets beside four tabs of views. No logic beyond wiring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import panel as pn
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import FIXED_SIZING_MODE
+
+from . import data_store as ds
+from .data_store import RunStore
+from .views import (
+    Distribution,
+    Heatmap,
+    HistogramOverTime,
+    LayerStrips,
+    describe,
+    fmt_health,
+    scalar_curves,
+)
+
+THRESHOLDS = f"""**Flags** (thresholds): **nan** any NaN/±Inf · **dead** activations
+≥ {ds.DEAD_ZERO_FRACTION:.0%} zeros at the last step · **saturated** ≥ {ds.SATURATED_FRACTION:.0%}
+of a Tanh/Sigmoid's outputs within {ds.SATURATION_MARGIN:.0%} of a bound at the last step ·
+**vanishing / exploding** output-gradient RMS below 1/{ds.GRAD_RATIO:g} or above {ds.GRAD_RATIO:g}×
+that of the module nearest the loss (median of the last 10 % of steps) · **frozen** weights' sum and
+sum of squares unchanged at every step. Select a row to open the module."""
+
+TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
+
+
+def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.Viewable:
+    pn.extension("tabulator", notifications=False)
+    silence(FIXED_SIZING_MODE, True)  # HoloViews layouts with frame sizes: harmless
+    detail = HistogramOverTime(store=store)
+    strips = LayerStrips(store=store)
+
+    health = pn.widgets.Tabulator(
+        pn.bind(lambda run, version: fmt_health(store.runs[run].health()), store.param.run,
+                store.param.version),
+        show_index=False, selectable=1, disabled=True, height=380, width=820,
+        layout="fit_data_table", name="health",
+        stylesheets=[":host .tabulator-row {cursor: pointer;}"])
+    tabs = pn.Tabs(dynamic=True, name="views")
+    views: dict[str, Any] = {"strips": strips, "detail": detail, "tabs": tabs}
+
+    def dist_panel() -> pn.viewable.Viewable:
+        views["dist"] = Distribution(store=store)
+        return views["dist"].panel()
+
+    def heat_panel() -> pn.viewable.Viewable:
+        # built when the tab first opens: Datashader's import costs seconds at start-up
+        views["heat"] = Heatmap(store=store)
+        return views["heat"].panel()
+
+    def on_select(event: Any) -> None:
+        if not event.new:
+            return
+        path = store.runs[store.run].health()["path"].iloc[event.new[0]]
+        if path in store.param.module.objects:
+            store.module = path
+            tabs.active = 1
+
+    health.param.watch(on_select, "selection")
+
+    overview = pn.Column(
+        pn.pane.Markdown(pn.bind(describe, store, store.param.run, store.param.version),
+                         css_classes=["dnt-describe"]),
+        pn.pane.Markdown(THRESHOLDS, width=820),
+        health,
+        pn.bind(scalar_curves, store, store.param.run, store.param.version),
+        strips.panel(),
+        name="overview",
+    )
+    tabs.extend([
+        (TABS[0], overview),
+        (TABS[1], pn.Column(detail.panel(), name="detail")),
+        (TABS[2], pn.Column(pn.widgets.Select.from_param(store.param.stat, width=200),
+                            pn.param.ParamFunction(lambda: heat_panel(), lazy=True),
+                            name="heatmap")),
+        (TABS[3], pn.Column(
+            pn.widgets.MultiChoice.from_param(store.param.overlay, name="layers overlaid",
+                                              width=600),
+            pn.widgets.IntInput.from_param(store.param.compare_step, name="compare with step",
+                                           width=200),
+            pn.param.ParamFunction(lambda: dist_panel(), lazy=True), name="distribution")),
+    ])
+    side = pn.Column(
+        pn.pane.Markdown("## dnntrace"),
+        pn.widgets.Select.from_param(store.param.run, width=220),
+        pn.widgets.Select.from_param(store.param.compare, name="compare run", width=220),
+        pn.widgets.Select.from_param(store.param.module, width=220),
+        pn.widgets.Select.from_param(store.param.kind, width=220),
+        pn.widgets.RadioButtonGroup.from_param(store.param.yscale, width=220),
+        pn.widgets.Checkbox.from_param(store.param.follow, name="follow the file (live)"),
+        width=250,
+    )
+    page = pn.Row(side, tabs, name="dnntrace")
+    if follow_ms:
+        def tick() -> None:
+            if store.follow:
+                store.poll()
+
+        pn.state.add_periodic_callback(tick, period=follow_ms)
+    page.dnt = views  # type: ignore[attr-defined]
+    return page

@@ -1,0 +1,228 @@
+"""Synthetic traces that look like a real training run, for tests, the bench and the demo.
+
+A tanh MLP of ``layers`` blocks (``fc<i>`` Linear, ``act<i>`` Tanh): pre-activations widen over the
+run so deeper layers saturate (Glorot & Bengio 2010), gradients shrink with depth towards the input
+and more so as training goes on, one block can use a ReLU that dies, one Linear can be frozen, and
+one layer's gradients turn NaN from a chosen step on. Histograms are drawn from the exact bucket
+probabilities of each distribution (stochastic rounding of ``n * p``), so a trace of 10**9 points
+costs seconds, not the time to sample 10**9 values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import ndtr
+
+from dnntrace.storage import Layout, TraceWriter, scalar_batch, state_to_batch
+from dnntrace.storage import layout as L
+
+ALL_KINDS = ("activation", "activation_grad", "weight", "weight_grad")
+
+
+@dataclass
+class SyntheticSpec:
+    steps: int = 200
+    layers: int = 6
+    width: int = 64
+    batch: int = 32
+    kinds: Sequence[str] = ALL_KINDS
+    nan_step: int | None = 150
+    nan_layer: int = 3
+    dead_layer: int | None = 4
+    frozen_layer: int | None = 0
+    every: int = 1
+    seed: int = 0
+    layout: Layout = field(default_factory=Layout)
+    steps_per_batch: int = 25
+
+    @property
+    def step_values(self) -> np.ndarray:
+        return np.arange(0, self.steps * self.every, self.every, dtype=np.int64)
+
+
+def _module_tree(spec: SyntheticSpec) -> list[dict]:
+    tree: list[dict] = [{"name": "", "type": "MLP", "depth": 0, "params": {}}]
+    for i in range(spec.layers):
+        w = spec.width
+        tree.append({"name": f"fc{i}", "type": "Linear", "depth": 1,
+                     "params": {"weight": [w, w], "bias": [w]}})
+        act = "ReLU" if i == spec.dead_layer else "Tanh"
+        tree.append({"name": f"act{i}", "type": act, "depth": 1, "params": {}})
+    return tree
+
+
+def _counts_rows(cdf: np.ndarray, n: np.ndarray, lay: Layout, rng: np.random.Generator,
+                 nan: np.ndarray, exact_zero: np.ndarray) -> np.ndarray:
+    """Counts rows from CDFs evaluated at the layout's signed edges (rows x (bins + 1)).
+
+    ``exact_zero`` is the probability mass sitting exactly at 0 (a ReLU's zeros)."""
+    rows = cdf.shape[0]
+    p = lay.per_sign
+    out = np.zeros((rows, lay.width), np.int64)
+    probs = np.diff(cdf, axis=1)
+    # the gap [-2**emin, 2**emin] between the windows: underflow (exact zeros kept apart)
+    gap = np.clip(cdf[:, p + 1] - cdf[:, p] - exact_zero, 0, None)
+    below = cdf[:, 0]
+    above = 1.0 - cdf[:, -1]
+    probs = np.concatenate([probs[:, :p], probs[:, p + 1 :]], axis=1)  # drop the gap column
+    finite_n = (n - nan).astype(np.float64)[:, None]
+    hist = np.floor(probs * finite_n + rng.random(probs.shape)).astype(np.int64)
+    # stochastic rounding drifts the total: settle the difference on each row's fullest bucket
+    top = hist.argmax(axis=1)
+    rows_i = np.arange(rows)
+    zeros = np.floor(exact_zero * finite_n[:, 0] + rng.random(rows)).astype(np.int64)
+    under = np.floor(gap * finite_n[:, 0] + rng.random(rows)).astype(np.int64)
+    over_neg = np.floor(below * finite_n[:, 0] + rng.random(rows)).astype(np.int64)
+    over_pos = np.floor(above * finite_n[:, 0] + rng.random(rows)).astype(np.int64)
+    drift = (n - nan) - (hist.sum(axis=1) + zeros + under + over_neg + over_pos)
+    has_hist = hist.sum(axis=1) > 0
+    hist[rows_i, top] = np.where(has_hist, np.maximum(hist[rows_i, top] + drift, 0),
+                                 hist[rows_i, top])
+    zeros = np.where(has_hist, zeros, np.maximum(zeros + drift, 0))
+    out[:, L.HEADER :] = hist
+    out[:, L.ZEROS] = zeros
+    out[:, L.UNDER_POS] = under // 2
+    out[:, L.UNDER_NEG] = under - under // 2
+    out[:, L.OVER_NEG] = over_neg
+    out[:, L.OVER_POS] = over_pos
+    out[:, L.NAN] = nan
+    out[:, L.COUNT] = hist.sum(axis=1) + zeros + under + over_neg + over_pos + nan
+    out[:, L.NEGATIVES] = hist[:, :p].sum(axis=1) + out[:, L.UNDER_NEG] + over_neg
+    out[:, L.CALLS] = 1
+    return out
+
+
+def _moments(counts: np.ndarray, lay: Layout) -> np.ndarray:
+    """Moments consistent with the histogram (bucket representatives)."""
+    rep = lay.representatives()
+    h = counts[:, L.HEADER :].astype(np.float64)
+    m = np.zeros((counts.shape[0], L.NUM_MOMENTS))
+    m[:, L.SUM] = h @ rep
+    m[:, L.SUMSQ] = h @ (rep * rep)
+    nz = h > 0
+    lo = np.where(nz, rep[None, :], np.inf).min(axis=1)
+    hi = np.where(nz, rep[None, :], -np.inf).max(axis=1)
+    has_zero = counts[:, L.ZEROS] + counts[:, L.UNDER_POS] + counts[:, L.UNDER_NEG] > 0
+    m[:, L.MIN] = np.where(has_zero, np.minimum(lo, 0.0), lo)
+    m[:, L.MAX] = np.where(has_zero, np.maximum(hi, 0.0), hi)
+    return m
+
+
+def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = None, *,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write a synthetic trace to ``path``; returns {"rows", "bytes", "points"}."""
+    spec = spec or SyntheticSpec()
+    lay = spec.layout
+    rng = np.random.default_rng(spec.seed)
+    # lay.edges() has bins + 2 values: the negative window, the gap [-2**emin, 2**emin] and the
+    # positive window, so np.diff gives p negative buckets, the gap, p positive buckets
+    e = lay.edges()
+    e_clip = np.clip(e, -1 + 1e-15, 1 - 1e-15)
+    atanh_e = np.arctanh(e_clip)
+    meta = {
+        "dnntrace_version": "synthetic",
+        "layout": lay.to_dict(),
+        "options": {"every": spec.every, "synthetic": True},
+        "modules": _module_tree(spec),
+    }
+    w, b = spec.width, spec.batch
+    # rows of one step: (module, kind, tensor, numel, shape, family, layer, scale-role)
+    slots: list[tuple[str, str, str, tuple[int, ...], str, int]] = []
+    for i in range(spec.layers):
+        fc, act = f"fc{i}", f"act{i}"
+        if "activation" in spec.kinds:
+            slots.append((fc, "activation", "", (b, w), "pre", i))
+            slots.append((act, "activation", "", (b, w), "relu" if i == spec.dead_layer
+                          else "tanh", i))
+        if "activation_grad" in spec.kinds:
+            slots.append((fc, "activation_grad", "", (b, w), "grad", i))
+            slots.append((act, "activation_grad", "", (b, w), "grad", i))
+        if "weight" in spec.kinds:
+            slots.append((fc, "weight", "weight", (w, w), "weight", i))
+            slots.append((fc, "weight", "bias", (w,), "bias", i))
+        if "weight_grad" in spec.kinds and i != spec.frozen_layer:
+            slots.append((fc, "weight_grad", "weight", (w, w), "wgrad", i))
+            slots.append((fc, "weight_grad", "bias", (w,), "wgrad", i))
+    steps = spec.step_values
+    total = len(steps)
+    nl = max(spec.layers - 1, 1)
+    writer = TraceWriter(path, meta)
+    points = 0
+    try:
+        for start in range(0, total, spec.steps_per_batch):
+            chunk = steps[start : start + spec.steps_per_batch]
+            t = (np.arange(start, start + len(chunk)) / max(total - 1, 1))[:, None]  # (S,1)
+            sl = np.array([s[5] for s in slots])[None, :]  # (1,R)
+            fam = [s[4] for s in slots]
+            depth = (sl + 1) / spec.layers
+            pre_s = 0.5 + 3.0 * depth * t  # pre-activation std: deeper layers saturate
+            g_factor = 0.5 * (0.05 / 0.5) ** t  # per-layer gradient shrink, 0.5 -> 0.05
+            grad_s = 0.1 * g_factor ** (nl - sl)
+            w_s = 0.08 * (1 + 0.5 * t * (sl != spec.frozen_layer))
+            cdfs = np.empty((len(chunk), len(slots), e.size))
+            exact0 = np.zeros((len(chunk), len(slots)))
+            for r, f in enumerate(fam):
+                if f == "pre":
+                    cdfs[:, r] = ndtr(e[None, :] / pre_s[:, r : r + 1])
+                elif f == "tanh":
+                    cdfs[:, r] = ndtr(atanh_e[None, :] / pre_s[:, r : r + 1])
+                elif f == "relu":
+                    mu = 0.3 - 2.5 * t[:, 0]  # the bias drifts negative: the ReLU dies
+                    sd = np.maximum(1.0 - 0.9 * t[:, 0], 0.05)
+                    z = ndtr((0 - mu) / sd)
+                    cdfs[:, r] = np.where(e[None, :] < 0, 0.0,
+                                          ndtr((e[None, :] - mu[:, None]) / sd[:, None]))
+                    exact0[:, r] = z
+                elif f in ("grad", "wgrad"):
+                    cdfs[:, r] = ndtr(e[None, :] / grad_s[:, r : r + 1])
+                elif f == "weight":
+                    cdfs[:, r] = ndtr(e[None, :] / w_s[:, r : r + 1])
+                else:  # bias: small positive offset
+                    cdfs[:, r] = ndtr((e[None, :] - 0.01) / (0.5 * w_s[:, r : r + 1]))
+            frozen = [r for r, s in enumerate(slots) if s[5] == spec.frozen_layer
+                      and s[1] == "weight"]
+            n = np.array([int(np.prod(s[3])) for s in slots], np.int64)
+            nan = np.zeros((len(chunk), len(slots)), np.int64)
+            if spec.nan_step is not None:
+                bad = [r for r, s in enumerate(slots) if s[5] == spec.nan_layer
+                       and s[1] in ("activation_grad", "weight_grad")]
+                after = chunk >= spec.nan_step * spec.every
+                for r in bad:
+                    nan[after, r] = np.maximum(n[r] // 100, 1)
+            flat_cdf = cdfs.reshape(-1, e.size)
+            flat_n = np.broadcast_to(n, (len(chunk), len(slots))).reshape(-1)
+            counts = _counts_rows(flat_cdf, flat_n, lay, rng, nan.reshape(-1),
+                                  exact0.reshape(-1))
+            counts = counts.reshape(len(chunk), len(slots), lay.width)
+            if frozen:
+                if start == 0:
+                    frozen_counts = counts[0, frozen].copy()
+                counts[:, frozen] = frozen_counts[None]
+            counts = counts.reshape(-1, lay.width)
+            moments = _moments(counts, lay)
+            points += int(counts[:, L.COUNT].sum())
+            ns = len(slots)
+            batch = state_to_batch(
+                counts, moments, lay, step=np.repeat(chunk, ns),
+                module=[s[0] for s in slots] * len(chunk), kind=[s[1] for s in slots] * len(chunk),
+                tensor=[s[2] for s in slots] * len(chunk), dtype=["float32"] * (ns * len(chunk)),
+                shape=[s[3] for s in slots] * len(chunk),
+                wall_time_s=1.7e9 + np.repeat(chunk, ns) * 0.05,
+            )
+            writer.write(batch)
+            for j, s in enumerate(chunk):
+                k = start + j
+                loss = 2.3 * math.exp(-3 * k / max(total, 1)) + 0.05 * rng.random()
+                if spec.nan_step is not None and s >= spec.nan_step * spec.every:
+                    loss = math.nan
+                writer.write(scalar_batch(int(s), ["loss", "lr"], [loss, 1e-3], layout=lay))
+            if progress is not None:
+                progress(min(start + len(chunk), total), total)
+    finally:
+        rows, nbytes = writer.close()
+    return {"rows": rows, "bytes": nbytes, "points": points}
