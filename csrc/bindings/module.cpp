@@ -11,8 +11,8 @@ using namespace dnntrace::core;
 
 namespace {
 
-py::array_t<int32_t> row_indices_f32(py::array_t<float, py::array::c_style | py::array::forcecast> x,
-                                     int k, int emin, int octaves) {
+py::array_t<int32_t> row_indices_f32(
+    py::array_t<float, py::array::c_style | py::array::forcecast> x, int k, int emin, int octaves) {
   const HistLayout l{k, emin, octaves};
   if (const char* err = validate_layout(l)) throw py::value_error(err);
   py::array_t<int32_t> out(x.size());
@@ -47,16 +47,27 @@ py::array_t<float> half_bits_to_float_np(py::array_t<uint16_t, py::array::c_styl
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dnntrace native core";
   py::dict count_fields;
-  for (auto [name, v] : {std::pair{"COUNT", kCount}, {"NAN", kNan}, {"POSINF", kPosInf},
-                         {"NEGINF", kNegInf}, {"ZEROS", kZeros}, {"NEGATIVES", kNegatives},
-                         {"UNDER_POS", kUnderPos}, {"UNDER_NEG", kUnderNeg},
-                         {"OVER_POS", kOverPos}, {"OVER_NEG", kOverNeg}, {"CALLS", kCalls},
+  for (auto [name, v] : {std::pair{"COUNT", kCount},
+                         {"NAN", kNan},
+                         {"POSINF", kPosInf},
+                         {"NEGINF", kNegInf},
+                         {"ZEROS", kZeros},
+                         {"NEGATIVES", kNegatives},
+                         {"UNDER_POS", kUnderPos},
+                         {"UNDER_NEG", kUnderNeg},
+                         {"OVER_POS", kOverPos},
+                         {"OVER_NEG", kOverNeg},
+                         {"CALLS", kCalls},
                          {"HEADER", kHeader}})
     count_fields[name] = static_cast<int>(v);
   m.attr("COUNT_FIELDS") = count_fields;
   py::dict moment_fields;
-  for (auto [name, v] : {std::pair{"SUM", kSum}, {"SUM_COMP", kSumComp}, {"SUMSQ", kSumSq},
-                         {"SUMSQ_COMP", kSumSqComp}, {"MIN", kMin}, {"MAX", kMax},
+  for (auto [name, v] : {std::pair{"SUM", kSum},
+                         {"SUM_COMP", kSumComp},
+                         {"SUMSQ", kSumSq},
+                         {"SUMSQ_COMP", kSumSqComp},
+                         {"MIN", kMin},
+                         {"MAX", kMax},
                          {"NUM_MOMENTS", kNumMoments}})
     moment_fields[name] = static_cast<int>(v);
   m.attr("MOMENT_FIELDS") = moment_fields;

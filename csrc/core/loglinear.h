@@ -1,4 +1,5 @@
-// The log-linear histogram of dnntrace: one bucket per (sign, binary exponent, top k mantissa bits).
+// The log-linear histogram of dnntrace: one bucket per (sign, binary exponent, top k mantissa
+// bits).
 //
 // A finite non-zero value v with |v| = 2^e * (1 + f), 0 <= f < 1, falls in bucket
 // (e - emin) * 2^k + floor(f * 2^k) of its sign. For fp32 that is the float's bits shifted right by

@@ -165,8 +165,7 @@ void f64_block_moments(const double* x, int n, BlockAcc& acc) {
   fold(acc.sq, acc.sq_c, bq);
 }
 
-DNNTRACE_CLONES void f32_block_indices(const float* x, int n, const HistLayout& l,
-                                       int32_t* idx) {
+DNNTRACE_CLONES void f32_block_indices(const float* x, int n, const HistLayout& l, int32_t* idx) {
   const int k = l.k;
   const int32_t lo = f32_lo(l);
   const int32_t ps = l.per_sign();

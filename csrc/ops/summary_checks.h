@@ -28,13 +28,13 @@ inline void check_state(const at::Tensor& counts, const at::Tensor& moments,
                   moments.size(0) == counts.size(0),
               "dnntrace: moments must be a contiguous float64 tensor [slots, ", core::kNumMoments,
               "] matching counts, got ", moments.scalar_type(), " ", moments.sizes());
-  TORCH_CHECK(counts.device() == device && moments.device() == device,
-              "dnntrace: state on ", counts.device(), " but input on ", device);
+  TORCH_CHECK(counts.device() == device && moments.device() == device, "dnntrace: state on ",
+              counts.device(), " but input on ", device);
 }
 
 inline void check_input(const at::Tensor& x, int64_t slot, const at::Tensor& counts) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "dnntrace: expected a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "dnntrace: expected a floating tensor, got ",
+              x.scalar_type());
   TORCH_CHECK(slot >= 0 && slot < counts.size(0), "dnntrace: slot ", slot,
               " out of range for a state of ", counts.size(0), " slots");
 }

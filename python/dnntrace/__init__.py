@@ -6,6 +6,7 @@ Public names resolve lazily (PEP 562) so ``import dnntrace.storage`` stays free 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from ._version import __version__
@@ -27,6 +28,9 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]
+
+if "torch" in sys.modules:  # torch already there: make torch.ops.dnntrace.enable(model) exist
+    importlib.import_module("dnntrace.ops")
 
 
 def __getattr__(name: str) -> Any:

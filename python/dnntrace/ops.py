@@ -17,7 +17,12 @@ WITH_CUDA: bool = bool(_C.WITH_CUDA)
 
 
 def tensor_summary_out(
-    x: Tensor, slot: int, counts: Tensor, moments: Tensor, layout: Layout, *,
+    x: Tensor,
+    slot: int,
+    counts: Tensor,
+    moments: Tensor,
+    layout: Layout,
+    *,
     histogram: bool = True,
 ) -> None:
     """Adds the statistics of ``x`` into row ``slot`` of (``counts``, ``moments``). No sync."""
@@ -27,8 +32,13 @@ def tensor_summary_out(
 
 
 def multi_tensor_summary_out(
-    xs: Sequence[Tensor], slots: Sequence[int], counts: Tensor, moments: Tensor, layout: Layout,
-    *, histogram: bool = True,
+    xs: Sequence[Tensor],
+    slots: Sequence[int],
+    counts: Tensor,
+    moments: Tensor,
+    layout: Layout,
+    *,
+    histogram: bool = True,
 ) -> None:
     """``tensor_summary_out`` for many tensors, each into its own slot, in few launches."""
     torch.ops.dnntrace.multi_tensor_summary_out.default(
@@ -61,3 +71,25 @@ def _tensor_summary_fake(x, k=DEFAULT_K, emin=DEFAULT_EMIN, octaves=DEFAULT_OCTA
         x.new_empty((width,), dtype=torch.int64),
         x.new_empty((NUM_MOMENTS,), dtype=torch.float64),
     )
+
+
+def _expose_enable() -> None:
+    """``torch.ops.dnntrace.enable(model)``: no op schema takes an nn.Module, so the Python entry
+    point is set on the op namespace object (it is not an operator)."""
+
+    def enable(model, path="trace.arrow", **options):  # type: ignore[no-untyped-def]
+        from .capture.tracer import enable as _enable
+
+        return _enable(model, path, **options)
+
+    def disable(model):  # type: ignore[no-untyped-def]
+        from .capture.tracer import disable as _disable
+
+        return _disable(model)
+
+    enable.__doc__ = "dnntrace.enable(model, path, **options): see dnntrace.capture.tracer."
+    torch.ops.dnntrace.enable = enable
+    torch.ops.dnntrace.disable = disable
+
+
+_expose_enable()

@@ -133,7 +133,14 @@ def tensors(
     draw, dtypes=DTYPES, emin: int = -48, octaves: int = 64, max_side: int = 24, max_dims: int = 4
 ) -> torch.Tensor:
     dtype = draw(st.sampled_from(dtypes))
-    shape = draw(array_shapes(min_dims=0, max_dims=max_dims, min_side=0, max_side=max_side))
+    # tiny shapes with 0 and 1 sides, longer vectors and matrices, 4-d tensors (channels_last)
+    shape = draw(
+        st.one_of(
+            array_shapes(min_dims=0, max_dims=max_dims, min_side=0, max_side=3),
+            array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=8 * max_side),
+            array_shapes(min_dims=4, max_dims=4, min_side=1, max_side=max_side // 3),
+        )
+    )
     if int(np.prod(shape)) > 4096:  # keep examples small: the long paths have their own tests
         shape = shape[:1]
     base = draw(bit_arrays(dtype, tuple(shape), emin, octaves))

@@ -42,17 +42,24 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
         show_index=False, selectable=1, disabled=True, height=380, width=820,
         layout="fit_data_table", name="health",
         stylesheets=[":host .tabulator-row {cursor: pointer;}"])
-    tabs = pn.Tabs(dynamic=True, name="views")
+    tabs = pn.Tabs(dynamic=False, name="views")
     views: dict[str, Any] = {"strips": strips, "detail": detail, "tabs": tabs}
 
-    def dist_panel() -> pn.viewable.Viewable:
-        views["dist"] = Distribution(store=store)
-        return views["dist"].panel()
+    # built when their tab first opens: Datashader's import alone costs seconds at start-up.
+    # (Tabs(dynamic=True) would defer rendering, but in Panel 1.9.4 a HoloViews pane in a tab
+    # rendered on demand never reached the page here: so the content itself is deferred.)
+    heat_box = pn.Column(pn.indicators.LoadingSpinner(value=True, size=30), name="heat_box")
+    dist_box = pn.Column(pn.indicators.LoadingSpinner(value=True, size=30), name="dist_box")
 
-    def heat_panel() -> pn.viewable.Viewable:
-        # built when the tab first opens: Datashader's import costs seconds at start-up
-        views["heat"] = Heatmap(store=store)
-        return views["heat"].panel()
+    def open_tab(event: Any) -> None:
+        if event.new == 2 and "heat" not in views:
+            views["heat"] = Heatmap(store=store)
+            heat_box.objects = [views["heat"].panel()]
+        if event.new == 3 and "dist" not in views:
+            views["dist"] = Distribution(store=store)
+            dist_box.objects = [views["dist"].panel()]
+
+    tabs.param.watch(open_tab, "active")
 
     def on_select(event: Any) -> None:
         if not event.new:
@@ -70,21 +77,21 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
         pn.pane.Markdown(THRESHOLDS, width=820),
         health,
         pn.bind(scalar_curves, store, store.param.run, store.param.version),
-        strips.panel(),
+        pn.pane.Markdown("s"),
         name="overview",
     )
     tabs.extend([
         (TABS[0], overview),
         (TABS[1], pn.Column(detail.panel(), name="detail")),
         (TABS[2], pn.Column(pn.widgets.Select.from_param(store.param.stat, width=200),
-                            pn.param.ParamFunction(lambda: heat_panel(), lazy=True),
+                            heat_box,
                             name="heatmap")),
         (TABS[3], pn.Column(
             pn.widgets.MultiChoice.from_param(store.param.overlay, name="layers overlaid",
                                               width=600),
             pn.widgets.IntInput.from_param(store.param.compare_step, name="compare with step",
                                            width=200),
-            pn.param.ParamFunction(lambda: dist_panel(), lazy=True), name="distribution")),
+            dist_box, name="distribution")),
     ])
     side = pn.Column(
         pn.pane.Markdown("## dnntrace"),
@@ -103,5 +110,5 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
                 store.poll()
 
         pn.state.add_periodic_callback(tick, period=follow_ms)
-    page.dnt = views  # type: ignore[attr-defined]
+    pn.state.cache.setdefault("dnt_views", []).append(views)
     return page

@@ -216,7 +216,7 @@ class LayerStrips(param.Parameterized):
         )
 
     def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap)
+        return pn.pane.HoloViews(self.dmap, linked_axes=False)
 
 
 class Heatmap(param.Parameterized):
@@ -267,7 +267,7 @@ class Heatmap(param.Parameterized):
         )
 
     def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap)
+        return pn.pane.HoloViews(self.dmap, linked_axes=False)
 
 
 class Distribution(param.Parameterized):

@@ -79,9 +79,9 @@ void fold(double& hi, double& lo, double v) {
 
 // Where the special counts of a span come from.
 enum class Specials {
-  kInRow,      // the full-mapping scatter already put NaN/Inf/zeros/under/overflow into the row
-  kFromAcc,    // moments-only mode: NaN/Inf/zeros from the moments pass
-  kRawTable,   // raw-id table: NaN/Inf/zeros from the moments pass, zeros moved out of underflow
+  kInRow,     // the full-mapping scatter already put NaN/Inf/zeros/under/overflow into the row
+  kFromAcc,   // moments-only mode: NaN/Inf/zeros from the moments pass
+  kRawTable,  // raw-id table: NaN/Inf/zeros from the moments pass, zeros moved out of underflow
 };
 
 void apply(const BlockAcc& a, int64_t n, Specials sp, int64_t* counts, double* moments) {
@@ -165,8 +165,10 @@ void summarize_span(Src src, const void* data, int64_t n, const HistLayout& l, b
         }
         if (raw) {
           const float* f = src == Src::kF32 ? static_cast<const float*>(data) + off : fbuf;
-          if (src == Src::kF16) core::half_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
-          if (src == Src::kBF16) core::bf16_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
+          if (src == Src::kF16)
+            core::half_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
+          if (src == Src::kBF16)
+            core::bf16_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
           core::f32_block_moments(f, m, accs[c]);
           core::f32_block_scatter_raw(f, m, l.k, table.data());
         } else {
@@ -223,8 +225,8 @@ void multi_tensor_summary_out_kernel(at::TensorList xs, at::IntArrayRef slots, i
   const auto l = checked_layout(k, emin, octaves);
   check_state(counts, moments, l, counts.device());
   for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK(xs[i].device() == counts.device(), "dnntrace: tensor ", i, " on ",
-                xs[i].device(), " but state on ", counts.device());
+    TORCH_CHECK(xs[i].device() == counts.device(), "dnntrace: tensor ", i, " on ", xs[i].device(),
+                " but state on ", counts.device());
     summarize_into(xs[i], slots[i], l, histogram, counts, moments);
   }
 }

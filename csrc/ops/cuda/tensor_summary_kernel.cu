@@ -36,8 +36,8 @@ struct Acc {
   unsigned long long neg, nan, pinf, ninf, zeros;
   __device__ void clear() {
     sum = sq = 0.0;
-    mn = __longlong_as_double(0x7ff0000000000000ll);   // +inf
-    mx = __longlong_as_double(0xfff0000000000000ll);   // -inf
+    mn = __longlong_as_double(0x7ff0000000000000ll);  // +inf
+    mx = __longlong_as_double(0xfff0000000000000ll);  // -inf
     neg = nan = pinf = ninf = zeros = 0ull;
   }
 };
@@ -69,8 +69,7 @@ struct Traits<DType::kBF16> {
   __device__ static float value(raw r) { return core::bf16_bits_to_float(r); }
 };
 
-__device__ __forceinline__ int32_t index_of(float v, const HistLayout& l, int32_t lo,
-                                            int32_t ps) {
+__device__ __forceinline__ int32_t index_of(float v, const HistLayout& l, int32_t lo, int32_t ps) {
   return core::row_index_f32(__float_as_uint(v), l.k, lo, ps);
 }
 __device__ __forceinline__ int32_t index_of(double v, const HistLayout& l, int32_t, int32_t) {
@@ -87,8 +86,8 @@ __device__ __forceinline__ bool finite_of(double v) {
 
 // One element per lane; every lane of the warp calls it (valid or not) so the warp votes are safe.
 template <bool kHist, typename V>
-__device__ __forceinline__ void consume(V v, bool valid, Acc& a, unsigned* sh,
-                                        const HistLayout& l, int32_t lo, int32_t ps, int lane) {
+__device__ __forceinline__ void consume(V v, bool valid, Acc& a, unsigned* sh, const HistLayout& l,
+                                        int32_t lo, int32_t ps, int lane) {
   const bool fin = valid && finite_of(v);
   if (fin) {
     const double d = static_cast<double>(v);
@@ -110,7 +109,10 @@ __device__ __forceinline__ void consume(V v, bool valid, Acc& a, unsigned* sh,
     if (v != v) {
       a.nan += 1;
     } else if (!fin) {
-      if (v > V(0)) a.pinf += 1; else a.ninf += 1;
+      if (v > V(0))
+        a.pinf += 1;
+      else
+        a.ninf += 1;
     } else if (v == V(0)) {
       a.zeros += 1;
     }
@@ -176,8 +178,8 @@ __device__ void flush(Acc& a, unsigned* sh, int width, int64_t* counts, double* 
   __shared__ unsigned long long s_u[5][kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double d0 = warp_sum(a.sum), d1 = warp_sum(a.sq), d2 = warp_min(a.mn), d3 = warp_max(a.mx);
-  unsigned long long u[5] = {warp_sum(a.neg), warp_sum(a.nan), warp_sum(a.pinf),
-                             warp_sum(a.ninf), warp_sum(a.zeros)};
+  unsigned long long u[5] = {warp_sum(a.neg), warp_sum(a.nan), warp_sum(a.pinf), warp_sum(a.ninf),
+                             warp_sum(a.zeros)};
   if (lane == 0) {
     s_d[0][warp] = d0;
     s_d[1][warp] = d1;
@@ -240,7 +242,10 @@ __global__ void __launch_bounds__(kThreads)
     int lo_t = 0, hi_t = args.n - 1;  // last t with chunk_start[t] <= c (block-uniform)
     while (lo_t < hi_t) {
       const int mid = (lo_t + hi_t + 1) >> 1;
-      if (args.chunk_start[mid] <= c) lo_t = mid; else hi_t = mid - 1;
+      if (args.chunk_start[mid] <= c)
+        lo_t = mid;
+      else
+        hi_t = mid - 1;
     }
     const int t = lo_t;
     if (t != cur) {
@@ -268,8 +273,7 @@ __global__ void __launch_bounds__(kThreads)
         const uint4 q = __ldg(&xv[i * kThreads + threadIdx.x]);
         const raw* r = reinterpret_cast<const raw*>(&q);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j)
-          consume<kHist>(T::value(r[j]), true, a, sh, l, lo, ps, lane);
+        for (int j = 0; j < kVec; ++j) consume<kHist>(T::value(r[j]), true, a, sh, l, lo, ps, lane);
       }
     } else {
       for (int64_t e0 = begin; e0 < end; e0 += kThreads) {  // same trip count in every lane
@@ -298,8 +302,7 @@ const char* launch_one(const LaunchArgs& args, const HistLayout& l, int64_t* cou
   int device = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) !=
-          cudaSuccess)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess)
     return "querying the device for the launch configuration failed";
   const int64_t total = args.chunk_start[args.n];
   int64_t grid = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);

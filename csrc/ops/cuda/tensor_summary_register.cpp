@@ -44,10 +44,9 @@ void run(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& slots,
     }
     if (refs.empty()) continue;
     const char* err = nullptr;
-    const int launches = cuda::launch_summary(cuda_dtype(dt), refs.data(),
-                                              static_cast<int>(refs.size()), l, histogram,
-                                              counts.data_ptr<int64_t>(),
-                                              moments.data_ptr<double>(), stream, &err);
+    const int launches = cuda::launch_summary(
+        cuda_dtype(dt), refs.data(), static_cast<int>(refs.size()), l, histogram,
+        counts.data_ptr<int64_t>(), moments.data_ptr<double>(), stream, &err);
     TORCH_CHECK(launches >= 0, "dnntrace: CUDA summary kernel failed: ", err);
   }
 }
@@ -71,8 +70,8 @@ void multi_tensor_summary_out_cuda(at::TensorList xs, at::IntArrayRef slots, int
   std::vector<at::Tensor> v;
   v.reserve(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK(xs[i].device() == counts.device(), "dnntrace: tensor ", i, " on ",
-                xs[i].device(), " but state on ", counts.device());
+    TORCH_CHECK(xs[i].device() == counts.device(), "dnntrace: tensor ", i, " on ", xs[i].device(),
+                " but state on ", counts.device());
     check_input(xs[i], slots[i], counts);
     v.push_back(xs[i]);
   }

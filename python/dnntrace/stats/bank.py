@@ -21,8 +21,9 @@ class StatBank:
     or synchronising; ``reset()`` clears every row; ``summary(slot)`` reads one row (syncs).
     """
 
-    def __init__(self, slots: int, layout: Layout | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, slots: int, layout: Layout | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         if slots < 1:
             raise ValueError(f"a stat bank needs at least one slot, got {slots}")
         self.layout = layout or Layout()
@@ -46,14 +47,23 @@ class StatBank:
         self.moments[:, L.MAX] = -math.inf
 
     def accumulate(self, x: Tensor, slot: int, *, histogram: bool = True) -> None:
-        ops.tensor_summary_out(x.detach(), slot, self.counts, self.moments, self.layout,
-                               histogram=histogram)
+        ops.tensor_summary_out(
+            x.detach(), slot, self.counts, self.moments, self.layout, histogram=histogram
+        )
 
-    def accumulate_many(self, xs: Sequence[Tensor], slots: Sequence[int], *,
-                        histogram: bool = True) -> None:
-        ops.multi_tensor_summary_out([x.detach() for x in xs], slots, self.counts, self.moments,
-                                     self.layout, histogram=histogram)
+    def accumulate_many(
+        self, xs: Sequence[Tensor], slots: Sequence[int], *, histogram: bool = True
+    ) -> None:
+        ops.multi_tensor_summary_out(
+            [x.detach() for x in xs],
+            slots,
+            self.counts,
+            self.moments,
+            self.layout,
+            histogram=histogram,
+        )
 
     def summary(self, slot: int) -> Summary:
-        return Summary(self.counts[slot].cpu().numpy(), self.moments[slot].cpu().numpy(),
-                       self.layout)
+        return Summary(
+            self.counts[slot].cpu().numpy(), self.moments[slot].cpu().numpy(), self.layout
+        )

@@ -10,8 +10,9 @@ from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.summary import Summary
 
 
-def summarize(x: Tensor, k: int = 6, *, emin: int = DEFAULT_EMIN,
-              octaves: int = DEFAULT_OCTAVES) -> Summary:
+def summarize(
+    x: Tensor, k: int = 6, *, emin: int = DEFAULT_EMIN, octaves: int = DEFAULT_OCTAVES
+) -> Summary:
     """Counts (NaN, ±Inf, zeros, negatives), finite min/max, compensated sum and sum of squares,
     and the log-linear histogram (``k`` mantissa bits: quantiles within a relative 2**-(k+1)) of
     a floating tensor, in one pass on its device. Returns a numpy ``Summary`` (this syncs)."""

@@ -59,9 +59,7 @@ class Layout:
         if self.emin < -126:
             raise ValueError(f"emin must be >= -126, got {self.emin}")
         if self.emin + self.octaves > 128:
-            raise ValueError(
-                f"emin + octaves must be <= 128, got {self.emin} + {self.octaves}"
-            )
+            raise ValueError(f"emin + octaves must be <= 128, got {self.emin} + {self.octaves}")
 
     @property
     def per_sign(self) -> int:
@@ -129,9 +127,7 @@ def row_index(x: np.ndarray, layout: Layout) -> np.ndarray:
         bits = x.view(np.uint64)
         a = bits & np.uint64(0x7FFFFFFFFFFFFFFF)
         s = (bits >> np.uint64(63)).astype(np.int64)
-        j = (a >> np.uint64(52 - layout.k)).astype(np.int64) - (
-            (layout.emin + 1023) << layout.k
-        )
+        j = (a >> np.uint64(52 - layout.k)).astype(np.int64) - ((layout.emin + 1023) << layout.k)
         is_nan = a > np.uint64(0x7FF0000000000000)
         is_inf = a == np.uint64(0x7FF0000000000000)
     else:

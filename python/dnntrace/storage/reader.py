@@ -17,10 +17,17 @@ from .schema import COUNT_COLUMNS, TraceError, read_metadata
 from .summary import Summary
 
 _HEADER_INDEX = {
-    "count": L.COUNT, "nan_count": L.NAN, "posinf_count": L.POSINF, "neginf_count": L.NEGINF,
-    "zero_count": L.ZEROS, "negative_count": L.NEGATIVES, "underflow_pos_count": L.UNDER_POS,
-    "underflow_neg_count": L.UNDER_NEG, "overflow_pos_count": L.OVER_POS,
-    "overflow_neg_count": L.OVER_NEG, "calls": L.CALLS,
+    "count": L.COUNT,
+    "nan_count": L.NAN,
+    "posinf_count": L.POSINF,
+    "neginf_count": L.NEGINF,
+    "zero_count": L.ZEROS,
+    "negative_count": L.NEGATIVES,
+    "underflow_pos_count": L.UNDER_POS,
+    "underflow_neg_count": L.UNDER_NEG,
+    "overflow_pos_count": L.OVER_POS,
+    "overflow_neg_count": L.OVER_NEG,
+    "calls": L.CALLS,
 }
 
 
@@ -106,13 +113,23 @@ class Trace:
         return self.table.to_pandas()
 
     # ---- statistics ------------------------------------------------------------------
-    def select(self, module: str | None = None, kind: str | None = None,
-               step: int | None = None, tensor: str | None = None,
-               phase: str | None = None) -> pa.Table:
+    def select(
+        self,
+        module: str | None = None,
+        kind: str | None = None,
+        step: int | None = None,
+        tensor: str | None = None,
+        phase: str | None = None,
+    ) -> pa.Table:
         t = self.table
         mask = None
-        for name, val in (("module", module), ("kind", kind), ("tensor", tensor),
-                          ("phase", phase), ("step", step)):
+        for name, val in (
+            ("module", module),
+            ("kind", kind),
+            ("tensor", tensor),
+            ("phase", phase),
+            ("step", step),
+        ):
             if val is None:
                 continue
             col = t.column(name)
@@ -122,8 +139,15 @@ class Trace:
             mask = m if mask is None else pc.and_(mask, m)
         return t if mask is None else t.filter(mask)
 
-    def summary(self, module: str, kind: str, step: int | None = None, *,
-                tensor: str | None = None, phase: str | None = None) -> Summary:
+    def summary(
+        self,
+        module: str,
+        kind: str,
+        step: int | None = None,
+        *,
+        tensor: str | None = None,
+        phase: str | None = None,
+    ) -> Summary:
         """The ``Summary`` of the rows matching (merged over steps, tensors and phases left
         unspecified), the same object ``dnntrace.summarize`` returns."""
         rows = self.select(module, kind, step, tensor, phase)
@@ -131,8 +155,15 @@ class Trace:
             raise KeyError(f"no rows for module={module!r} kind={kind!r} step={step!r}")
         return _merge(rows_to_summaries(rows))
 
-    def quantiles(self, module: str, kind: str, qs: Sequence[float] = (0.01, 0.5, 0.99), *,
-                  tensor: str | None = None, phase: str | None = "train") -> pa.Table:
+    def quantiles(
+        self,
+        module: str,
+        kind: str,
+        qs: Sequence[float] = (0.01, 0.5, 0.99),
+        *,
+        tensor: str | None = None,
+        phase: str | None = "train",
+    ) -> pa.Table:
         """A table with one row per step: ``step`` and one column ``q<q>`` per quantile."""
         rows = self.select(module, kind, None, tensor, phase)
         steps = rows.column("step").to_numpy()
@@ -156,8 +187,11 @@ class Trace:
         if t.num_rows == 0:
             return []
         bad = pc.greater(
-            pc.add(pc.add(t.column("nan_count"), t.column("posinf_count")),
-                   t.column("neginf_count")), 0)
+            pc.add(
+                pc.add(t.column("nan_count"), t.column("posinf_count")), t.column("neginf_count")
+            ),
+            0,
+        )
         bad_rows = t.filter(bad)
         if bad_rows.num_rows == 0:
             return []
@@ -173,8 +207,15 @@ class Trace:
             first_step = min(steps[i] for i in idx)
             at = [i for i in idx if steps[i] == first_step]
             first = min(at, key=lambda i: order.get(mods[i], len(order)))
-            out.append({"kind": kind, "step": first_step, "module": mods[first],
-                        "nan_count": nans[first], "inf_count": infs[first]})
+            out.append(
+                {
+                    "kind": kind,
+                    "step": first_step,
+                    "module": mods[first],
+                    "nan_count": nans[first],
+                    "inf_count": infs[first],
+                }
+            )
         return sorted(out, key=lambda a: (a["step"], a["kind"]))
 
 

@@ -73,9 +73,7 @@ def state_to_batch(
         raise ValueError(
             f"state rows of shape {counts.shape}/{moments.shape} do not fit layout {layout}"
         )
-    finite = (
-        counts[:, L.COUNT] - counts[:, L.NAN] - counts[:, L.POSINF] - counts[:, L.NEGINF]
-    )
+    finite = counts[:, L.COUNT] - counts[:, L.NAN] - counts[:, L.POSINF] - counts[:, L.NEGINF]
     has = finite > 0
     mn = np.where(has, moments[:, L.MIN], np.nan)
     mx = np.where(has, moments[:, L.MAX], np.nan)
@@ -116,17 +114,13 @@ def state_to_batch(
     return pa.RecordBatch.from_arrays(arrays, schema=BASE_SCHEMA)
 
 
-def scalar_batch(
-    step: int, names: Sequence[str], values: Sequence[float], *, phase: str = "train",
-    rank: int = 0, wall_time_s: float = 0.0, layout: Layout | None = None,
-) -> pa.RecordBatch:
-    """Rows of kind ``scalar`` (loss, learning rate, ...)."""
-    layout = layout or Layout()
-    n = len(names)
+def scalar_state(values: Sequence[float], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """State rows (counts, moments) of scalar values; the raw value, finite or not, is the sum."""
+    n = len(values)
     counts = np.zeros((n, layout.width), np.int64)
     counts[:, L.COUNT] = 1
     counts[:, L.CALLS] = 1
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64).reshape(n)
     fin = np.isfinite(v)
     counts[:, L.NAN] = np.isnan(v)
     counts[:, L.POSINF] = v == np.inf
@@ -134,15 +128,38 @@ def scalar_batch(
     counts[:, L.ZEROS] = v == 0
     counts[:, L.NEGATIVES] = v < 0
     moments = np.zeros((n, L.NUM_MOMENTS))
-    moments[:, L.SUM] = np.where(fin, v, 0.0)
+    moments[:, L.SUM] = v
     moments[:, L.SUMSQ] = np.where(fin, v * v, 0.0)
     moments[:, L.MIN] = np.where(fin, v, np.inf)
     moments[:, L.MAX] = np.where(fin, v, -np.inf)
-    batch = state_to_batch(
-        counts, moments, layout, step=step, module=[""] * n, kind=["scalar"] * n,
-        tensor=list(names), dtype=["float64"] * n, shape=[()] * n, phase=phase, rank=rank,
+    return counts, moments
+
+
+def scalar_batch(
+    step: int,
+    names: Sequence[str],
+    values: Sequence[float],
+    *,
+    phase: str = "train",
+    rank: int = 0,
+    wall_time_s: float = 0.0,
+    layout: Layout | None = None,
+) -> pa.RecordBatch:
+    """Rows of kind ``scalar`` (loss, learning rate, ...)."""
+    layout = layout or Layout()
+    n = len(names)
+    counts, moments = scalar_state(values, layout)
+    return state_to_batch(
+        counts,
+        moments,
+        layout,
+        step=step,
+        module=[""] * n,
+        kind=["scalar"] * n,
+        tensor=list(names),
+        dtype=["float64"] * n,
+        shape=[()] * n,
+        phase=phase,
+        rank=rank,
         wall_time_s=wall_time_s,
     )
-    # a scalar's value is the row's sum even when it is not finite
-    idx = batch.schema.get_field_index("sum")
-    return batch.set_column(idx, "sum", pa.array(v, pa.float64()))

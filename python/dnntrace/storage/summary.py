@@ -313,5 +313,7 @@ class Summary:
 
     def __repr__(self) -> str:
         d = self.as_dict()
-        inner = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+        inner = ", ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()
+        )
         return f"Summary({inner}, k={self.layout.k})"

@@ -1,0 +1,228 @@
+"""Throughput of the fused summary op against the torch calls that give the same information.
+
+For each dtype and size: GB/s (input bytes / median time) of
+- ``fused``: ``dnntrace.ops.tensor_summary_out`` into a preallocated state (full: counts, sums,
+  min/max and the log-linear histogram),
+- ``moments``: the same op with ``histogram=False``,
+- ``chain``: ``torch.aminmax``, ``torch.var_mean``, ``torch.histc``, ``isnan().sum()``,
+  ``isinf().sum()``, ``count_nonzero``: the torch calls a monitor would otherwise make,
+- ``sum``: ``torch.sum``, the bandwidth yardstick (one read, nothing else),
+- on CUDA also ``copy``: a device-to-device copy (read + write bytes / time), the HBM yardstick.
+
+Outputs are checked against torch before timing. Run: ``python bench/bench_summary.py``
+(``--quick`` for a short run, ``--device cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import platform
+import sys
+
+import torch
+from torch.utils import benchmark
+
+from dnntrace import ops
+from dnntrace.storage import layout as L
+from dnntrace.storage.layout import Layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def product_dict(**axes):
+    """Benchmark cases as data: every combination of the given axes."""
+    keys = list(axes)
+    for values in itertools.product(*axes.values()):
+        yield dict(zip(keys, values, strict=True))
+
+
+def make_input(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, generator=g).to(dtype).to(device)
+
+
+def new_state(lay: Layout, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.zeros((1, lay.width), dtype=torch.int64, device=device)
+    moments = torch.zeros((1, L.NUM_MOMENTS), dtype=torch.float64, device=device)
+    moments[:, L.MIN] = math.inf
+    moments[:, L.MAX] = -math.inf
+    return counts, moments
+
+
+def chain(x: torch.Tensor):
+    """The torch calls giving what the fused op gives (a 256-bin linear histogram over
+    [min, max] standing in for the log-linear one)."""
+    mn, mx = torch.aminmax(x)
+    var, mean = torch.var_mean(x, correction=0)
+    hist = torch.histc(x, bins=256)
+    return mn, mx, var, mean, hist, x.isnan().sum(), x.isinf().sum(), torch.count_nonzero(x)
+
+
+def check(x: torch.Tensor, lay: Layout, device: str) -> None:
+    """The fused op agrees with torch on this input (exact counts, close sums)."""
+    for histogram in (True, False):
+        counts, moments = new_state(lay, device)
+        ops.tensor_summary_out(x, 0, counts, moments, lay, histogram=histogram)
+        c, m = counts[0].cpu(), moments[0].cpu()
+        mn, mx, var, mean, hist, nan, inf, nz = (t.cpu() for t in chain(x))
+        n = x.numel()
+        assert int(c[L.COUNT]) == n
+        assert int(c[L.NAN]) == int(nan)
+        assert int(c[L.POSINF]) + int(c[L.NEGINF]) == int(inf)
+        assert int(c[L.ZEROS]) == n - int(nz)
+        assert int(c[L.NEGATIVES]) == int((x < 0).sum())
+        assert float(m[L.MIN]) == float(mn) and float(m[L.MAX]) == float(mx)
+        total = float(m[L.SUM] + m[L.SUM_COMP])
+        ref = float(x.double().sum())
+        assert abs(total - ref) <= 1e-9 * float(x.double().abs().sum())
+        if histogram:
+            in_window = n - int(c[: L.HEADER][[L.NAN, L.POSINF, L.NEGINF, L.ZEROS]].sum())
+            in_window -= int(c[L.UNDER_POS] + c[L.UNDER_NEG] + c[L.OVER_POS] + c[L.OVER_NEG])
+            assert int(c[L.HEADER :].sum()) == in_window
+        if x.dtype == torch.float32:  # histc counts in the input dtype: inexact in bf16
+            assert float(hist.sum()) == n
+
+
+def time_it(stmt: str, env: dict, sync: bool, min_run_time: float) -> float:
+    if sync:
+        stmt = f"{stmt}; torch.cuda.synchronize()"
+    t = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    sync = device.startswith("cuda")
+    lay = Layout()
+    rows = []
+    for case in product_dict(dtype=args.dtypes, n=args.sizes):
+        dtype, n = DTYPES[case["dtype"]], case["n"]
+        x = make_input(n, dtype, device)
+        check(x, lay, device)
+        counts, moments = new_state(lay, device)
+        env = {
+            "ops": ops,
+            "x": x,
+            "counts": counts,
+            "moments": moments,
+            "lay": lay,
+            "chain": chain,
+            "torch": torch,
+            "y": torch.empty_like(x),
+        }
+        rt = args.min_run_time
+        t = {
+            "sum": time_it("torch.sum(x)", env, sync, rt),
+            "fused": time_it("ops.tensor_summary_out(x, 0, counts, moments, lay)", env, sync, rt),
+            "moments": time_it(
+                "ops.tensor_summary_out(x, 0, counts, moments, lay, histogram=False)",
+                env,
+                sync,
+                rt,
+            ),
+            "chain": time_it("chain(x)", env, sync, rt),
+        }
+        if sync:
+            t["copy"] = time_it("y.copy_(x)", env, sync, rt)
+        nbytes = n * x.element_size()
+        row = {"dtype": case["dtype"], "n": n, **{f"{k}_s": v for k, v in t.items()}}
+        for k, v in t.items():
+            row[f"{k}_gbs"] = (2 if k == "copy" else 1) * nbytes / v / 1e9
+        rows.append(row)
+        print(
+            f"{case['dtype']:>8} n={n:<11.0e} fused {row['fused_gbs']:7.2f} GB/s  "
+            f"moments {row['moments_gbs']:7.2f}  chain {row['chain_gbs']:6.2f}  "
+            f"sum {row['sum_gbs']:7.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        del x, env
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{platform.machine()}, {cpu}, {os.cpu_count()} logical cores, "
+        f"torch.get_num_threads() = {torch.get_num_threads()}{gpu}, torch {torch.__version__}"
+    )
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    copy = device.startswith("cuda")
+    head = [
+        "dtype",
+        "n",
+        "sum GB/s",
+        "fused GB/s",
+        "moments-only GB/s",
+        "chain GB/s",
+        "fused vs chain",
+        "fused / sum",
+        "moments-only / sum",
+    ]
+    if copy:
+        head += ["copy GB/s", "fused / copy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["dtype"],
+            f"1e{round(math.log10(r['n']))}" if r["n"] > 0 else "0",
+            f"{r['sum_gbs']:.2f}",
+            f"{r['fused_gbs']:.2f}",
+            f"{r['moments_gbs']:.2f}",
+            f"{r['chain_gbs']:.2f}",
+            f"{r['chain_s'] / r['fused_s']:.1f}x",
+            f"{100 * r['fused_gbs'] / r['sum_gbs']:.0f}%",
+            f"{100 * r['moments_gbs'] / r['sum_gbs']:.0f}%",
+        ]
+        if copy:
+            cells += [f"{r['copy_gbs']:.1f}", f"{100 * r['fused_gbs'] / r['copy_gbs']:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``1e4,1e5`` or ``10000,100000``."""
+    return [int(float(s)) for s in text.split(",") if s]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"))
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=1.0,
+        help="seconds of timing per measurement (blocked_autorange)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--quick", action="store_true", help="sizes up to 1e6, 0.2 s per timing")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [n for n in args.sizes if n <= 10**6]
+        args.min_run_time = 0.2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"unknown dtypes {unknown}; choose from {sorted(DTYPES)}")
+    rows = run(args)
+    print(f"device: {args.device}; {machine()}")
+    print(markdown(rows, args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""``dnntrace.enable(model)``: trace activations, gradients and weights while a model trains.
+
+Hooks add each tensor's statistics into a slot of a preallocated device stat bank (one fused op per
+tensor, all parameters in one multi-tensor op); nothing is synchronised or copied in the training
+thread. At each optimizer step (or ``tracer.step()``) the bank goes to a background writer
+(``capture.pipeline``). The tracer never breaks training: an internal error disables tracing with
+one warning, unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import platform
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .._version import __version__
+from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
+from ..storage.writer import TraceWriter
+from .pipeline import Pipeline, SlotLabel
+from .selection import ModuleSpec, iter_float_tensors, select_modules
+
+_ACTIVE: dict[int, Tracer] = {}  # id(model) -> tracer
+_ACTIVE_LOCK = threading.Lock()
+
+
+class TracingError(RuntimeError):
+    """An internal tracing failure, raised only with ``strict=True``."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+class Tracer:
+    """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``.
+
+    A context manager: ``with dnntrace.enable(model) as tr: ...`` closes on exit (also when the
+    block raises). ``step()`` ends a step by hand (not needed when an optimizer steps);
+    ``log_scalar(name, value)`` records the loss, learning rate, ... (a tensor is not synced);
+    ``close()`` flushes the last step, waits for the writer and removes every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str] = "trace.arrow",
+        *,
+        every: int = 1,
+        activations: bool = True,
+        gradients: bool = True,
+        weights: bool = True,
+        modules: ModuleSpec = None,
+        k: int = 6,
+        emin: int = DEFAULT_EMIN,
+        octaves: int = DEFAULT_OCTAVES,
+        optimizer: torch.optim.Optimizer | None = None,
+        strict: bool = False,
+        activations_every: int | None = None,
+        host_buffers: int = 4,
+        fsync: bool = False,
+        log_lr: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
+        if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+            raise TypeError(
+                "dnntrace.enable: this model was made by torch.compile; trace the original "
+                "module instead (dnntrace.enable(model) then torch.compile(model) records weights "
+                "and gradients; activation hooks are skipped inside compiled graphs)"
+            )
+        for name, v in (("every", every), ("host_buffers", host_buffers)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"dnntrace.enable: {name} must be a positive int, got {v!r}")
+        if activations_every is not None and (
+            not isinstance(activations_every, int) or activations_every < 1
+        ):
+            raise ValueError(
+                f"dnntrace.enable: activations_every must be a positive int, got "
+                f"{activations_every!r}"
+            )
+        self.layout = Layout(k, emin, octaves)  # validates k / emin / octaves
+        self.model = model
+        self.path = os.fspath(path)
+        self.every = every
+        self.activations_every = activations_every or every
+        self.trace_activations = activations
+        self.trace_gradients = gradients
+        self.trace_weights = weights
+        self.strict = strict
+        self.log_lr = log_lr
+        self.closed = False
+        self.disabled_reason: str | None = None
+        self.step_index = 0
+        self._handles: list[RemovableHandle] = []
+        self._lock = threading.RLock()
+
+        self._modules = select_modules(model, modules)
+        self._params: list[tuple[str, str, nn.Parameter]] = []  # (module, param name, param)
+        seen: set[int] = set()
+        for mname, mod in model.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in seen or not p.is_floating_point():
+                    continue
+                seen.add(id(p))
+                self._params.append((mname, pname, p))
+        self.device = self._params[0][2].device if self._params else torch.device("cpu")
+        try:
+            import torch.distributed as dist
+
+            dist_on = dist.is_available() and dist.is_initialized()
+            self.rank = dist.get_rank() if dist_on else 0
+            self.world_size = dist.get_world_size() if dist_on else 1
+        except (ImportError, RuntimeError):
+            self.rank, self.world_size = 0, 1
+
+        # slot table: label -> row of the bank
+        self._slot_of: dict[SlotLabel, int] = {}
+        self._labels: list[SlotLabel] = []
+        self._meta: list[tuple[str, tuple[int, ...]]] = []
+        self._labels_snapshot: tuple[tuple[SlotLabel, ...], tuple[Any, ...]] | None = None
+        self._scalars: dict[str, Any] = {}
+        self._recorded = False
+        capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
+
+        options = {
+            "every": every,
+            "activations_every": self.activations_every,
+            "activations": activations,
+            "gradients": gradients,
+            "weights": weights,
+            "modules": None if modules is None else repr(modules),
+            "k": k,
+            "emin": emin,
+            "octaves": octaves,
+            "strict": strict,
+            "host_buffers": host_buffers,
+        }
+        traced = {n for n, _ in self._modules}
+        meta = {
+            "dnntrace_version": __version__,
+            "torch_version": torch.__version__,
+            "created_unix_s": __import__("time").time(),
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "layout": self.layout.to_dict(),
+            "options": options,
+            "modules": [
+                {
+                    "name": n,
+                    "type": type(m).__name__,
+                    "depth": 0 if n == "" else n.count(".") + 1,
+                    "traced": n in traced,
+                    "params": {pn: list(p.shape) for pn, p in m.named_parameters(recurse=False)},
+                }
+                for n, m in model.named_modules()
+            ],
+        }
+        self._writer = TraceWriter(self.path, meta, fsync=fsync)
+        self._pipe = Pipeline(
+            self._writer,
+            self.layout,
+            self.device,
+            capacity,
+            host_buffers=host_buffers,
+            rank=self.rank,
+            on_error=self._writer_failed,
+        )
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._param_ids = {id(p) for _, _, p in self._params}
+        self._weight_slots: list[int] = []
+        self._grad_slots: list[int] = []
+        if self.trace_weights or self.trace_gradients:
+            for mname, pname, _ in self._params:
+                if self.trace_weights:
+                    self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
+                if self.trace_gradients:
+                    self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
+        self._install_hooks(optimizer)
+        with _ACTIVE_LOCK:
+            _ACTIVE[id(model)] = self
+
+    # ---- slots --------------------------------------------------------------------------
+    def _slot(self, label: SlotLabel) -> int:
+        s = self._slot_of.get(label)
+        if s is None:
+            s = len(self._labels)
+            self._slot_of[label] = s
+            self._labels.append(label)
+            self._meta.append(("", ()))
+            self._labels_snapshot = None
+            if s >= self._pipe.capacity:
+                self._pipe.grow(max(2 * self._pipe.capacity, s + 1))
+        return s
+
+    def _note(self, slot: int, x: torch.Tensor) -> None:
+        shape = tuple(x.shape)
+        m = self._meta[slot]
+        if m[1] != shape or not m[0]:
+            self._meta[slot] = (_dtype_name(x.dtype), shape)
+            self._labels_snapshot = None
+
+    def _accumulate(self, label: SlotLabel, x: torch.Tensor) -> None:
+        if x.device != self.device:
+            return  # another device than the bank's (model parallel): not traced
+        slot = self._slot(label)
+        self._note(slot, x)
+        self._pipe.bank.accumulate(x, slot)
+        self._recorded = True
+
+    # ---- hooks --------------------------------------------------------------------------
+    def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if self.disabled_reason is not None or self.closed:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                self._fail(e)
+                return None
+
+        return wrapped
+
+    def _fail(self, e: BaseException) -> None:
+        if self.strict:
+            raise TracingError(f"dnntrace: tracing failed: {type(e).__name__}: {e}") from e
+        self.disabled_reason = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"dnntrace: tracing disabled after an internal error ({self.disabled_reason}); "
+            "training continues untraced",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._remove_hooks()
+
+    def _writer_failed(self, e: BaseException) -> None:
+        # runs on the writer thread: warn once; the training thread keeps going, steps are dropped
+        warnings.warn(
+            f"dnntrace: stopped writing {self.path} ({type(e).__name__}: {e}); training "
+            "continues, later steps are not recorded",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _sampling(self, every: int) -> bool:
+        return self.step_index % every == 0
+
+    def _install_hooks(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.trace_activations or self.trace_gradients:
+            for name, mod in self._modules:
+                self._handles.append(
+                    mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
+                )
+        if self.trace_gradients and optimizer is None:
+            # Without an optimizer the gradient is summarised as it is accumulated.
+            for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
+                if p.requires_grad:
+                    h = p.register_post_accumulate_grad_hook(
+                        self._guard(self._make_grad_hook(slot))
+                    )
+                    h._dnntrace_grad = True  # type: ignore[attr-defined]
+                    self._handles.append(h)
+        if optimizer is not None:
+            self._attach_optimizer(optimizer)
+        else:
+            import torch.optim.optimizer as optim_mod
+
+            self._handles.append(
+                optim_mod.register_optimizer_step_pre_hook(self._guard(self._global_pre_step))
+            )
+            self._handles.append(
+                optim_mod.register_optimizer_step_post_hook(self._guard(self._global_post_step))
+            )
+
+    def _make_forward_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if torch.compiler.is_compiling():
+                return
+            if not self._sampling(self.activations_every):
+                return
+            phase = "train" if (module.training and torch.is_grad_enabled()) else "eval"
+            for pos, t in iter_float_tensors(output):
+                if self.trace_activations:
+                    self._accumulate((name, "activation", pos, phase), t)
+                if self.trace_gradients and t.requires_grad and torch.is_grad_enabled():
+                    label = (name, "activation_grad", pos, phase)
+                    t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
+
+        return hook
+
+    def _make_tensor_grad_hook(self, label: SlotLabel) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self._accumulate(label, grad)
+
+        return hook
+
+    def _make_grad_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None or not self._sampling(self.every):
+                return
+            self._note(slot, p.grad)
+            self._pipe.bank.accumulate(p.grad, slot)
+            self._recorded = True
+
+        return hook
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._owns(optimizer):
+            raise ValueError("dnntrace.enable: the optimizer holds none of the model's parameters")
+        self._optimizer = optimizer
+        self._handles.append(
+            optimizer.register_step_pre_hook(
+                self._guard(lambda opt, args, kwargs: self._pre_step(opt))
+            )
+        )
+        self._handles.append(
+            optimizer.register_step_post_hook(
+                self._guard(lambda opt, args, kwargs: self._post_step(opt))
+            )
+        )
+
+    def _global_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._optimizer is None and self._owns(opt):
+            self._optimizer = opt
+            self._drop_grad_hooks()
+        if opt is self._optimizer:
+            self._pre_step(opt)
+
+    def _global_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if opt is self._optimizer:
+            self._post_step(opt)
+
+    def _drop_grad_hooks(self) -> None:
+        # An optimizer was found: gradients are summarised once, right before it steps.
+        keep = []
+        for h in self._handles:
+            if getattr(h, "_dnntrace_grad", False):
+                h.remove()
+            else:
+                keep.append(h)
+        self._handles = keep
+
+    def _pre_step(self, opt: torch.optim.Optimizer) -> None:
+        if not self.trace_gradients or not self._sampling(self.every):
+            return
+        xs, slots = [], []
+        for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
+            if p.grad is not None and p.grad.device == self.device and not p.grad.is_sparse:
+                xs.append(p.grad)
+                slots.append(slot)
+                self._note(slot, p.grad)
+        if xs:
+            self._pipe.bank.accumulate_many(xs, slots)
+            self._recorded = True
+
+    def _post_step(self, opt: torch.optim.Optimizer) -> None:
+        if self.log_lr and self._sampling(self.every):
+            for i, g in enumerate(opt.param_groups):
+                lr = g.get("lr")
+                if isinstance(lr, int | float):
+                    self._scalars[f"lr/{i}" if len(opt.param_groups) > 1 else "lr"] = float(lr)
+        self.step()
+
+    # ---- public -------------------------------------------------------------------------
+    def log_scalar(self, name: str, value: float | torch.Tensor) -> None:
+        """Records a scalar (loss, accuracy, ...) for the current step. A tensor is not synced:
+        its value is copied with the step's statistics."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"log_scalar: name must be a non-empty string, got {name!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"log_scalar: {name!r} must be a single value, got {value.shape}")
+            value = value.detach()
+        elif not isinstance(value, int | float):
+            raise TypeError(f"log_scalar: {name!r} must be a number or tensor, got {type(value)}")
+        self._scalars[name] = value
+
+    def step(self) -> None:
+        """Ends the current step: its statistics go to the writer; the step counter advances."""
+        if self.closed:
+            return
+        try:
+            with self._lock:
+                self._flush()
+                self.step_index += 1
+        except Exception as e:
+            self._fail(e)
+
+    def _flush(self) -> None:
+        if self.disabled_reason is not None:
+            return
+        if self.trace_weights and self._sampling(self.every) and self._params:
+            xs = [p.detach() for _, _, p in self._params]
+            idx = [i for i, x in enumerate(xs) if x.device == self.device]
+            if idx:
+                self._pipe.bank.accumulate_many(
+                    [xs[i] for i in idx], [self._weight_slots[i] for i in idx]
+                )
+                for i in idx:
+                    self._note(self._weight_slots[i], xs[i])
+                self._recorded = True
+        if not self._recorded and not self._scalars:
+            return
+        if self._labels_snapshot is None:
+            self._labels_snapshot = (tuple(self._labels), tuple(self._meta))
+        labels, meta = self._labels_snapshot
+        self._pipe.submit(self.step_index, labels, meta, self._scalars)
+        self._scalars = {}
+        self._recorded = False
+
+    def stats(self) -> dict[str, Any]:
+        """Steps written and dropped, rows, bytes on disk, bank memory, flush cost."""
+        s = self._pipe.stats
+        flush = sorted(s.flush_us)
+        return {
+            "steps_written": s.steps_written,
+            "steps_dropped": s.steps_dropped,
+            "rows": s.rows,
+            "bytes": self._writer.bytes_written,
+            "slots": len(self._labels),
+            "memory_bytes": self._pipe.memory_bytes(),
+            "flush_us_median": flush[len(flush) // 2] if flush else 0.0,
+            "write_seconds": s.write_seconds,
+            "disabled": self.disabled_reason,
+        }
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def close(self) -> dict[str, Any]:
+        """Flushes the last step, waits for the writer, removes every hook. Idempotent."""
+        if self.closed:
+            return self.stats()
+        with self._lock:
+            try:
+                if self._recorded or self._scalars:
+                    self._flush()
+            except Exception as e:  # closing must not raise into the user's finally-blocks
+                if self.strict:
+                    raise
+                warnings.warn(
+                    f"dnntrace: last step not written ({e})", RuntimeWarning, stacklevel=2
+                )
+            self.closed = True
+            self._remove_hooks()
+            self._pipe.close()
+        with _ACTIVE_LOCK:
+            if _ACTIVE.get(id(self.model)) is self:
+                del _ACTIVE[id(self.model)]
+        return self.stats()
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mem = self._pipe.memory_bytes()
+        return (
+            f"Tracer({self.path!r}, step={self.step_index}, modules={len(self._modules)}, "
+            f"params={len(self._params)}, slots={len(self._labels)}, "
+            f"memory={ {k: f'{v / 2**20:.1f} MiB' for k, v in mem.items()} })"
+        )
+
+
+def enable(
+    model: nn.Module, path: str | os.PathLike[str] = "trace.arrow", **options: Any
+) -> Tracer:
+    """Starts tracing ``model`` into ``path`` and returns the ``Tracer``.
+
+    Options: ``every`` (trace every n-th step), ``activations_every`` (activations and output
+    gradients on another cadence), ``activations``, ``gradients``, ``weights`` (bools),
+    ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
+    ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
+    ``strict`` (raise instead of disabling on internal errors), ``host_buffers`` (bound on steps
+    waiting for the writer), ``fsync``.
+    """
+    with _ACTIVE_LOCK:
+        old = _ACTIVE.get(id(model))
+    if old is not None and not old.closed:
+        raise RuntimeError(
+            f"dnntrace.enable: this model is already traced into {old.path!r}; call "
+            "dnntrace.disable(model) first"
+        )
+    return Tracer(model, path, **options)
+
+
+def disable(model: nn.Module) -> dict[str, Any] | None:
+    """Closes the tracer of ``model`` (flush, remove hooks); returns its stats, None if none."""
+    with _ACTIVE_LOCK:
+        tr = _ACTIVE.get(id(model))
+    return tr.close() if tr is not None else None
+
+
+def _close_all() -> None:
+    for tr in list(_ACTIVE.values()):
+        try:
+            tr.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+atexit.register(_close_all)
