@@ -43,7 +43,8 @@ def select_modules(model: nn.Module, spec: ModuleSpec) -> list[tuple[str, nn.Mod
             include.append(it)
         else:
             raise TypeError(
-                f"modules: expected glob strings or nn.Module types, got {type(it).__name__}: {it!r}"
+                "modules: expected glob strings or nn.Module types, got "
+                f"{type(it).__name__}: {it!r}"
             )
     out = []
     for name, mod in model.named_modules():

@@ -3,8 +3,8 @@
 A finite non-zero value ``v`` with ``|v| = 2**e * (1 + f)`` falls in bucket
 ``(e - emin) * 2**k + floor(f * 2**k)`` of its sign. For float32 this is the float's bits shifted
 right by ``23 - k``. Bucket representatives (harmonic mean of the bounds) are within a relative
-``2**-(k + 1)`` of every value in the bucket: with relative accuracy 0.78 % (k = 6), if the true value
-is 100 the representative lies in [99.22, 100.78].
+``2**-(k + 1)`` of every value in the bucket: with relative accuracy 0.78 % (k = 6), if the true
+value is 100 the representative lies in [99.22, 100.78].
 """
 
 from __future__ import annotations

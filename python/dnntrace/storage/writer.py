@@ -16,7 +16,8 @@ from .schema import make_schema
 
 
 class TraceWriter:
-    """Writes a trace: ``TraceWriter(path, metadata)``, ``write(batch)``, ``close() -> (rows, bytes)``."""
+    """Writes a trace: ``TraceWriter(path, metadata)``, ``write(batch)``,
+    ``close() -> (rows, bytes)``."""
 
     def __init__(
         self,
