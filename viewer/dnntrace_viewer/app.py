@@ -77,7 +77,7 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
         pn.pane.Markdown(THRESHOLDS, width=820),
         health,
         pn.bind(scalar_curves, store, store.param.run, store.param.version),
-        pn.pane.Markdown("s"),
+        strips.panel(),
         name="overview",
     )
     tabs.extend([

@@ -1,0 +1,108 @@
+"""``dnntrace`` command line: ``dnntrace info TRACE``.
+
+Bad input (missing, empty, truncated or foreign files, bad arguments) gives one line on stderr and
+a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def info(path: str, as_json: bool = False) -> int:
+    from .storage import TraceError, load
+
+    try:
+        tr = load(path)
+    except TraceError as e:
+        print(f"dnntrace info: {e}", file=sys.stderr)
+        return 2
+    meta = tr.metadata
+    steps = tr.steps
+    rows = tr.table.num_rows
+    size = os.path.getsize(path)
+    anomalies = tr.anomalies()
+    report: dict[str, Any] = {
+        "path": path,
+        "size_bytes": size,
+        "rows": rows,
+        "bytes_per_row": size / rows if rows else None,
+        "steps": len(steps),
+        "first_step": int(steps[0]) if len(steps) else None,
+        "last_step": int(steps[-1]) if len(steps) else None,
+        "truncated": tr.truncated,
+        "modules": tr.modules,
+        "kinds": tr.kinds,
+        "layout": tr.layout.to_dict(),
+        "torch_version": meta.get("torch_version"),
+        "dnntrace_version": meta.get("dnntrace_version"),
+        "rank": meta.get("rank"),
+        "world_size": meta.get("world_size"),
+        "anomalies": anomalies,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    span = f"{report['first_step']}..{report['last_step']}" if len(steps) else "none"
+    print(f"{path}: {_human(size)}, {rows} rows ({_human(report['bytes_per_row'] or 0)}/row)")
+    print(
+        f"  steps      {len(steps)} ({span})"
+        + ("  [truncated: torn last batch]" if tr.truncated else "")
+    )
+    print(
+        f"  histogram  k={tr.layout.k} window 2^{tr.layout.emin}..2^"
+        f"{tr.layout.emin + tr.layout.octaves}"
+    )
+    print(
+        f"  written by dnntrace {meta.get('dnntrace_version')} with torch "
+        f"{meta.get('torch_version')} on {meta.get('host')} (rank {meta.get('rank')} of "
+        f"{meta.get('world_size')})"
+    )
+    print(f"  kinds      {', '.join(tr.kinds)}")
+    types = {m["name"]: m["type"] for m in tr.module_tree}
+    print(f"  modules    {len(tr.modules)}")
+    for m in tr.modules[:40]:
+        print(f"    {m or '(model)':<40} {types.get(m, '')}")
+    if len(tr.modules) > 40:
+        print(f"    ... {len(tr.modules) - 40} more")
+    if anomalies:
+        print("  anomalies (first non-finite value per kind, first module in model order):")
+        for a in anomalies:
+            print(
+                f"    step {a['step']:>6}  {a['kind']:<16} {a['module'] or '(model)'}  "
+                f"nan={a['nan_count']} inf={a['inf_count']}"
+            )
+    else:
+        print("  anomalies  none (no NaN or Inf recorded)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dnntrace", description="dnntrace trace files")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_info = sub.add_parser("info", help="modules, steps, size and anomalies of a trace")
+    p_info.add_argument("trace")
+    p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse already printed a one-line usage error
+        return int(e.code or 0)
+    if args.cmd == "info":
+        return info(args.trace, args.json)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
