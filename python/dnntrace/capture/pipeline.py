@@ -25,7 +25,7 @@ import torch
 from ..stats.bank import StatBank
 from ..storage import layout as L
 from ..storage.layout import Layout
-from ..storage.rows import scalar_state, state_to_batch
+from ..storage.rows import scalar_state, state_to_batch, vector_state
 from ..storage.writer import TraceWriter
 
 SlotLabel = tuple[str, str, str, str]  # module, kind, tensor, phase
@@ -44,6 +44,9 @@ class _Job:
     scalar_names: Sequence[str] = ()
     event: Any = None
     release: Callable[[], None] | None = None
+    vector_labels: Sequence[SlotLabel] = ()
+    vector_lengths: Sequence[int] = ()
+    vector_tensor: torch.Tensor | None = None  # all vectors of the step, flat, host float32
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Pipeline:
                 self._free_banks.put(StatBank(slots, layout, device))
             self._banks = [StatBank(slots, layout, device)]
         self._cur = 0
+        self._vectors: Sequence[tuple[SlotLabel, torch.Tensor]] = ()
         self._thread = threading.Thread(target=self._run, name="dnntrace-writer", daemon=True)
         self._thread.start()
 
@@ -137,6 +141,7 @@ class Pipeline:
         labels: Sequence[SlotLabel],
         meta: Sequence[tuple[str, tuple[int, ...]]],
         scalars: dict[str, Any],
+        vectors: Sequence[tuple[SlotLabel, torch.Tensor]] = (),
     ) -> bool:
         """Hands the current bank's contents to the writer; False when the step was dropped."""
         t0 = time.perf_counter()
@@ -145,6 +150,7 @@ class Pipeline:
             return False
         py_scalars = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
         t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+        self._vectors = vectors
         ok = (
             self._submit_cuda(step, labels, meta, py_scalars, t_names, scalars)
             if self._cuda
@@ -177,21 +183,26 @@ class Pipeline:
             filled.reset()
             self._free_banks.put(filled)
 
-        self._jobs.put(
-            _Job(
-                filled.counts,
-                filled.moments,
-                step,
-                time.time(),
-                labels,
-                meta,
-                py_scalars,
-                st,
-                t_names,
-                None,
-                release,
-            )
+        job = _Job(
+            filled.counts,
+            filled.moments,
+            step,
+            time.time(),
+            labels,
+            meta,
+            py_scalars,
+            st,
+            t_names,
+            None,
+            release,
         )
+        if self._vectors:
+            job.vector_labels = [lb for lb, _ in self._vectors]
+            job.vector_lengths = [v.numel() for _, v in self._vectors]
+            job.vector_tensor = torch.cat(
+                [v.detach().reshape(-1).float() for _, v in self._vectors]
+            )
+        self._jobs.put(job)
         return True
 
     def _submit_cuda(self, step, labels, meta, py_scalars, t_names, scalars) -> bool:  # type: ignore[no-untyped-def]
@@ -209,6 +220,11 @@ class Pipeline:
             if t_names
             else None
         )
+        vec_dev = (
+            torch.cat([v.detach().reshape(-1).float() for _, v in self._vectors])
+            if self._vectors
+            else None
+        )
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
             hc = host[0][: bank.slots]
@@ -220,6 +236,11 @@ class Pipeline:
                 st_host = torch.empty(st_dev.shape, dtype=st_dev.dtype, pin_memory=True)
                 st_host.copy_(st_dev, non_blocking=True)
                 st_dev.record_stream(self._side)
+            vec_host = None
+            if vec_dev is not None:
+                vec_host = torch.empty(vec_dev.shape, dtype=vec_dev.dtype, pin_memory=True)
+                vec_host.copy_(vec_dev, non_blocking=True)
+                vec_dev.record_stream(self._side)
             bank.reset()
             done = torch.cuda.Event()
             done.record(self._side)
@@ -236,11 +257,14 @@ class Pipeline:
         def release() -> None:
             self._free_host.put(host)
 
-        self._jobs.put(
-            _Job(
-                hc, hm, step, time.time(), labels, meta, py_scalars, st_host, t_names, done, release
-            )
+        job = _Job(
+            hc, hm, step, time.time(), labels, meta, py_scalars, st_host, t_names, done, release
         )
+        if vec_host is not None:
+            job.vector_labels = [lb for lb, _ in self._vectors]
+            job.vector_lengths = [v.numel() for _, v in self._vectors]
+            job.vector_tensor = vec_host
+        self._jobs.put(job)
         return True
 
     def close(self, timeout: float = 60.0) -> None:
@@ -284,16 +308,26 @@ class Pipeline:
         meta = [job.meta[i] for i in used]
         counts, moments = counts[used], moments[used]
         names = list(job.scalars)
-        values = list(job.scalars.values())
+        svalues = list(job.scalars.values())
         if job.scalar_tensor is not None:
             names += list(job.scalar_names)
-            values += job.scalar_tensor.tolist()
+            svalues += job.scalar_tensor.tolist()
         if names:  # scalar rows ride in the same record batch
-            sc, sm = scalar_state(values, self.layout)
+            sc, sm = scalar_state(svalues, self.layout)
             counts = np.concatenate([counts, sc])
             moments = np.concatenate([moments, sm])
             labels += [("", "scalar", name, "train") for name in names]
             meta += [("float64", ())] * len(names)
+        values: list[np.ndarray | None] | None = None
+        if job.vector_tensor is not None:  # vector rows too
+            flat = job.vector_tensor.numpy()
+            vecs = np.split(flat, np.cumsum(job.vector_lengths)[:-1])
+            vc, vm = vector_state(vecs, self.layout)
+            values = [None] * len(labels) + list(vecs)
+            counts = np.concatenate([counts, vc])
+            moments = np.concatenate([moments, vm])
+            labels += list(job.vector_labels)
+            meta += [("float32", (int(n),)) for n in job.vector_lengths]
         if not labels:
             return
         batch = state_to_batch(
@@ -309,6 +343,7 @@ class Pipeline:
             shape=[m[1] for m in meta],
             rank=self.rank,
             wall_time_s=job.wall_time_s,
+            values=values,
         )
         self.writer.write(batch)
         self.stats.rows += batch.num_rows

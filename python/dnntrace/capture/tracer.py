@@ -14,7 +14,7 @@ import os
 import platform
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,27 @@ _ACTIVE_LOCK = threading.Lock()
 
 class TracingError(RuntimeError):
     """An internal tracing failure, raised only with ``strict=True``."""
+
+
+class Extension:
+    """Adds statistics to a tracer (per-unit statistics, spectra, ...).
+
+    ``attach`` runs once (register hooks through ``tracer.guard`` and ``tracer.add_handle``);
+    ``before_optimizer_step`` runs when gradients are final; ``on_step_end`` after the optimizer
+    update, before the step is flushed (record with ``tracer.record_vector`` /
+    ``tracer.log_scalar``); ``close`` when the tracer closes. Default methods do nothing."""
+
+    def attach(self, tracer: Tracer) -> None:
+        return None
+
+    def before_optimizer_step(self, tracer: Tracer, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    def on_step_end(self, tracer: Tracer) -> None:
+        return None
+
+    def close(self, tracer: Tracer) -> None:
+        return None
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -67,6 +88,7 @@ class Tracer:
         host_buffers: int = 4,
         fsync: bool = False,
         log_lr: bool = True,
+        extensions: Sequence[Extension] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
@@ -127,7 +149,9 @@ class Tracer:
         self._meta: list[tuple[str, tuple[int, ...]]] = []
         self._labels_snapshot: tuple[tuple[SlotLabel, ...], tuple[Any, ...]] | None = None
         self._scalars: dict[str, Any] = {}
+        self._vectors: list[tuple[SlotLabel, torch.Tensor]] = []
         self._recorded = False
+        self.extensions = list(extensions)
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
         options = {
@@ -187,6 +211,8 @@ class Tracer:
                 if self.trace_gradients:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
         self._install_hooks(optimizer)
+        for ext in self.extensions:
+            ext.attach(self)
         with _ACTIVE_LOCK:
             _ACTIVE[id(model)] = self
 
@@ -354,6 +380,8 @@ class Tracer:
         self._handles = keep
 
     def _pre_step(self, opt: torch.optim.Optimizer) -> None:
+        for ext in self.extensions:
+            ext.before_optimizer_step(self, opt)
         if not self.trace_gradients or not self._sampling(self.every):
             return
         xs, slots = [], []
@@ -373,6 +401,39 @@ class Tracer:
                 if isinstance(lr, int | float):
                     self._scalars[f"lr/{i}" if len(opt.param_groups) > 1 else "lr"] = float(lr)
         self.step()
+
+    # ---- the extension interface ------------------------------------------------------------
+    @property
+    def traced_modules(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every traced module, in model order."""
+        return list(self._modules)
+
+    @property
+    def params(self) -> list[tuple[str, str, nn.Parameter]]:
+        """(module name, parameter name, parameter) of every floating parameter."""
+        return list(self._params)
+
+    def sampled(self, every: int | None = None) -> bool:
+        """Whether the current step is recorded at cadence ``every`` (default: ``every``)."""
+        return self._sampling(every or self.every)
+
+    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Wraps a hook so an exception disables tracing (or raises in strict mode)."""
+        return self._guard(fn)
+
+    def add_handle(self, handle: RemovableHandle) -> None:
+        """A hook handle to remove when the tracer closes or is disabled."""
+        self._handles.append(handle)
+
+    def record_vector(
+        self, module: str, kind: str, tensor: str, values: torch.Tensor, phase: str = "train"
+    ) -> None:
+        """Records a vector statistic (one value per unit) for the current step, on the device:
+        no sync; it is copied to the host with the step's bank. ``values`` must not be modified
+        afterwards."""
+        if self.disabled_reason is not None or self.closed:
+            return
+        self._vectors.append(((module, kind, tensor, phase), values.detach()))
 
     # ---- public -------------------------------------------------------------------------
     def log_scalar(self, name: str, value: float | torch.Tensor) -> None:
@@ -394,6 +455,9 @@ class Tracer:
             return
         try:
             with self._lock:
+                if self.disabled_reason is None:
+                    for ext in self.extensions:
+                        ext.on_step_end(self)
                 self._flush()
                 self.step_index += 1
         except Exception as e:
@@ -412,13 +476,14 @@ class Tracer:
                 for i in idx:
                     self._note(self._weight_slots[i], xs[i])
                 self._recorded = True
-        if not self._recorded and not self._scalars:
+        if not self._recorded and not self._scalars and not self._vectors:
             return
         if self._labels_snapshot is None:
             self._labels_snapshot = (tuple(self._labels), tuple(self._meta))
         labels, meta = self._labels_snapshot
-        self._pipe.submit(self.step_index, labels, meta, self._scalars)
+        self._pipe.submit(self.step_index, labels, meta, self._scalars, self._vectors)
         self._scalars = {}
+        self._vectors = []
         self._recorded = False
 
     def stats(self) -> dict[str, Any]:
@@ -448,7 +513,7 @@ class Tracer:
             return self.stats()
         with self._lock:
             try:
-                if self._recorded or self._scalars:
+                if self._recorded or self._scalars or self._vectors:
                     self._flush()
             except Exception as e:  # closing must not raise into the user's finally-blocks
                 if self.strict:
@@ -457,6 +522,15 @@ class Tracer:
                     f"dnntrace: last step not written ({e})", RuntimeWarning, stacklevel=2
                 )
             self.closed = True
+            for ext in self.extensions:
+                try:
+                    ext.close(self)
+                except Exception as e:  # noqa: BLE001 - an extension must not break closing
+                    warnings.warn(
+                        f"dnntrace: extension {ext!r} failed to close: {e}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             self._remove_hooks()
             self._pipe.close()
         with _ACTIVE_LOCK:

@@ -50,6 +50,42 @@ def sparse_hist(hist: np.ndarray) -> tuple[np.ndarray, pa.ListArray]:
     return first.astype(np.int32), lists
 
 
+def _values_array(values: Sequence[np.ndarray | None] | None, n: int) -> pa.Array:
+    if values is None:
+        return pa.nulls(n, pa.list_(pa.float32()))
+    if len(values) != n:
+        raise ValueError(f"values has {len(values)} entries for {n} rows")
+    lengths = np.array([-1 if v is None else np.asarray(v).size for v in values], dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.maximum(lengths, 0), out=offsets[1:])
+    flat = [np.asarray(v, dtype=np.float32).reshape(-1) for v in values if v is not None]
+    data = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+    mask = pa.array(lengths < 0) if (lengths < 0).any() else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(data, pa.float32()), mask=mask)
+
+
+def vector_state(values: Sequence[np.ndarray], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """State rows for vector rows: count = number of values, NaN/Inf counted, finite moments."""
+    n = len(values)
+    counts = np.zeros((n, layout.width), np.int64)
+    moments = np.zeros((n, L.NUM_MOMENTS))
+    for i, v in enumerate(values):
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+        fin = a[np.isfinite(a)]
+        counts[i, L.COUNT] = a.size
+        counts[i, L.CALLS] = 1
+        counts[i, L.NAN] = np.isnan(a).sum()
+        counts[i, L.POSINF] = (a == np.inf).sum()
+        counts[i, L.NEGINF] = (a == -np.inf).sum()
+        counts[i, L.ZEROS] = (a == 0).sum()
+        counts[i, L.NEGATIVES] = (a < 0).sum()
+        moments[i, L.SUM] = fin.sum()
+        moments[i, L.SUMSQ] = (fin * fin).sum()
+        moments[i, L.MIN] = fin.min() if fin.size else np.inf
+        moments[i, L.MAX] = fin.max() if fin.size else -np.inf
+    return counts, moments
+
+
 def state_to_batch(
     counts: np.ndarray,
     moments: np.ndarray,
@@ -64,8 +100,11 @@ def state_to_batch(
     phase: str | Sequence[str] = "train",
     rank: int = 0,
     wall_time_s: float | np.ndarray = 0.0,
+    values: Sequence[np.ndarray | None] | None = None,
 ) -> pa.RecordBatch:
-    """A record batch of the trace schema from ``n`` slot rows and their labels."""
+    """A record batch of the trace schema from ``n`` slot rows and their labels.
+
+    ``values`` gives vector rows their per-unit values (``None`` for ordinary tensor rows)."""
     counts = np.asarray(counts, dtype=np.int64)
     moments = np.asarray(moments, dtype=np.float64)
     n = counts.shape[0]
@@ -102,6 +141,7 @@ def state_to_batch(
     cols["octaves"] = np.full(n, layout.octaves, np.int16)
     cols["hist_offset"] = offsets
     cols["hist"] = hist
+    cols["values"] = _values_array(values, n)
     arrays = []
     for field in BASE_SCHEMA:
         v = cols[field.name]

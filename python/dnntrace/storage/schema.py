@@ -49,6 +49,8 @@ _FIELDS = [
     pa.field("octaves", pa.int16()),
     pa.field("hist_offset", pa.int32()),
     pa.field("hist", pa.list_(pa.uint32())),
+    # Vector rows (per-unit statistics, spectra, ...): one value per unit; null for tensor rows.
+    pa.field("values", pa.list_(pa.float32()), nullable=True),
 ]
 
 BASE_SCHEMA = pa.schema(_FIELDS)
