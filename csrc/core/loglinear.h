@@ -177,11 +177,13 @@ DNNTRACE_HD bool is_negative_f32(uint32_t bits) {
 
 DNNTRACE_HD bool is_finite_f32(uint32_t bits) { return (bits & 0x7f800000u) != 0x7f800000u; }
 
-// Error-free sum (Knuth's TwoSum): s + e == a + b exactly.
+// Error-free sum (Knuth's TwoSum): s + e == a + b exactly. When s overflows (or an input is not
+// finite) there is no finite error term: e is 0, so a compensation never turns inf into NaN.
 DNNTRACE_HD void two_sum(double a, double b, double& s, double& e) {
   s = a + b;
   const double bb = s - a;
   e = (a - (s - bb)) + (b - bb);
+  if ((f64_bits(s) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) e = 0.0;
 }
 
 }  // namespace dnntrace::core

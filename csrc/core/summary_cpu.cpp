@@ -41,6 +41,8 @@ void f32_block_moments_masked(const float* x, int n, BlockAcc& acc) {
       bq += d * d;
       if (v < acc.mn) acc.mn = v;
       if (v > acc.mx) acc.mx = v;
+      const float av = v < 0 ? -v : v;
+      if (a != 0u && av < acc.min_abs) acc.min_abs = av;
     }
     acc.negatives += (u > 0x80000000u) && (u <= 0xff800000u);
     acc.nan += a > 0x7f800000u;
@@ -62,6 +64,7 @@ void BlockAcc::merge(const BlockAcc& o) {
   sq_c += o.sq_c;
   mn = o.mn < mn ? o.mn : mn;
   mx = o.mx > mx ? o.mx : mx;
+  min_abs = o.min_abs < min_abs ? o.min_abs : min_abs;
   negatives += o.negatives;
   nan += o.nan;
   posinf += o.posinf;
@@ -74,11 +77,13 @@ DNNTRACE_CLONES void f32_block_moments(const float* x, int n, BlockAcc& acc) {
   // Fast path: no masking. Non-finite values show up in the `bad` count, and such (rare) blocks
   // are recomputed exactly with masks.
   v4d s0 = {}, s1 = {}, q0 = {}, q1 = {};
-  v8f mn, mx;
+  v8f mn, mx, mina;
   for (int l = 0; l < 8; ++l) {
     mn[l] = __builtin_huge_valf();
     mx[l] = -__builtin_huge_valf();
+    mina[l] = __builtin_huge_valf();
   }
+  const v8f inf = mina;
   const v8f zero = {};
   v8i neg = {}, zer = {}, nzer = {}, bad = {};
   const int full = n - n % 8;
@@ -97,7 +102,12 @@ DNNTRACE_CLONES void f32_block_moments(const float* x, int n, BlockAcc& acc) {
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
     neg -= v < zero;  // -0 and NaN compare false
-    zer -= a == 0;
+    const v8i is_zero = a == 0;
+    zer -= is_zero;
+    v8f av;
+    std::memcpy(&av, &a, sizeof av);
+    av = is_zero ? inf : av;
+    mina = av < mina ? av : mina;
     nzer -= u == static_cast<int32_t>(0x80000000u);
     bad -= a > 0x7f7fffff;
   }
@@ -120,6 +130,7 @@ DNNTRACE_CLONES void f32_block_moments(const float* x, int n, BlockAcc& acc) {
   for (int l = 0; l < 8; ++l) {
     acc.mn = mn[l] < acc.mn ? mn[l] : acc.mn;
     acc.mx = mx[l] > acc.mx ? mx[l] : acc.mx;
+    acc.min_abs = mina[l] < acc.min_abs ? mina[l] : acc.min_abs;
     acc.negatives += neg[l];
     acc.zeros += zer[l];
     acc.neg_zeros += nzer[l];
@@ -133,6 +144,8 @@ DNNTRACE_CLONES void f32_block_moments(const float* x, int n, BlockAcc& acc) {
     bq += d * d;
     if (v < acc.mn) acc.mn = v;
     if (v > acc.mx) acc.mx = v;
+    const float av = v < 0 ? -v : v;
+    if (av != 0.0f && av < acc.min_abs) acc.min_abs = av;
     acc.negatives += v < 0.0f;
     acc.zeros += (u & 0x7fffffffu) == 0u;
     acc.neg_zeros += u == 0x80000000u;
@@ -200,13 +213,17 @@ void f32_block_scatter_raw(const float* x, int n, int k, uint32_t* table) {
   }
 }
 
-void fold_raw_table(const uint32_t* table, int copies, const HistLayout& l, int64_t* row) {
+void fold_raw_range(uint32_t* table, int copies, int first, int last, const HistLayout& l,
+                    int64_t* row) {
   const int k = l.k;
-  const int ids = raw_id_count(k);
   const int32_t lo = f32_lo(l), ps = l.per_sign();
-  for (int id = 0; id < ids; ++id) {
+  for (int id = first; id <= last; ++id) {
+    uint32_t* t = table + static_cast<size_t>(id) * copies;
     int64_t c = 0;
-    for (int j = 0; j < copies; ++j) c += table[static_cast<size_t>(id) * copies + j];
+    for (int j = 0; j < copies; ++j) {
+      c += t[j];
+      t[j] = 0u;
+    }
     if (!c) continue;
     const int32_t s = id >> (8 + k);
     const int32_t e = (id >> k) & 0xff;

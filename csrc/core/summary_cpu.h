@@ -21,6 +21,7 @@ constexpr int kBlock = 1024;
 struct BlockAcc {
   double sum = 0, sum_c = 0, sq = 0, sq_c = 0;
   double mn = __builtin_huge_val(), mx = -__builtin_huge_val();
+  double min_abs = __builtin_huge_val();  // smallest non-zero finite |x|
   int64_t negatives = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0, neg_zeros = 0;
 
   // Fold another accumulator in, in a fixed order (the caller fixes the order).
@@ -43,10 +44,15 @@ void f32_block_scatter_raw(const float* x, int n, int k, uint32_t* table);
 // Number of raw ids for k mantissa bits: 2^(9 + k).
 inline int raw_id_count(int k) { return 1 << (9 + k); }
 
-// Adds a raw-id table (`copies` interleaved counters per id) into a row: ids of exponent 0
-// (zeros and subnormals) go to underflow, ids of exponent 255 (NaN, Inf) are skipped: the caller
-// takes those counts from the moments pass and corrects underflow by the zero counts.
-void fold_raw_table(const uint32_t* table, int copies, const HistLayout& l, int64_t* row);
+// Adds raw ids [first, last] of a table (`copies` interleaved counters per id) into a row and
+// zeroes them in the table: ids of exponent 0 (zeros and subnormals) go to underflow, ids of
+// exponent 255 (NaN, Inf) are only zeroed: the caller takes those counts from the moments pass
+// and corrects underflow by the zero counts.
+void fold_raw_range(uint32_t* table, int copies, int first, int last, const HistLayout& l,
+                    int64_t* row);
+
+// The raw id of a value (fp32 bits >> (23 - k)).
+inline int raw_id_of(float v, int k) { return static_cast<int>(f32_bits(v) >> (23 - k)); }
 
 // Exact conversion of n values to fp32.
 void half_to_float(const uint16_t* x, int n, float* out);

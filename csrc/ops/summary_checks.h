@@ -33,8 +33,9 @@ inline void check_state(const at::Tensor& counts, const at::Tensor& moments,
 }
 
 inline void check_input(const at::Tensor& x, int64_t slot, const at::Tensor& counts) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "dnntrace: expected a floating tensor, got ",
-              x.scalar_type());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "dnntrace: expected a float32, float64, float16 or bfloat16 tensor, got ", t);
   TORCH_CHECK(slot >= 0 && slot < counts.size(0), "dnntrace: slot ", slot,
               " out of range for a state of ", counts.size(0), " slots");
 }

@@ -35,13 +35,24 @@ class TracingError(RuntimeError):
     """An internal tracing failure, raised only with ``strict=True``."""
 
 
+class AnomalyError(RuntimeError):
+    """A NaN/Inf found with ``on_anomaly="raise"`` (``capture.anomaly``); ``found`` says where.
+    Raised after the tracer closed, so the trace on disk holds every step up to the finding."""
+
+    def __init__(self, message: str, found: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.found = found or {}
+
+
 class Extension:
     """Adds statistics to a tracer (per-unit statistics, spectra, ...).
 
     ``attach`` runs once (register hooks through ``tracer.guard`` and ``tracer.add_handle``);
     ``before_optimizer_step`` runs when gradients are final; ``on_step_end`` after the optimizer
     update, before the step is flushed (record with ``tracer.record_vector`` /
-    ``tracer.log_scalar``); ``close`` when the tracer closes. Default methods do nothing."""
+    ``tracer.log_scalar``); ``after_flush`` after the step was handed to the writer (may raise
+    ``AnomalyError``); ``before_close`` before the last flush (may still record); ``close`` when
+    the tracer closes. Default methods do nothing."""
 
     def attach(self, tracer: Tracer) -> None:
         return None
@@ -50,6 +61,12 @@ class Extension:
         return None
 
     def on_step_end(self, tracer: Tracer) -> None:
+        return None
+
+    def after_flush(self, tracer: Tracer) -> None:
+        return None
+
+    def before_close(self, tracer: Tracer) -> None:
         return None
 
     def close(self, tracer: Tracer) -> None:
@@ -89,6 +106,8 @@ class Tracer:
         fsync: bool = False,
         log_lr: bool = True,
         extensions: Sequence[Extension] = (),
+        units: bool | dict[str, Any] = False,
+        on_anomaly: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
@@ -152,6 +171,14 @@ class Tracer:
         self._vectors: list[tuple[SlotLabel, torch.Tensor]] = []
         self._recorded = False
         self.extensions = list(extensions)
+        if units:
+            from .units import UnitStats
+
+            self.extensions.append(UnitStats(**(units if isinstance(units, dict) else {})))
+        if on_anomaly is not None:
+            from .anomaly import AnomalyWatch
+
+            self.extensions.append(AnomalyWatch(on_anomaly))
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
         options = {
@@ -166,6 +193,8 @@ class Tracer:
             "octaves": octaves,
             "strict": strict,
             "host_buffers": host_buffers,
+            "units": bool(units),
+            "on_anomaly": on_anomaly,
         }
         traced = {n for n, _ in self._modules}
         meta = {
@@ -251,6 +280,8 @@ class Tracer:
                 return None
             try:
                 return fn(*args, **kwargs)
+            except AnomalyError:
+                raise
             except Exception as e:
                 self._fail(e)
                 return None
@@ -460,6 +491,10 @@ class Tracer:
                         ext.on_step_end(self)
                 self._flush()
                 self.step_index += 1
+                for ext in self.extensions:
+                    ext.after_flush(self)
+        except AnomalyError:
+            raise
         except Exception as e:
             self._fail(e)
 
@@ -512,6 +547,16 @@ class Tracer:
         if self.closed:
             return self.stats()
         with self._lock:
+            for ext in self.extensions:
+                try:
+                    if self.disabled_reason is None:
+                        ext.before_close(self)
+                except Exception as e:  # noqa: BLE001 - an extension must not break closing
+                    warnings.warn(
+                        f"dnntrace: extension {ext!r} failed before closing: {e}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             try:
                 if self._recorded or self._scalars or self._vectors:
                     self._flush()
@@ -563,7 +608,9 @@ def enable(
     ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
     ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
     ``strict`` (raise instead of disabling on internal errors), ``host_buffers`` (bound on steps
-    waiting for the writer), ``fsync``.
+    waiting for the writer), ``fsync``, ``units`` (per-unit statistics: True or ``UnitStats``
+    options, ``capture.units``), ``on_anomaly`` (``"warn"``/``"raise"``/``"record"``: NaN/Inf
+    origin, ``capture.anomaly``).
     """
     with _ACTIVE_LOCK:
         old = _ACTIVE.get(id(model))

@@ -18,6 +18,8 @@ from .layout import Layout
 
 def _two_sum(a: float, b: float) -> tuple[float, float]:
     s = a + b
+    if not math.isfinite(s):
+        return s, 0.0
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 

@@ -1,0 +1,320 @@
+"""Per-unit statistics of activations and output gradients, as vector rows of the trace.
+
+``dnntrace.enable(model, units=True)`` (or ``extensions=[UnitStats(...)]``). For each selected
+module, each sampled step, one vector row per statistic (kinds below, one value per unit).
+
+**Which axis holds the units** (``unit_axis``):
+
+- ``Conv*``, ``ConvTranspose*``, ``BatchNorm*``, ``InstanceNorm*``, ``GroupNorm``, pooling: dim 1
+  (channels of ``(N, C, ...)``);
+- ``Linear``, ``Bilinear``, ``LayerNorm``, ``RMSNorm``, ``Embedding``: the last dim (features);
+- ``MultiheadAttention``: its output's embedding dim split into ``num_heads`` groups of
+  ``embed_dim / num_heads`` channels, one unit per group. nn.MultiheadAttention applies
+  ``out_proj`` inside, so a group is not the head's own output (which it does not expose);
+- elementwise modules (activations, Dropout, Identity): the axis of the module before them in their
+  ``nn.Sequential``; elsewhere dim 1 for 4-D and 5-D outputs (images, volumes), the last dim
+  otherwise.
+
+**Saturation** uses the nonlinearity that follows: an activation module's own outputs (Tanh
+``|y| >= 0.97``, Sigmoid ``y <= 0.03 or y >= 0.97``, ReLU ``y == 0``, ReLU6 also ``y >= 6``), or,
+for a module directly followed by one in an ``nn.Sequential``, its inputs to it (thresholds mapped
+through the inverse: ``|x| >= atanh(0.97)``, ...). Other modules have no saturated units (0).
+
+**Rows** (``kind``; ``tensor`` is the output position, ``""`` for a single tensor):
+``unit_mean``, ``unit_sq_mean``, ``unit_firing`` (fraction > 0), ``unit_saturated`` (fraction),
+``unit_max``; with gradients ``unit_grad_rms``; with attribution ``unit_attr`` and
+``unit_attr_abs`` (Σ x·g and Σ |x·g| over one row's elements of the unit, averaged over rows:
+samples for ``(N, C, ...)``, tokens for ``(..., F)``); every ``topk_every`` sampled steps and at
+close ``unit_topk_value``, ``unit_topk_index`` (sample id: the in-batch index or the id given to
+``set_sample_ids``; exact below 2^24), ``unit_topk_step``, each ``[units, k]`` row-major.
+
+**Memory**: ``(88 + 12·k)·U`` bytes of device buffers per module of ``U`` units (``stats.units``),
+plus, with attribution, a reference to each selected module's output until its backward.
+Only training forwards (``module.training`` and grad enabled) are counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..stats import units as U
+from .selection import iter_float_tensors
+from .tracer import Extension, Tracer
+
+_CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_CHANNEL_LAST: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding)
+if hasattr(nn, "RMSNorm"):
+    _CHANNEL_LAST += (nn.RMSNorm,)
+_NONLINEARITY: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+}
+_ELEMENTWISE: tuple[type, ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+@dataclass
+class UnitPlan:
+    """How one module's output is read: unit axis, head groups, saturation bounds."""
+
+    name: str
+    dim: int  # 1 or -1
+    heads: int = 0  # > 0: split the last dim into this many groups
+    nonlinearity: str | None = None
+    pre_activation: bool = False
+
+
+def _siblings(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """name -> (previous, next) sibling names inside an nn.Sequential parent."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for pname, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = [f"{pname}.{c}" if pname else c for c, _ in parent.named_children()]
+        for i, n in enumerate(names):
+            out[n] = (names[i - 1] if i else None, names[i + 1] if i + 1 < len(names) else None)
+    return out
+
+
+def plan_units(model: nn.Module, modules: Sequence[tuple[str, nn.Module]]) -> dict[str, UnitPlan]:
+    """The documented axis and saturation rule for every module it applies to."""
+    by_name = dict(model.named_modules())
+    sib = _siblings(model)
+
+    def axis(name: str, depth: int = 0) -> int | None:
+        m = by_name[name]
+        if isinstance(m, _CHANNEL_FIRST):
+            return 1
+        if isinstance(m, (*_CHANNEL_LAST, nn.MultiheadAttention)):
+            return -1
+        if isinstance(m, _ELEMENTWISE) and depth < 16:
+            prev = sib.get(name, (None, None))[0]
+            return axis(prev, depth + 1) if prev is not None else 0  # 0: by the output's rank
+        return None
+
+    plans: dict[str, UnitPlan] = {}
+    for name, m in modules:
+        d = axis(name)
+        if d is None:
+            continue
+        p = UnitPlan(name, d)
+        if isinstance(m, nn.MultiheadAttention):
+            p.heads = m.num_heads
+        if type(m) in _NONLINEARITY:
+            p.nonlinearity = _NONLINEARITY[type(m)]
+        else:
+            nxt = sib.get(name, (None, None))[1]
+            if nxt is not None and type(by_name[nxt]) in _NONLINEARITY:
+                p.nonlinearity = _NONLINEARITY[type(by_name[nxt])]
+                p.pre_activation = True
+        plans[name] = p
+    return plans
+
+
+@dataclass
+class _State:
+    plan: UnitPlan
+    pos: str
+    units: int
+    act: Tensor
+    grad: Tensor
+    topk: U.TopK | None
+    lo: float
+    hi: float
+    act_seen: bool = False
+    grad_seen: bool = False
+    topk_dirty: bool = False
+
+
+@dataclass
+class UnitStats(Extension):
+    """Per-unit statistics of the selected modules' outputs (see the module docstring).
+
+    ``modules``: names (globs) among the tracer's modules to restrict to (default all that the
+    axis rule covers); ``every``: cadence (default the tracer's ``activations_every``);
+    ``gradients``: ``unit_grad_rms``; ``attribution``: ``unit_attr*`` (holds the output until
+    backward); ``topk``: inputs kept per unit (0: none); ``tanh`` / ``sigmoid``: thresholds."""
+
+    modules: Sequence[str] | None = None
+    every: int | None = None
+    gradients: bool = True
+    attribution: bool = True
+    topk: int = 8
+    topk_every: int = 50
+    tanh: float = U.TANH_SATURATION
+    sigmoid: tuple[float, float] = U.SIGMOID_SATURATION
+    states: dict[str, _State] = field(default_factory=dict, init=False, repr=False)
+    _plans: dict[str, UnitPlan] = field(default_factory=dict, init=False, repr=False)
+    _ids: Tensor | None = field(default=None, init=False, repr=False)
+    _arange: dict[tuple[int, str], Tensor] = field(default_factory=dict, init=False, repr=False)
+    _sampled_steps: int = field(default=0, init=False, repr=False)
+
+    def set_sample_ids(self, ids: Tensor | Sequence[int] | None) -> None:
+        """Ids of the next forward's samples (one per row of the batch axis), kept with the
+        top-k; None goes back to in-batch indices. A tensor on the model's device avoids a copy."""
+        self._ids = None if ids is None else torch.as_tensor(ids).float()
+
+    # ---- Extension ------------------------------------------------------------------------
+    def attach(self, tracer: Tracer) -> None:
+        import fnmatch
+
+        mods = tracer.traced_modules
+        if self.modules is not None:
+            pats = list(self.modules)
+            mods = [(n, m) for n, m in mods if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        self._plans = plan_units(tracer.model, mods)
+        every = self.every or tracer.activations_every
+        by_name = dict(mods)
+        for name, plan in self._plans.items():
+            hook = self._make_hook(tracer, plan, every)
+            tracer.add_handle(by_name[name].register_forward_hook(tracer.guard(hook)))
+
+    def on_step_end(self, tracer: Tracer) -> None:
+        every = self.every or tracer.activations_every
+        if not tracer.sampled(every):
+            return
+        self._sampled_steps += 1
+        topk_now = self._sampled_steps % max(self.topk_every, 1) == 1 or self.topk_every <= 1
+        for st in self.states.values():
+            if st.act_seen:
+                for kind, v in U.act_vectors(st.act).items():
+                    tracer.record_vector(st.plan.name, kind, st.pos, v)
+                U.reset_act_acc(st.act)
+                st.act_seen = False
+            if st.grad_seen:
+                for kind, v in U.grad_vectors(st.grad, self.attribution).items():
+                    tracer.record_vector(st.plan.name, kind, st.pos, v)
+                st.grad.zero_()
+                st.grad_seen = False
+            if topk_now:
+                self._record_topk(tracer, st)
+
+    def before_close(self, tracer: Tracer) -> None:
+        for st in self.states.values():
+            self._record_topk(tracer, st)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _record_topk(self, tracer: Tracer, st: _State) -> None:
+        if st.topk is None or not st.topk_dirty:
+            return
+        tracer.record_vector(st.plan.name, "unit_topk_value", st.pos, st.topk.values)
+        tracer.record_vector(st.plan.name, "unit_topk_index", st.pos, st.topk.ids)
+        tracer.record_vector(st.plan.name, "unit_topk_step", st.pos, st.topk.steps)
+        st.topk_dirty = False
+
+    def _sample_ids(self, n: int, device: torch.device) -> Tensor:
+        if self._ids is not None and self._ids.numel() == n:
+            if self._ids.device != device:
+                self._ids = self._ids.to(device, non_blocking=True)
+            return self._ids
+        key = (n, str(device))
+        a = self._arange.get(key)
+        if a is None:
+            a = self._arange[key] = torch.arange(n, dtype=torch.float32, device=device)
+        return a
+
+    def _view(self, plan: UnitPlan, t: Tensor) -> tuple[Tensor, int] | None:
+        if t.dim() == 0:
+            return None
+        if plan.heads:
+            if t.shape[-1] % plan.heads:
+                return None
+            return t.unflatten(-1, (plan.heads, t.shape[-1] // plan.heads)), -2
+        dim = plan.dim
+        if dim == 0:  # elementwise module without a known producer: by the output's rank
+            dim = 1 if t.dim() in (4, 5) else -1
+        if dim == 1 and t.dim() < 2:
+            return None
+        return t, dim
+
+    def _state(self, tracer: Tracer, plan: UnitPlan, pos: str, x: Tensor, dim: int) -> _State:
+        units = int(x.shape[dim])
+        lo, hi = U.saturation_bounds(
+            plan.nonlinearity,
+            pre_activation=plan.pre_activation,
+            tanh=self.tanh,
+            sigmoid=self.sigmoid,
+        )
+        st = _State(
+            plan,
+            pos,
+            units,
+            U.new_act_acc(units, x.device),
+            U.new_grad_acc(units, x.device),
+            U.TopK.new(units, self.topk, x.device) if self.topk > 0 else None,
+            lo,
+            hi,
+        )
+        self.states[plan.name] = st
+        return st
+
+    def _make_hook(self, tracer: Tracer, plan: UnitPlan, every: int) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if torch.compiler.is_compiling() or not tracer.sampled(every):
+                return
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            first = next(iter_float_tensors(output), None)
+            if first is None:
+                return
+            pos, t = first
+            if t.device != tracer.device:
+                return
+            view = self._view(plan, t)
+            if view is None:
+                return
+            x, dim = view
+            st = self.states.get(plan.name) or self._state(tracer, plan, pos, x, dim)
+            if x.shape[dim] != st.units:
+                return  # a call with another width: not this module's unit axis
+            U.unit_summary_out(x, dim, st.lo, st.hi, st.act)
+            st.act_seen = True
+            if st.topk is not None:
+                samples = U.per_sample(x, dim)
+                if samples is not None:
+                    ids = self._sample_ids(samples.shape[0], x.device)
+                    st.topk.merge(samples, ids, tracer.step_index)
+                    st.topk_dirty = True
+            if self.gradients and t.requires_grad:
+                saved = x.detach() if self.attribution else None
+                heads = plan.heads
+
+                def grad_hook(g: Tensor) -> None:
+                    gv = g.unflatten(-1, (heads, g.shape[-1] // heads)) if heads else g
+                    U.unit_grad_summary_out(gv, saved, dim, st.grad)
+                    st.grad_seen = True
+
+                t.register_hook(tracer.guard(grad_hook))
+
+        return hook
