@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import sys
+import time
 
 import torch
 from torch.utils import benchmark
@@ -57,8 +58,26 @@ def chain(x: torch.Tensor):
     [min, max] standing in for the log-linear one)."""
     mn, mx = torch.aminmax(x)
     var, mean = torch.var_mean(x, correction=0)
-    hist = torch.histc(x, bins=256)
+    hist = torch.histc(
+        x if _HISTC_NATIVE.get((x.dtype, x.device.type), True) else x.float(), bins=256
+    )
     return mn, mx, var, mean, hist, x.isnan().sum(), x.isinf().sum(), torch.count_nonzero(x)
+
+
+_HISTC_NATIVE: dict[tuple[torch.dtype, str], bool] = {}
+
+
+def probe_histc(dtype: torch.dtype, device: str) -> None:
+    """Where torch.histc lacks a kernel for the dtype, the chain histograms x.float() instead."""
+    try:
+        torch.histc(torch.ones(4, dtype=dtype, device=device), bins=4)
+        _HISTC_NATIVE[(dtype, torch.device(device).type)] = True
+    except RuntimeError:
+        _HISTC_NATIVE[(dtype, torch.device(device).type)] = False
+        print(
+            f"note: torch.histc has no {dtype} kernel on {device}; the chain converts to fp32",
+            file=sys.stderr,
+        )
 
 
 def check(x: torch.Tensor, lay: Layout, device: str) -> None:
@@ -86,11 +105,31 @@ def check(x: torch.Tensor, lay: Layout, device: str) -> None:
             assert float(hist.sum()) == n
 
 
-def time_it(stmt: str, env: dict, sync: bool, min_run_time: float) -> float:
+def cpu_time_it(stmt: str, env: dict, min_run_time: float, rounds: int) -> float:
+    """Seconds of this thread's CPU time per call (one torch thread): unlike wall time, it does
+    not count the time another process holds the core, so it stays usable on a busy machine."""
+    code = compile(stmt, "<stmt>", "exec")
+    best = math.inf
+    for _ in range(rounds):
+        calls, t0 = 0, time.thread_time()
+        while time.thread_time() - t0 < min_run_time or calls < 3:
+            exec(code, env)
+            calls += 1
+        best = min(best, (time.thread_time() - t0) / calls)
+    return best
+
+
+def time_it(
+    stmt: str, env: dict, sync: bool, min_run_time: float, rounds: int, cpu_time: bool = False
+) -> float:
+    """Best over ``rounds`` of the median of a ``blocked_autorange``: a shared machine's
+    interference only ever slows a round down."""
+    if cpu_time:
+        return cpu_time_it(stmt, env, min_run_time, rounds)
     if sync:
         stmt = f"{stmt}; torch.cuda.synchronize()"
     t = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median
+    return min(t.blocked_autorange(min_run_time=min_run_time).median for _ in range(rounds))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -101,6 +140,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for case in product_dict(dtype=args.dtypes, n=args.sizes):
         dtype, n = DTYPES[case["dtype"]], case["n"]
         x = make_input(n, dtype, device)
+        probe_histc(dtype, device)
         check(x, lay, device)
         counts, moments = new_state(lay, device)
         env = {
@@ -113,20 +153,18 @@ def run(args: argparse.Namespace) -> list[dict]:
             "torch": torch,
             "y": torch.empty_like(x),
         }
-        rt = args.min_run_time
-        t = {
-            "sum": time_it("torch.sum(x)", env, sync, rt),
-            "fused": time_it("ops.tensor_summary_out(x, 0, counts, moments, lay)", env, sync, rt),
-            "moments": time_it(
-                "ops.tensor_summary_out(x, 0, counts, moments, lay, histogram=False)",
-                env,
-                sync,
-                rt,
-            ),
-            "chain": time_it("chain(x)", env, sync, rt),
+        stmts = {
+            "sum": "torch.sum(x)",
+            "fused": "ops.tensor_summary_out(x, 0, counts, moments, lay)",
+            "moments": "ops.tensor_summary_out(x, 0, counts, moments, lay, histogram=False)",
+            "chain": "chain(x)",
         }
         if sync:
-            t["copy"] = time_it("y.copy_(x)", env, sync, rt)
+            stmts["copy"] = "y.copy_(x)"
+        t = {
+            k: time_it(v, env, sync, args.min_run_time, args.rounds, args.cpu_time)
+            for k, v in stmts.items()
+        }
         nbytes = n * x.element_size()
         row = {"dtype": case["dtype"], "n": n, **{f"{k}_s": v for k, v in t.items()}}
         for k, v in t.items():
@@ -192,35 +230,72 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def parse_sizes(text: str) -> list[int]:
-    """``1e4,1e5`` or ``10000,100000``."""
-    return [int(float(s)) for s in text.split(",") if s]
+def _flat(items: list[str]) -> list[str]:
+    """``--dtypes a b`` and ``--dtypes a,b`` both work."""
+    return [part for item in items for part in item.split(",") if part]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"))
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["1e4", "1e5", "1e6", "1e7", "1e8"],
+        help="element counts, e.g. 1e6 1e7 (or 1e6,1e7)",
+    )
+    p.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help=f"from {sorted(DTYPES)}"
+    )
     p.add_argument(
         "--min-run-time",
         type=float,
-        default=1.0,
-        help="seconds of timing per measurement (blocked_autorange)",
+        default=None,
+        help="seconds per blocked_autorange (default 0.5 on CPU, 0.25 on CUDA)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timings per case, the best is kept (default 3 on CPU, 2 on CUDA)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--quick", action="store_true", help="sizes up to 1e6, 0.2 s per timing")
+    p.add_argument("--quick", action="store_true", help="sizes up to 1e6, one 0.2 s timing")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time by this thread's CPU time with one torch thread (for a "
+        "machine shared with other jobs)",
+    )
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.sizes = [int(float(s)) for s in _flat(args.sizes)]
+    args.dtypes = _flat(args.dtypes)
+    if args.min_run_time is None:
+        args.min_run_time = 0.25 if cuda else 0.5
+    if args.rounds is None:
+        args.rounds = 2 if cuda else 3
     if args.quick:
         args.sizes = [n for n in args.sizes if n <= 10**6]
         args.min_run_time = 0.2
+        args.rounds = 1
+    if args.cpu_time:
+        if cuda:
+            p.error("--cpu-time is for --device cpu")
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [d for d in args.dtypes if d not in DTYPES]
     if unknown:
         p.error(f"unknown dtypes {unknown}; choose from {sorted(DTYPES)}")
     rows = run(args)
-    print(f"device: {args.device}; {machine()}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    print(
+        f"device: {args.device}; {machine()}; best of {args.rounds} x "
+        f"{args.min_run_time} s per timing"
+        f"{' of thread CPU time' if args.cpu_time else ''}; load average after the run "
+        f"{tuple(round(v, 2) for v in load)}"
+    )
     print(markdown(rows, args.device))
 
 

@@ -32,6 +32,10 @@ def test_golden_v1_reads_with_its_values():
     assert [m["name"] for m in trace.module_tree] == ["", "fc1", "fc2"]
     assert trace.module_tree[1]["params"]["weight"] == [8, 4]
     assert trace.table.num_rows == 18  # 3 steps x (5 tensor rows + 1 loss row)
+    # written before the nullable `values` column joined version 1: older files lack it, keep
+    # reading, and the reader supplies it as nulls (FORMAT.md: later versions only add nullable
+    # columns)
+    assert trace.table.column("values").null_count == trace.table.num_rows
     assert list(trace.steps) == [0, 1, 2]
     assert trace.modules == ["", "fc1", "fc2"]
     assert sorted(trace.kinds) == ["activation", "scalar", "weight", "weight_grad"]

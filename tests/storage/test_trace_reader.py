@@ -36,11 +36,6 @@ def test_bytes_written_tracks_file_size(tmp_path):
     assert os.path.getsize(path) == ends[-1] + 8  # plus the end-of-stream marker
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyarrow's stream writer defers the schema to the first batch: a run killed "
-    "before its first batch leaves an empty file instead of a readable empty trace",
-)
 def test_schema_is_on_disk_before_the_first_batch(tmp_path):
     path = tmp_path / "t.arrow"
     w = TraceWriter(path, {"modules": [{"name": "", "type": "Net", "depth": 0}]})

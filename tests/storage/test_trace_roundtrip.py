@@ -57,10 +57,6 @@ def state_rows(draw):
     return lay, counts, moments, labels
 
 
-def _expected_summary(counts: np.ndarray, moments: np.ndarray, lay: Layout) -> Summary:
-    return Summary(counts, moments, lay)
-
-
 def assert_same_summary(got: Summary, want: Summary) -> None:
     assert got.layout == want.layout
     np.testing.assert_array_equal(got.counts, want.counts)
@@ -89,7 +85,7 @@ def test_roundtrip(tmp_path, steps):
     i = 0
     for step, (lay, counts, moments, labels) in enumerate(steps):
         for r in range(counts.shape[0]):
-            assert_same_summary(got[i], _expected_summary(counts[r], moments[r], lay))
+            assert_same_summary(got[i], Summary(counts[r], moments[r], lay))
             row = trace.table.slice(i, 1).to_pylist()[0]
             assert row["step"] == step and row["wall_time_s"] == 1.5 * step
             for key in ("module", "kind", "tensor", "dtype"):
@@ -190,3 +186,49 @@ def test_writer_reports_rows_and_bytes(tmp_path):
     assert rows == 3 and w.batches == 2
     assert size == path.stat().st_size > 0
     assert w.close() == (rows, size)  # idempotent
+
+
+def test_vector_rows_roundtrip(tmp_path):
+    """Vector rows keep their values (float32), tensor rows get a null ``values``."""
+    from dnntrace.storage.rows import vector_state
+
+    lay = Layout()
+    vecs = [np.array([0.5, -1.0, np.nan, 3.0], np.float32), np.zeros(0, np.float32)]
+    counts, moments = vector_state(vecs, lay)
+    assert list(counts[:, 0]) == [4, 0] and counts[0, 1] == 1
+    path = tmp_path / "t.arrow"
+    c, m = tensor_summary_ref(np.array([1.0, 2.0], np.float32))
+    with TraceWriter(path, {}) as w:
+        w.write(
+            state_to_batch(
+                counts,
+                moments,
+                lay,
+                step=0,
+                module=["fc", "fc"],
+                kind=["unit_mean", "spectrum"],
+                tensor=["", ""],
+                dtype=["float32"] * 2,
+                shape=[(4,), (0,)],
+                values=vecs,
+            )
+        )
+        w.write(
+            state_to_batch(
+                c[None],
+                m[None],
+                lay,
+                step=0,
+                module=["fc"],
+                kind=["weight"],
+                tensor=["weight"],
+                dtype=["float32"],
+                shape=[(2,)],
+            )
+        )
+    t = load(path).table
+    got = t.column("values").to_pylist()
+    assert got[0][:2] == [0.5, -1.0] and math.isnan(got[0][2]) and got[0][3] == 3.0
+    assert got[1] == [] and got[2] is None
+    s = rows_to_summaries(t)[0]
+    assert (s.count, s.nan, s.min, s.max, s.sum) == (4, 1, -1.0, 3.0, 2.5)

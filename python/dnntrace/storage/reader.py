@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from . import layout as L
 from .layout import Layout
-from .schema import COUNT_COLUMNS, TraceError, read_metadata
+from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
 from .summary import Summary
 
 _HEADER_INDEX = {
@@ -60,6 +60,9 @@ def read_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any], 
             truncated = True  # a torn last message: keep every complete batch before it
             break
     table = pa.Table.from_batches(batches, schema=reader.schema)
+    for field in BASE_SCHEMA:  # columns added since the file was written (nullable): nulls
+        if table.schema.get_field_index(field.name) < 0:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table, meta, truncated
 
 

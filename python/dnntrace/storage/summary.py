@@ -129,12 +129,14 @@ class Summary:
         n = self.finite
         if not n:
             return math.nan
+        s, sc = float(self.moments[L.SUM]), float(self.moments[L.SUM_COMP])
+        q, qc = float(self.moments[L.SUMSQ]), float(self.moments[L.SUMSQ_COMP])
+        if not (math.isfinite(s) and math.isfinite(q)):
+            return math.nan  # the sums overflowed: no finite variance to report
         # sumsq/n - mean^2, with the compensation terms folded in before the subtraction.
-        hi = self.moments[L.SUMSQ] / n - (self.moments[L.SUM] / n) ** 2
-        lo = self.moments[L.SUMSQ_COMP] / n - 2 * self.moments[L.SUM] * self.moments[L.SUM_COMP] / (
-            n * n
-        )
-        return float(max(hi + lo, 0.0))
+        hi = q / n - (s / n) ** 2
+        lo = qc / n - 2 * s * sc / (n * n)
+        return max(hi + lo, 0.0)
 
     @property
     def std(self) -> float:
@@ -272,10 +274,23 @@ class Summary:
                 continue
             ov = np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None)
             out += h[bkt] * ov / (b - a)
-        zero_like = self.zeros + sum(self.underflow)
-        if zero_like and r0 <= 0.0 <= r1:
-            i = min(int(np.searchsorted(edges, 0.0, side="right") - 1), n_bins - 1)
-            out[i] += zero_like
+        # Values outside the window are known only coarsely: place each group at one point of
+        # the interval it must lie in (as quantile() does), if that point is inside the range.
+        tiny = math.ldexp(1.0, lay.emin)
+        under_neg, under_pos = self.underflow
+        over_neg, over_pos = self.overflow
+        points: list[tuple[float, int]] = [(0.0, self.zeros)]
+        if self.finite:
+            points += [
+                (min(max(tiny / 2, self.min), min(tiny, self.max)), under_pos),
+                (max(min(-tiny / 2, self.max), max(-tiny, self.min)), under_neg),
+                (self.max, over_pos),
+                (self.min, over_neg),
+            ]
+        for x, c in points:
+            if c and r0 <= x <= r1:
+                i = min(int(np.searchsorted(edges, x, side="right") - 1), n_bins - 1)
+                out[i] += c
         return edges, out
 
     def merge(self, other: Summary) -> Summary:

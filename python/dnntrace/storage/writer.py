@@ -40,6 +40,9 @@ class TraceWriter:
         self._writer = pa.ipc.new_stream(self._sink, self.schema, options=options)
         self.rows = 0
         self.batches = 0
+        # pyarrow writes the schema with the first batch: an empty one puts the metadata on disk
+        # now, so a run killed before its first step still leaves a readable (empty) trace.
+        self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=self.schema))
         self._flush()
 
     def _flush(self) -> None:
