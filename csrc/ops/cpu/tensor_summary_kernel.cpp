@@ -171,8 +171,7 @@ void raw_worker(Src src, const void* data, int64_t n, int64_t c0, int64_t c1, co
       const float* f = src == Src::kF32 ? static_cast<const float*>(data) + off : fbuf;
       if (src == Src::kF16) core::half_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
       if (src == Src::kBF16) core::bf16_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
-      core::f32_block_moments(f, m, accs[c]);
-      core::f32_block_scatter_raw(f, m, l.k, table.data());
+      core::f32_block_fused(f, m, l.k, table.data(), accs[c]);
     }
     seen.merge(accs[c]);
     since_fold += end - c * chunk;
