@@ -1,0 +1,91 @@
+"""The rank views served on 127.0.0.1 in headless Chromium: the rank x step heatmap draws, the
+other tabs switch and name the NaN origin and the straggler."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import panel as pn
+import pytest
+
+from conftest import CHROMIUM, wait_until  # tests/viewer/ui/conftest.py
+from dnntrace_viewer.cli import free_port
+from dnntrace_viewer.ranks_data import write_synthetic_ranks
+from dnntrace_viewer.views_ranks import panels
+
+pytestmark = pytest.mark.ui
+
+
+@pytest.fixture(scope="module")
+def ranks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("Chromium not installed")
+    folder = write_synthetic_ranks(tmp_path_factory.mktemp("ranks-ui") / "run")
+    port = free_port()
+    srv = pn.serve(
+        {"/": lambda: pn.Tabs(*panels(folder), dynamic=False)},
+        port=port,
+        address="127.0.0.1",
+        websocket_origin=[f"127.0.0.1:{port}"],
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        for stop in (srv.stop, pn.state.reset):  # reset stops every server again
+            try:
+                stop()
+            except RuntimeError:  # panel: "Thread already stopping" when a stop is under way
+                pass
+
+
+def _pixels(pg: Any) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(pg.screenshot())).convert("L"), dtype=np.float64)
+
+
+def _canvas_drawn(pg: Any) -> bool:
+    from PIL import Image
+
+    for c in pg.query_selector_all("canvas"):
+        if not c.is_visible():
+            continue
+        box = c.bounding_box()
+        if not box or box["width"] < 100:
+            continue
+        img = np.asarray(Image.open(io.BytesIO(c.screenshot())).convert("RGB"))
+        if len(np.unique(img.reshape(-1, 3), axis=0)) > 20:
+            return True
+    return False
+
+
+def test_ranks_views_in_the_browser(ranks_server: str, browser: Any) -> None:
+    pg = browser.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(ranks_server)
+    pg.wait_for_selector("canvas", timeout=60_000)
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)  # rank x step heatmap
+    before = _pixels(pg)
+
+    pg.get_by_text("Ranks × layers", exact=True).click()
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    wait_until(lambda: np.abs(_pixels(pg) - before).mean() > 1.0, timeout=30)
+
+    pg.get_by_text("Stragglers & NaN", exact=True).click()
+    pg.get_by_text("rank 2 at step 20").first.wait_for(timeout=30_000)
+    pg.get_by_text("1 (median").first.wait_for(timeout=30_000)  # the slowest rank
+
+    pg.get_by_text("Merged", exact=True).click()
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    pg.close()
+    assert errors == [], f"browser console errors: {errors}"
