@@ -91,6 +91,7 @@ class Pipeline:
             for _ in range(host_buffers):
                 self._free_host.put(self._new_host(slots))
         else:
+            self._host_buffers = host_buffers
             self._free_banks: queue.Queue[StatBank] = queue.Queue()
             for _ in range(host_buffers):
                 self._free_banks.put(StatBank(slots, layout, device))
@@ -113,7 +114,7 @@ class Pipeline:
         per_bank = self.bank.bytes
         if self._cuda:
             return {"device": 2 * per_bank, "host_pinned": self._host_buffers * per_bank}
-        return {"host": (1 + self._free_banks.qsize() + self._jobs.qsize()) * per_bank}
+        return {"host": (1 + self._host_buffers) * per_bank}  # current bank + the pool
 
     def _new_host(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = torch.empty((slots, self.layout.width), dtype=torch.int64, pin_memory=True)
@@ -147,6 +148,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if self._dead is not None or self._closed:
             self.bank.reset()
+            self.stats.steps_dropped += 1  # the writer stopped: the step is lost, and counted
             return False
         py_scalars = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
         t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
@@ -276,10 +278,21 @@ class Pipeline:
         try:
             self.writer.close()
         except OSError as e:
-            warnings.warn(f"dnntrace: could not close {self.writer.path}: {e}", stacklevel=2)
+            if self._dead is None:  # a write error was already reported once
+                warnings.warn(f"dnntrace: could not close {self.writer.path}: {e}",
+                              RuntimeWarning, stacklevel=2)
 
     # ---- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
+        # Build one throw-away batch first: the first conversion imports and initialises pyarrow
+        # pieces (~0.5 s), which would otherwise make the first steps of a fast loop drop.
+        try:
+            empty = np.zeros((1, self.layout.width), np.int64)
+            state_to_batch(empty, np.zeros((1, L.NUM_MOMENTS)), self.layout, step=0,
+                           module=[""], kind=["scalar"], tensor=[""], dtype=[""], shape=[()],
+                           values=[np.zeros(1, np.float32)])
+        except Exception:  # noqa: BLE001 - only a warm-up; real errors surface on real jobs
+            pass
         while True:
             job = self._jobs.get()
             if job is None:
@@ -295,8 +308,11 @@ class Pipeline:
                     self._write(job)
                     self.stats.write_seconds += time.perf_counter() - t0
                     self.stats.steps_written += 1
+                else:
+                    self.stats.steps_dropped += 1
             except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
                 self._dead = e
+                self.stats.steps_dropped += 1
                 self._on_error(e)
             finally:
                 if job.release is not None:

@@ -10,11 +10,13 @@ one warning, unless ``strict=True``.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import os
 import platform
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +75,11 @@ class Extension:
         return None
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 parameters and gradients are DTensors: each rank traces its own shard
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -108,6 +115,10 @@ class Tracer:
         extensions: Sequence[Extension] = (),
         units: bool | dict[str, Any] = False,
         on_anomaly: str | None = None,
+        merge_ranks: bool | dict[str, Any] = False,
+        ddp_hook: bool | dict[str, Any] = False,
+        spectral: bool | dict[str, Any] = False,
+        dynamics: bool | dict[str, Any] = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
@@ -139,6 +150,7 @@ class Tracer:
         self.log_lr = log_lr
         self.closed = False
         self.disabled_reason: str | None = None
+        self._paused = False
         self.step_index = 0
         self._handles: list[RemovableHandle] = []
         self._lock = threading.RLock()
@@ -153,6 +165,9 @@ class Tracer:
                 seen.add(id(p))
                 self._params.append((mname, pname, p))
         self.device = self._params[0][2].device if self._params else torch.device("cpu")
+        self._param_ids = {id(p) for _, _, p in self._params}
+        if optimizer is not None and not self._owns(optimizer):
+            raise ValueError("dnntrace.enable: the optimizer holds none of the model's parameters")
         try:
             import torch.distributed as dist
 
@@ -161,6 +176,10 @@ class Tracer:
             self.world_size = dist.get_world_size() if dist_on else 1
         except (ImportError, RuntimeError):
             self.rank, self.world_size = 0, 1
+        if self.world_size > 1 or "{rank" in self.path:
+            from .distributed import rank_path  # one file per rank: <stem>/rank<r>.arrow
+
+            self.path = rank_path(self.path, self.rank, self.world_size)
 
         # slot table: label -> row of the bank
         self._slot_of: dict[SlotLabel, int] = {}
@@ -179,6 +198,19 @@ class Tracer:
             from .anomaly import AnomalyWatch
 
             self.extensions.append(AnomalyWatch(on_anomaly))
+        if merge_ranks or ddp_hook:
+            from .distributed import DDPGradStats, RankMerge
+
+            if merge_ranks:
+                opts = merge_ranks if isinstance(merge_ranks, dict) else {}
+                self.extensions.append(RankMerge(**opts))
+            if ddp_hook:
+                opts = ddp_hook if isinstance(ddp_hook, dict) else {}
+                self.extensions.append(DDPGradStats(**opts))
+        if spectral or dynamics:
+            from .spectral import spectral_extensions
+
+            self.extensions += spectral_extensions(spectral, dynamics)
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
         options = {
@@ -195,6 +227,10 @@ class Tracer:
             "host_buffers": host_buffers,
             "units": bool(units),
             "on_anomaly": on_anomaly,
+            "merge_ranks": bool(merge_ranks),
+            "ddp_hook": bool(ddp_hook),
+            "spectral": bool(spectral),
+            "dynamics": bool(dynamics),
         }
         traced = {n for n, _ in self._modules}
         meta = {
@@ -219,7 +255,43 @@ class Tracer:
                 for n, m in model.named_modules()
             ],
         }
-        self._writer = TraceWriter(self.path, meta, fsync=fsync)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pipe: Pipeline | None = None
+        self._writer: TraceWriter | None = None
+        try:
+            self._writer = TraceWriter(self.path, meta, fsync=fsync)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise ValueError(
+                    f"dnntrace.enable: cannot write the trace {self.path!r}: "
+                    f"{e.strerror or e}"
+                ) from None
+            # a full disk never stops training: warn once, train untraced
+            self.disabled_reason = f"disk full writing {self.path!r}"
+            warnings.warn(
+                f"dnntrace: not tracing: {self.path!r} cannot be written ({e.strerror}); "
+                "training continues untraced",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            with _ACTIVE_LOCK:
+                _ACTIVE[id(model)] = self
+            return
+        try:
+            self._setup(capacity, host_buffers, optimizer)
+        except BaseException:
+            self._remove_hooks()
+            if self._pipe is not None:
+                self._pipe.close()
+            elif self._writer is not None:
+                self._writer.close()
+            raise
+        with _ACTIVE_LOCK:
+            _ACTIVE[id(model)] = self
+
+    def _setup(self, capacity: int, host_buffers: int,
+               optimizer: torch.optim.Optimizer | None) -> None:
+        assert self._writer is not None
         self._pipe = Pipeline(
             self._writer,
             self.layout,
@@ -229,8 +301,6 @@ class Tracer:
             rank=self.rank,
             on_error=self._writer_failed,
         )
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._param_ids = {id(p) for _, _, p in self._params}
         self._weight_slots: list[int] = []
         self._grad_slots: list[int] = []
         if self.trace_weights or self.trace_gradients:
@@ -239,11 +309,12 @@ class Tracer:
                     self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
                 if self.trace_gradients:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
+        # rows of these slots to clear if an optimizer turns up after grads were recorded
+        self._grad_slot_index = torch.tensor(self._grad_slots, dtype=torch.long,
+                                             device=self.device)
         self._install_hooks(optimizer)
         for ext in self.extensions:
             ext.attach(self)
-        with _ACTIVE_LOCK:
-            _ACTIVE[id(model)] = self
 
     # ---- slots --------------------------------------------------------------------------
     def _slot(self, label: SlotLabel) -> int:
@@ -276,7 +347,7 @@ class Tracer:
     # ---- hooks --------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if self.disabled_reason is not None or self.closed:
+            if self.disabled_reason is not None or self.closed or self._paused:
                 return None
             try:
                 return fn(*args, **kwargs)
@@ -365,8 +436,9 @@ class Tracer:
         def hook(p: torch.Tensor) -> None:
             if p.grad is None or not self._sampling(self.every):
                 return
-            self._note(slot, p.grad)
-            self._pipe.bank.accumulate(p.grad, slot)
+            g = _local(p.grad)
+            self._note(slot, g)
+            self._pipe.bank.accumulate(g, slot)
             self._recorded = True
 
         return hook
@@ -393,6 +465,10 @@ class Tracer:
         if self._optimizer is None and self._owns(opt):
             self._optimizer = opt
             self._drop_grad_hooks()
+            # Grads recorded by the accumulate hooks so far are partial sums that _pre_step is
+            # about to record whole: clear them so the step counts each gradient once.
+            if self._grad_slots:
+                self._pipe.bank.reset_rows(self._grad_slot_index)
         if opt is self._optimizer:
             self._pre_step(opt)
 
@@ -418,9 +494,9 @@ class Tracer:
         xs, slots = [], []
         for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
             if p.grad is not None and p.grad.device == self.device and not p.grad.is_sparse:
-                xs.append(p.grad)
+                xs.append(_local(p.grad))
                 slots.append(slot)
-                self._note(slot, p.grad)
+                self._note(slot, xs[-1])
         if xs:
             self._pipe.bank.accumulate_many(xs, slots)
             self._recorded = True
@@ -451,6 +527,15 @@ class Tracer:
     def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Wraps a hook so an exception disables tracing (or raises in strict mode)."""
         return self._guard(fn)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hooks do nothing inside (an extension's own forward passes, e.g. a Hessian closure)."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def add_handle(self, handle: RemovableHandle) -> None:
         """A hook handle to remove when the tracer closes or is disabled."""
@@ -502,7 +587,7 @@ class Tracer:
         if self.disabled_reason is not None:
             return
         if self.trace_weights and self._sampling(self.every) and self._params:
-            xs = [p.detach() for _, _, p in self._params]
+            xs = [_local(p.detach()) for _, _, p in self._params]
             idx = [i for i, x in enumerate(xs) if x.device == self.device]
             if idx:
                 self._pipe.bank.accumulate_many(
@@ -523,6 +608,10 @@ class Tracer:
 
     def stats(self) -> dict[str, Any]:
         """Steps written and dropped, rows, bytes on disk, bank memory, flush cost."""
+        if self._pipe is None or self._writer is None:  # never started (disk full)
+            return {"steps_written": 0, "steps_dropped": self.step_index, "rows": 0,
+                    "bytes": 0, "slots": 0, "memory_bytes": {}, "flush_us_median": 0.0,
+                    "write_seconds": 0.0, "disabled": self.disabled_reason}
         s = self._pipe.stats
         flush = sorted(s.flush_us)
         return {
@@ -545,6 +634,12 @@ class Tracer:
     def close(self) -> dict[str, Any]:
         """Flushes the last step, waits for the writer, removes every hook. Idempotent."""
         if self.closed:
+            return self.stats()
+        if self._pipe is None:  # never started (disk full)
+            self.closed = True
+            with _ACTIVE_LOCK:
+                if _ACTIVE.get(id(self.model)) is self:
+                    del _ACTIVE[id(self.model)]
             return self.stats()
         with self._lock:
             for ext in self.extensions:
@@ -590,7 +685,7 @@ class Tracer:
         self.close()
 
     def __repr__(self) -> str:
-        mem = self._pipe.memory_bytes()
+        mem = self._pipe.memory_bytes() if self._pipe is not None else {}
         return (
             f"Tracer({self.path!r}, step={self.step_index}, modules={len(self._modules)}, "
             f"params={len(self._params)}, slots={len(self._labels)}, "
@@ -610,7 +705,11 @@ def enable(
     ``strict`` (raise instead of disabling on internal errors), ``host_buffers`` (bound on steps
     waiting for the writer), ``fsync``, ``units`` (per-unit statistics: True or ``UnitStats``
     options, ``capture.units``), ``on_anomaly`` (``"warn"``/``"raise"``/``"record"``: NaN/Inf
-    origin, ``capture.anomaly``).
+    origin, ``capture.anomaly``), ``merge_ranks`` / ``ddp_hook`` (under torch.distributed: merged
+    cross-rank summaries / a DDP comm hook for gradient diversity and noise scale, True or options,
+    ``capture.distributed``), ``spectral`` / ``dynamics`` (weight spectra and activation
+    sketches / update ratios and gradient noise scale: True or options,
+    ``capture.spectral.spectral_extensions``).
     """
     with _ACTIVE_LOCK:
         old = _ACTIVE.get(id(model))

@@ -46,6 +46,16 @@ class StatBank:
         self.moments[:, L.MIN] = math.inf
         self.moments[:, L.MAX] = -math.inf
 
+    def reset_rows(self, rows: Tensor) -> None:
+        """Clears the rows given by an int64 index tensor on the bank's device (no sync)."""
+        if rows.numel() == 0:
+            return
+        self.counts.index_fill_(0, rows, 0)
+        empty = torch.zeros((1, L.NUM_MOMENTS), dtype=torch.float64, device=self.device)
+        empty[0, L.MIN] = math.inf
+        empty[0, L.MAX] = -math.inf
+        self.moments.index_copy_(0, rows, empty.expand(rows.numel(), L.NUM_MOMENTS))
+
     def accumulate(self, x: Tensor, slot: int, *, histogram: bool = True) -> None:
         ops.tensor_summary_out(
             x.detach(), slot, self.counts, self.moments, self.layout, histogram=histogram

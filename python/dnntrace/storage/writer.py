@@ -42,8 +42,12 @@ class TraceWriter:
         self.batches = 0
         # pyarrow writes the schema with the first batch: an empty one puts the metadata on disk
         # now, so a run killed before its first step still leaves a readable (empty) trace.
-        self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=self.schema))
-        self._flush()
+        self._error: OSError | None = None
+        try:
+            self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=self.schema))
+            self._flush()
+        except OSError as e:  # a full disk: reported by the first write(), like any later one
+            self._error = e
 
     def _flush(self) -> None:
         self._file.flush()
@@ -51,6 +55,8 @@ class TraceWriter:
             os.fsync(self._file.fileno())
 
     def write(self, batch: pa.RecordBatch) -> None:
+        if self._error is not None:
+            raise self._error
         if batch.num_rows == 0:
             return
         if not batch.schema.equals(self.schema, check_metadata=False):
@@ -66,9 +72,11 @@ class TraceWriter:
 
     def close(self) -> tuple[int, int]:
         if not self._file.closed:
-            self._writer.close()
-            self._flush()
-            self._file.close()
+            try:
+                self._writer.close()
+                self._flush()
+            finally:
+                self._file.close()
         return self.rows, os.path.getsize(self.path)
 
     def __enter__(self) -> TraceWriter:

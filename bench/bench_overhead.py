@@ -1,0 +1,449 @@
+"""What tracing adds to a real training step, against no tracing and against the usual tools.
+
+Configurations, interleaved round-robin on the same model and machine (medians over rounds):
+
+  a  no tracing
+  b  dnntrace, default set, every step            dnntrace.enable(model, path)
+  c  dnntrace, every 10 steps                     every=10
+  d  TensorBoard add_histogram of every parameter and gradient, every step
+  e  wandb.watch(model, log="all", log_freq=1), offline
+  f  naive hooks: histc(out.cpu(), 64) + min/max .item() on every module output
+  g  dnntrace, weights and gradients only         activations=False  (same tensors as d, e)
+
+Per model and configuration: step time (mean over a round, median over rounds), ratio to (a);
+for the dnntrace rows also the bytes the tracer reads per step, the floor (bytes / memory
+bandwidth measured in this run), added time / floor, bytes on disk per tensor-step, writer
+throughput, the flush cost on the training thread and steps dropped.
+
+    python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
+    python bench/bench_overhead.py --quick         # smoke test
+    python bench/bench_overhead.py --models transformer --steps 20 --rounds 5 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import dnntrace
+
+CONFIGS = {
+    "a": "no tracing",
+    "b": "dnntrace every step",
+    "c": "dnntrace every=10",
+    "d": "TensorBoard add_histogram",
+    "e": "wandb.watch log=all",
+    "f": "naive hooks (histc+.item)",
+    "g": "dnntrace weights+grads",
+}
+DNNTRACE_CONFIGS = ("b", "c", "g")
+
+
+# ---- models -------------------------------------------------------------------------------
+class TinyTransformer(nn.Module):
+    def __init__(self, d: int = 256, layers: int = 2, heads: int = 4, vocab: int = 512) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.norm(h))
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cases() -> dict[str, Case]:
+    def mlp() -> nn.Module:
+        layers: list[nn.Module] = []
+        for _ in range(3):
+            layers += [nn.Linear(1024, 1024), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(1024, 10))
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 8 * 8, 10),
+        )
+
+    def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())
+
+    return {
+        "mlp": Case(
+            "mlp",
+            mlp,
+            lambda g: (
+                torch.randn(256, 1024, generator=g),
+                torch.randint(0, 10, (256,), generator=g),
+            ),
+            ce,
+        ),
+        "cnn": Case(
+            "cnn",
+            cnn,
+            lambda g: (
+                torch.randn(64, 3, 32, 32, generator=g),
+                torch.randint(0, 10, (64,), generator=g),
+            ),
+            ce,
+        ),
+        "transformer": Case(
+            "transformer",
+            TinyTransformer,
+            lambda g: (
+                torch.randint(0, 512, (8, 64), generator=g),
+                torch.randint(0, 512, (8, 64), generator=g),
+            ),
+            ce,
+        ),
+    }
+
+
+# ---- configurations: install / per-step / remove --------------------------------------------
+@dataclass
+class Run:
+    """State of one configuration during one round."""
+
+    after_backward: Callable[[int], None] = lambda i: None
+    after_step: Callable[[int, torch.Tensor], None] = lambda i, loss: None
+    close: Callable[[], dict[str, Any] | None] = lambda: None
+    path: str | None = None
+
+
+def _naive_hooks(model: nn.Module) -> Run:
+    handles = []
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            x = out.detach().float().cpu()
+            torch.histc(x, 64)
+            x.min().item()
+            x.max().item()
+
+    for _, m in model.named_modules():
+        if next(m.children(), None) is None:
+            handles.append(m.register_forward_hook(hook))
+
+    def close() -> None:
+        for h in handles:
+            h.remove()
+
+    return Run(close=close)
+
+
+def _tensorboard(model: nn.Module, logdir: str) -> Run:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(logdir)
+
+    def after_backward(i: int) -> None:
+        for n, p in model.named_parameters():
+            w.add_histogram(n, p.detach(), i)
+            if p.grad is not None:
+                w.add_histogram(n + ".grad", p.grad, i)
+
+    def close() -> None:
+        w.close()
+
+    return Run(after_backward=after_backward, close=close)
+
+
+_WANDB_RUN: Any = None
+
+
+def _wandb(model: nn.Module, wdir: str) -> Run:
+    global _WANDB_RUN
+    import wandb
+
+    if _WANDB_RUN is None:
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=wdir)
+        _WANDB_RUN = wandb.init(project="dnntrace-bench", dir=wdir, mode="offline")
+    wandb.watch(model, log="all", log_freq=1)
+
+    def after_step(i: int, loss: torch.Tensor) -> None:
+        wandb.log({"loss": loss.item()})
+
+    def close() -> None:
+        wandb.unwatch(model)
+
+    return Run(after_step=after_step, close=close)
+
+
+def _dnntrace(model: nn.Module, path: str, **opts: Any) -> Run:
+    tr = dnntrace.enable(model, path, **opts)
+    return Run(close=tr.close, path=path)
+
+
+def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
+    path = os.path.join(workdir, f"{tag}-{cfg}.arrow")
+    if cfg == "a":
+        return Run()
+    if cfg == "b":
+        return _dnntrace(model, path)
+    if cfg == "c":
+        return _dnntrace(model, path, every=10)
+    if cfg == "g":
+        return _dnntrace(model, path, activations=False)
+    if cfg == "d":
+        return _tensorboard(model, os.path.join(workdir, f"tb-{tag}"))
+    if cfg == "e":
+        return _wandb(model, workdir)
+    if cfg == "f":
+        return _naive_hooks(model)
+    raise ValueError(cfg)
+
+
+# ---- measurement --------------------------------------------------------------------------
+def train_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, case: Case, run: Run, steps: int, seed: int
+) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    batches = [case.batch(g) for _ in range(steps)]
+    times = []
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = case.loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.after_backward(i)
+        opt.step()
+        run.after_step(i, loss)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of torch.sum over a 400 MB fp32 tensor (median of 5)."""
+    x = torch.ones(100_000_000)
+    x.sum()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(ts)
+
+
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+
+
+def bytes_read_per_step(path: str) -> tuple[float, float]:
+    """(bytes the tracer read per traced step, bytes on disk per tensor row) from a trace."""
+    tr = dnntrace.load(path)
+    t = tr.table
+    kind = t.column("kind").cast("string").to_numpy(zero_copy_only=False)
+    dtype = t.column("dtype").cast("string").to_numpy(zero_copy_only=False)
+    numel = t.column("numel").to_numpy()
+    calls = t.column("calls").to_numpy()
+    keep = kind != "scalar"
+    item = np.array([_ITEMSIZE.get(d, 4) for d in dtype])
+    total = float((numel * calls * item)[keep].sum())
+    nsteps = max(len(tr.steps), 1)
+    return total / nsteps, os.path.getsize(path) / max(int(keep.sum()), 1)
+
+
+def check_tracing_is_transparent(case: Case, workdir: str) -> None:
+    """One step with and without tracing from the same state: identical loss and parameters."""
+    torch.manual_seed(0)
+    m0 = case.make()
+    g = torch.Generator().manual_seed(0)
+    x, y = case.batch(g)
+    m1 = copy.deepcopy(m0)
+    results = []
+    for m, traced in ((m0, False), (m1, True)):
+        opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+        tr = dnntrace.enable(m, os.path.join(workdir, "check.arrow")) if traced else None
+        loss = case.loss(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if tr is not None:
+            tr.close()
+        results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
+    (l0, p0), (l1, p1) = results
+    assert l0 == l1, (case.name, l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True)), case.name
+
+
+@dataclass
+class Result:
+    round_means: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    read_bytes: dict[str, float] = field(default_factory=dict)
+    disk_per_row: dict[str, float] = field(default_factory=dict)
+
+
+def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir: str) -> Result:
+    torch.manual_seed(0)
+    model = case.make()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    res = Result()
+    # warm-up untimed (allocator, thread pools, first wandb/tensorboard import)
+    for cfg in configs:
+        run = install(cfg, model, workdir, f"{case.name}-warm")
+        train_steps(model, opt, case, run, 2, seed=999)
+        run.close()
+    for r in range(rounds):
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate start
+        for cfg in order:
+            run = install(cfg, model, workdir, f"{case.name}-r{r}")
+            times = train_steps(model, opt, case, run, steps, seed=r)
+            st = run.close()
+            res.round_means.setdefault(cfg, []).append(sum(times) / len(times))
+            if isinstance(st, dict):
+                res.stats.setdefault(cfg, []).append(st)
+            if run.path is not None and r == rounds - 1:
+                res.read_bytes[cfg], res.disk_per_row[cfg] = bytes_read_per_step(run.path)
+    return res
+
+
+def demo_bytes_per_row(workdir: str, steps: int) -> tuple[float, int]:
+    out = os.path.join(workdir, "demo.arrow")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dnntrace.demo",
+            "--out",
+            out,
+            "--steps",
+            str(steps),
+            "--mlp-steps",
+            str(2 * steps),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    size, rows = 0, 0
+    for p in (out, out.replace(".arrow", "-mlp.arrow")):
+        tr = dnntrace.load(p)
+        size += os.path.getsize(p)
+        rows += tr.table.num_rows
+    return size / rows, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few steps, one round (CI smoke)")
+    ap.add_argument("--models", default="mlp,cnn,transformer")
+    ap.add_argument("--configs", default="".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=20, help="steps per round (%(default)s)")
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds (%(default)s)")
+    ap.add_argument("--demo-steps", type=int, default=200, help="0 to skip the demo trace size")
+    ap.add_argument("--out", default=None, help="folder for traces (default: a temp folder)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.demo_steps = 10, 1, 0
+    cases = _cases()
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in cases:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(cases)}")
+    configs = [c for c in args.configs if c in CONFIGS]
+    workdir = args.out or tempfile.mkdtemp(prefix="dnntrace-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores "
+        f"({cpu}); {args.steps} steps x {args.rounds} rounds; traces in {workdir}"
+    )
+    bw = memory_bandwidth()
+    print(f"memory bandwidth (torch.sum over 400 MB fp32): {bw / 1e9:.1f} GB/s")
+    for m in models:
+        check_tracing_is_transparent(cases[m], workdir)
+    print("checked: one step gives the same loss and parameters with and without tracing")
+
+    header = (
+        "| model | config | step ms | ×(a) | added ms | MB read/step | floor ms | added/floor "
+        "| B/tensor-step | writer MB/s | flush µs | dropped |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for m in models:
+        res = bench_case(cases[m], configs, args.steps, args.rounds, workdir)
+        base = statistics.median(res.round_means["a"]) if "a" in res.round_means else math.nan
+        for cfg in configs:
+            med = statistics.median(res.round_means[cfg])
+            added = med - base
+            row = [
+                m,
+                f"{cfg} {CONFIGS[cfg]}",
+                f"{med * 1e3:.1f}",
+                f"{med / base:.3f}",
+                f"{added * 1e3:+.1f}",
+            ]
+            if cfg in DNNTRACE_CONFIGS and cfg in res.read_bytes:
+                rb = res.read_bytes[cfg]
+                # every=10 traces one step in ten: its per-step floor is a tenth
+                per_step = rb / (10 if cfg == "c" else 1)
+                floor = per_step / bw
+                sts = res.stats[cfg]
+                mbps = [s["bytes"] / s["write_seconds"] / 1e6 for s in sts if s["write_seconds"]]
+                row += [
+                    f"{per_step / 1e6:.2f}",
+                    f"{floor * 1e3:.2f}",
+                    f"{added / floor:.0f}" if floor > 0 else "-",
+                    f"{res.disk_per_row[cfg]:.0f}",
+                    f"{statistics.median(mbps):.1f}" if mbps else "-",
+                    f"{statistics.median(s['flush_us_median'] for s in sts):.0f}",
+                    str(sum(s["steps_dropped"] for s in sts)),
+                ]
+            else:
+                row += ["-"] * 7
+            lines.append("| " + " | ".join(row) + " |")
+        for cfg in configs:
+            rm = ", ".join(f"{t * 1e3:.0f}" for t in res.round_means[cfg])
+            print(f"  {m} {cfg}: round means ms [{rm}]", flush=True)
+    print()
+    print("\n".join(lines))
+    if args.demo_steps:
+        per_row, rows = demo_bytes_per_row(workdir, args.demo_steps)
+        print(
+            f"\ndemo traces (python -m dnntrace.demo --steps {args.demo_steps}, k=6): "
+            f"{per_row:.0f} B per tensor-step over {rows} rows"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The per-unit views served on 127.0.0.1 in headless Chromium: heatmaps draw, tabs switch, the
+anomaly timeline names the planted layer, the top-k table follows the selected unit."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import panel as pn
+import pytest
+
+pytest.importorskip("torch")
+
+from conftest import CHROMIUM, wait_until  # noqa: E402  (tests/viewer/ui/conftest.py)
+from dnntrace_viewer.cli import free_port  # noqa: E402
+from dnntrace_viewer.views_units import panels  # noqa: E402
+
+pytestmark = pytest.mark.ui
+
+
+@pytest.fixture(scope="module")
+def units_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("Chromium not installed")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from test_units_views import make_units_trace
+
+    path = make_units_trace(tmp_path_factory.mktemp("units-ui") / "t.arrow")
+    port = free_port()
+    srv = pn.serve(
+        {"/": lambda: pn.Tabs(*panels(str(path)), dynamic=False, name="unit_tabs")},
+        port=port,
+        address="127.0.0.1",
+        websocket_origin=[f"127.0.0.1:{port}"],
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        srv.stop()
+        srv.join(timeout=30)  # else pn.state.reset() stops it again: "Thread already stopping"
+        pn.state.reset()
+
+
+def _pixels(pg: Any) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(pg.screenshot())).convert("L"), dtype=np.float64)
+
+
+def _canvas_drawn(pg: Any) -> bool:
+    # a canvas with more than a couple of distinct colours has been painted
+    for c in pg.query_selector_all("canvas"):
+        if not c.is_visible():
+            continue  # the canvases of the other tabs stay in the page, hidden
+        box = c.bounding_box()
+        if not box or box["width"] < 100:
+            continue
+        from PIL import Image
+
+        img = np.asarray(Image.open(io.BytesIO(c.screenshot())).convert("RGB"))
+        if len(np.unique(img.reshape(-1, 3), axis=0)) > 20:
+            return True
+    return False
+
+
+def test_units_views_in_the_browser(units_server: str, browser: Any) -> None:
+    pg = browser.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(units_server)
+    pg.wait_for_selector("canvas", timeout=60_000)
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)  # the units x steps heatmap
+    before = _pixels(pg)
+
+    pg.locator(".bk-tab", has_text="Dead / saturated").click()
+    # Panel renders inside shadow roots: locators pierce them, body.innerText does not
+    pg.get_by_text("at the last step: [1, 5, 9]").first.wait_for(timeout=30_000)
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    assert np.abs(_pixels(pg) - before).mean() > 1.0  # the page changed
+
+    pg.locator(".bk-tab", has_text="Anomalies").click()
+    pg.get_by_text("step 5: 2 (forward, execution order)").first.wait_for(timeout=30_000)
+
+    pg.locator(".bk-tab", has_text="Top-k inputs").click()
+    table = pg.locator("table").last
+    table.wait_for(timeout=30_000)
+    first = table.inner_text()
+    box = pg.locator("input").last
+    box.fill("3")
+    box.press("Enter")
+    wait_until(lambda: pg.locator("table").last.inner_text() != first, 30)
+    assert pg.locator("table").last.locator("tbody tr").count() == 3
+
+    pg.locator(".bk-tab", has_text="Attribution").click()
+    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    pg.close()
+    assert errors == [], f"browser console errors: {errors}"

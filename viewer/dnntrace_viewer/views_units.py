@@ -1,0 +1,219 @@
+"""Views of the per-unit rows: units × steps heatmaps (Datashader over a level-of-detail
+pyramid), dead and saturated units per layer, the anomaly timeline, attribution, top-k inputs.
+
+``panels(store)`` returns ``(title, panel)`` pairs for tabs; ``store`` is a trace path, a
+``Trace`` or a ``RunStore``. The heatmaps stay interactive at 10^5 units × 10^4 steps: each
+zoom or pan reads at most about 4 × the screen's pixels from the pyramid (``units_data.Pyramid``)
+and Datashader regrids that to the screen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import colorcet as cc
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+
+from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
+
+hv.extension("bokeh", logo=False)
+
+Source = Callable[[str, str], tuple[np.ndarray, Pyramid]]  # (module, kind) -> steps, pyramid
+
+
+class UnitHeatmap(param.Parameterized):
+    """x = step, y = unit, colour = the statistic; redrawn at screen resolution on zoom."""
+
+    module = param.Selector(objects=[])
+    kind = param.Selector(objects=[])
+    width = param.Integer(default=800)
+    height = param.Integer(default=400)
+    renders = param.Integer(default=0, doc="count of renders (tests)")
+
+    def __init__(self, source: Source, modules: list[str], kinds: list[str], **params: Any):
+        super().__init__(**params)
+        self._source = source
+        self.param.module.objects = modules
+        self.param.kind.objects = kinds
+        self.module = modules[0] if modules else None
+        self.kind = kinds[0] if kinds else None
+        self.range_stream = hv.streams.RangeXY()
+
+    def _image(self, module: str | None, kind: str | None, x_range: Any, y_range: Any) -> hv.Image:
+        self.renders += 1
+        if module is None or kind is None:
+            return hv.Image(np.zeros((1, 1)))
+        steps, pyr = self._source(module, kind)
+        n_u, n_s = pyr.levels[0].shape
+        if n_u == 0 or n_s == 0:
+            return hv.Image(np.zeros((1, 1)))
+        s0 = float(steps[0])
+        stride = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
+        if x_range is None or None in x_range:
+            i0, i1 = 0.0, float(n_s)
+        else:
+            i0, i1 = (x_range[0] - s0) / stride + 0.5, (x_range[1] - s0) / stride + 0.5
+        u0, u1 = (0.0, float(n_u)) if y_range is None or None in y_range else y_range
+        a, (r0, r1, c0, c1) = pyr.window(u0, u1, i0, i1, self.height, self.width)
+        xs = s0 + stride * (
+            np.linspace(c0, c1, a.shape[1] + 1)[:-1] + 0.5 * (c1 - c0) / a.shape[1] - 0.5
+        )
+        ys = np.linspace(r0, r1, a.shape[0] + 1)[:-1] + 0.5 * (r1 - r0) / a.shape[0] - 0.5
+        return hv.Image((xs, ys, a), kdims=["step", "unit"], vdims=[kind or "value"])
+
+    def panel(self) -> pn.viewable.Viewable:
+        from holoviews.operation.datashader import rasterize  # seconds of imports: on first use
+
+        dmap = hv.DynamicMap(
+            pn.bind(self._image, self.param.module, self.param.kind),
+            streams=[self.range_stream],
+        )
+        shaded = rasterize(dmap, width=self.width, height=self.height).opts(
+            cmap=cc.bmy,
+            colorbar=True,
+            width=self.width,
+            height=self.height,
+            tools=["hover"],
+            cnorm="eq_hist",
+            framewise=True,
+        )
+        return pn.Column(
+            pn.Row(
+                pn.widgets.Select.from_param(self.param.module, width=220),
+                pn.widgets.Select.from_param(self.param.kind, width=220),
+            ),
+            pn.pane.HoloViews(shaded, name="unit_heatmap"),
+        )
+
+
+def _matrix_source(data: UnitData) -> Source:
+    def source(module: str, kind: str) -> tuple[np.ndarray, Pyramid]:
+        if kind in ("dead", "saturated"):
+            key = ("pd", module, kind)
+            if key not in data._cache:
+                m = data.dead(module) if kind == "dead" else data.saturated(module)
+                data._cache[key] = (m.steps, Pyramid(m.values.astype(np.float32)))
+            return data._cache[key]
+        return data.matrix(module, kind).steps, data.pyramid(module, kind)
+
+    return source
+
+
+def _curves(df: pd.DataFrame, y: str, label: str) -> hv.Overlay | hv.Curve:
+    if df.empty:
+        return hv.Curve([], "step", y).relabel(f"{label}: no rows")
+    curves = [
+        hv.Curve(g, "step", y, label=m).opts(tools=["hover"])
+        for m, g in df.groupby("module", sort=False)
+    ]
+    return hv.Overlay(curves).opts(width=800, height=260, legend_position="right", title=label)
+
+
+def units_view(data: UnitData) -> pn.viewable.Viewable:
+    kinds = [k for k in UNIT_KINDS if k in data.kinds()]
+    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_mean"), kinds)
+    return pn.Column(heat.panel(), name="units")
+
+
+def dead_view(data: UnitData) -> pn.viewable.Viewable:
+    df = data.dead_fractions()
+    note = pn.pane.Markdown(
+        f"A unit is **dead** when it did not fire (output > 0) at any of the last {DEAD_WINDOW} "
+        f"recorded steps; **saturated** when ≥ {SATURATED_THRESHOLD:.0%} of its outputs were "
+        "saturated at each of them."
+    )
+    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_firing"), ["dead", "saturated"])
+    dead_list = pn.pane.Markdown(
+        pn.bind(
+            lambda m: f"dead units of `{m}` at the last step: {data.dead_units(m)}" if m else "",
+            heat.param.module,
+        )
+    )
+    return pn.Column(
+        note,
+        pn.pane.HoloViews(_curves(df, "dead", "dead fraction per layer")),
+        pn.pane.HoloViews(_curves(df, "saturated", "saturated fraction per layer"))
+        if "saturated" in df
+        else pn.pane.Markdown("no saturation rows"),
+        heat.panel(),
+        dead_list,
+        name="dead",
+    )
+
+
+def anomaly_view(data: UnitData) -> pn.viewable.Viewable:
+    an = data.anomalies()
+    tl = data.nonfinite_timeline()
+    curve = hv.Curve(tl, "step", "bad_values", label="NaN/Inf values per step").opts(
+        width=800, height=200, tools=["hover"], color="#d62728"
+    )
+    if not an.empty:
+        marks = hv.Overlay(
+            [
+                hv.VLine(float(s)).opts(color="black", line_dash="dashed")
+                for s in an["step"].unique()
+            ]
+        )
+        plot = curve * marks
+        text = "; ".join(
+            f"step {r.step}: **{r.module}** ({r.direction}, {r.source})" for r in an.itertuples()
+        )
+    else:
+        plot, text = curve, "no NaN or Inf recorded"
+    return pn.Column(
+        pn.pane.Markdown(f"**Anomalies** — {text}", css_classes=["dnt-anomaly"]),
+        pn.pane.HoloViews(plot),
+        pn.pane.DataFrame(an, index=False, max_rows=50) if not an.empty else pn.pane.Markdown(""),
+        name="anomalies",
+    )
+
+
+def attribution_view(data: UnitData) -> pn.viewable.Viewable:
+    kinds = [k for k in ("unit_attr_abs", "unit_attr") if k in data.kinds()]
+    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_attr_abs"), kinds)
+    tot = data.attribution_totals()
+    return pn.Column(
+        pn.pane.HoloViews(_curves(tot, "attr_abs", "Σ |activation × gradient| per layer")),
+        heat.panel(),
+        name="attribution",
+    )
+
+
+def topk_view(data: UnitData) -> pn.viewable.Viewable:
+    mods = data.modules("unit_topk_value")
+    module = pn.widgets.Select(
+        label="module", options=mods, value=mods[0] if mods else None, width=220
+    )
+    unit = pn.widgets.IntInput(label="unit", value=0, start=0, width=120)
+
+    def table(m: str | None, u: int) -> pn.viewable.Viewable:
+        if not m:
+            return pn.pane.Markdown("no top-k rows in this trace")
+        n = data.matrix(m, "unit_mean").units
+        if n and not 0 <= u < n:
+            return pn.pane.Markdown(f"unit must be in 0 … {n - 1}")
+        return pn.pane.DataFrame(data.topk(m, u), index=False, name="topk_table")
+
+    return pn.Column(
+        pn.Row(module, unit),
+        pn.pane.Markdown("Inputs that drove the unit highest (per-sample max over positions)."),
+        pn.bind(table, module, unit),
+        name="topk",
+    )
+
+
+def panels(store: Any) -> list[tuple[str, pn.viewable.Viewable]]:
+    """(title, panel) for each per-unit view of ``store`` (a path, ``Trace`` or ``RunStore``)."""
+    data = UnitData.open(store)
+    return [
+        ("Units × steps", units_view(data)),
+        ("Dead / saturated", dead_view(data)),
+        ("Anomalies", anomaly_view(data)),
+        ("Attribution", attribution_view(data)),
+        ("Top-k inputs", topk_view(data)),
+    ]
