@@ -1,4 +1,4 @@
-"""``dnntrace`` command line: ``dnntrace info TRACE``.
+"""``dnntrace`` command line: ``dnntrace info TRACE``, ``dnntrace landscape FACTORY --out F``.
 
 Bad input (missing, empty, truncated or foreign files, bad arguments) gives one line on stderr and
 a non-zero exit, never a traceback.
@@ -11,6 +11,8 @@ import json
 import os
 import sys
 from typing import Any
+
+import numpy as np
 
 
 def _human(n: float) -> str:
@@ -89,18 +91,77 @@ def info(path: str, as_json: bool = False) -> int:
     return 0
 
 
+def landscape(args: Any) -> int:
+    import importlib
+
+    from .storage import TraceError
+
+    mod_name, _, fn_name = args.factory.partition(":")
+    if not mod_name or not fn_name:
+        print("dnntrace landscape: factory must be module:function", file=sys.stderr)
+        return 2
+    if args.steps < 2:
+        print("dnntrace landscape: --steps must be >= 2", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        print(f"dnntrace landscape: cannot load {args.factory}: {e}", file=sys.stderr)
+        return 2
+    from .capture.spectral import landscape as run
+
+    model, loss_fn = factory()
+    try:
+        grid = run(
+            model,
+            loss_fn,
+            args.out,
+            trace=args.trace,
+            directions=args.directions,
+            seed=args.seed,
+            steps=args.steps,
+            span=args.span,
+            progress=not args.no_progress,
+        )
+    except (TraceError, ValueError, FileNotFoundError) as e:
+        print(f"dnntrace landscape: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.out}: {args.steps}x{args.steps} grid, loss {np.nanmin(grid.loss):.4g}.."
+        f"{np.nanmax(grid.loss):.4g}, {grid.seconds:.1f} s"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dnntrace", description="dnntrace trace files")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="modules, steps, size and anomalies of a trace")
     p_info.add_argument("trace")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    p_land = sub.add_parser(
+        "landscape",
+        help="loss on a 2-D grid along a run's directions (Li et al. 2018), written as a trace",
+    )
+    p_land.add_argument(
+        "factory", help="module:function returning (model, loss_fn); loss_fn(model) -> loss"
+    )
+    p_land.add_argument("--out", required=True, help="landscape trace to write")
+    p_land.add_argument("--trace", help="training trace (directions' seed and filter norms)")
+    p_land.add_argument("--directions", choices=["random", "pca"], default="random")
+    p_land.add_argument("--seed", type=int, default=None)
+    p_land.add_argument("--steps", type=int, default=21, help="grid points per axis")
+    p_land.add_argument("--span", type=float, default=1.0, help="grid half-width")
+    p_land.add_argument("--no-progress", action="store_true")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # argparse already printed a one-line usage error
         return int(e.code or 0)
     if args.cmd == "info":
         return info(args.trace, args.json)
+    if args.cmd == "landscape":
+        return landscape(args)
     return 2
 
 

@@ -7,7 +7,8 @@ locally concave along it). Hutchinson (1989): ``tr(H) = E[vᵀHv]`` for Rademach
 
 Each HVP is one double-backward pass (Pearlmutter 1994) through the graph of ``∇L`` built once
 per estimate: ``closure()`` returns the loss (a forward pass on a batch the caller chooses); the
-gradient is taken with ``create_graph=True`` and reused. Parameters' ``.grad`` are not touched.
+gradient is taken with ``create_graph=True`` and reused (under the math attention backend: the
+fused ones have no double backward). Parameters' ``.grad`` are not touched.
 Convergence checks read the eigenvalue on the host (one sync per iteration): run it every N steps.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class HVP:
 
     def __init__(self, closure: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
         self.params = [p for p in params if p.requires_grad]
-        with torch.enable_grad():
+        # fused attention kernels have no double backward: build the graph with the math one
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             loss = closure()
             self.loss = loss.detach()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)

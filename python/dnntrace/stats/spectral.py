@@ -127,9 +127,7 @@ def esd(w: np.ndarray) -> np.ndarray:
     return s * s
 
 
-def fit_power_law(
-    x: np.ndarray, *, min_tail: int = 10, xmin: float | None = None
-) -> PowerLawFit:
+def fit_power_law(x: np.ndarray, *, min_tail: int = 10, xmin: float | None = None) -> PowerLawFit:
     """Clauset, Shalizi & Newman (2009) fit of a continuous power law to the positive ``x``.
 
     For each candidate ``xmin`` (each distinct value leaving at least ``min_tail`` values at or
