@@ -13,9 +13,7 @@ settings.register_profile("ci", max_examples=1000, deadline=None)
 settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "dev"))
 
 
-def cpu_and_cuda() -> tuple[object, ...]:
-    """Device parameters for a test that runs on the CPU and, where there is one, on CUDA."""
-    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+from _devices import cpu_and_cuda  # noqa: E402,F401  (re-exported for older imports)
 
 
 def _cuda_available() -> bool:

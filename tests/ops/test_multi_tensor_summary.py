@@ -12,7 +12,7 @@ from _support import assert_counts_equal, assert_moments_close, fresh_state
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cpu_and_cuda
+from _devices import cpu_and_cuda
 from dnntrace import ops
 from dnntrace.storage.layout import Layout
 from reference import tensor_summary_ref

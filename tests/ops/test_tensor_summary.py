@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dnntrace
-from conftest import cpu_and_cuda
+from _devices import cpu_and_cuda
 from dnntrace import _C, ops
 from dnntrace.storage import Summary
 from dnntrace.storage import layout as L

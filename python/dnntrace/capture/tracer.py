@@ -109,7 +109,8 @@ class Tracer:
         optimizer: torch.optim.Optimizer | None = None,
         strict: bool = False,
         activations_every: int | None = None,
-        host_buffers: int = 4,
+        host_buffers: int | None = None,
+        host_memory_mb: float = 256.0,
         fsync: bool = False,
         log_lr: bool = True,
         extensions: Sequence[Extension] = (),
@@ -128,7 +129,11 @@ class Tracer:
                 "module instead (dnntrace.enable(model) then torch.compile(model) records weights "
                 "and gradients; activation hooks are skipped inside compiled graphs)"
             )
-        for name, v in (("every", every), ("host_buffers", host_buffers)):
+        if not isinstance(host_memory_mb, int | float) or not host_memory_mb > 0:
+            raise ValueError(
+                f"dnntrace.enable: host_memory_mb must be > 0, got {host_memory_mb!r}"
+            )
+        for name, v in (("every", every), ("host_buffers", host_buffers or 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"dnntrace.enable: {name} must be a positive int, got {v!r}")
         if activations_every is not None and (
@@ -225,6 +230,7 @@ class Tracer:
             "octaves": octaves,
             "strict": strict,
             "host_buffers": host_buffers,
+            "host_memory_mb": host_memory_mb,
             "units": bool(units),
             "on_anomaly": on_anomaly,
             "merge_ranks": bool(merge_ranks),
@@ -278,6 +284,11 @@ class Tracer:
                 _ACTIVE[id(model)] = self
             return
         try:
+            if host_buffers is None:
+                # as many steps in flight as fit the host budget: small models get a deep queue
+                # (a fast loop does not outrun the writer), large ones a few buffers
+                per_bank = capacity * (self.layout.width + 8) * 8
+                host_buffers = int(min(64, max(2, host_memory_mb * 2**20 // per_bank)))
             self._setup(capacity, host_buffers, optimizer)
         except BaseException:
             self._remove_hooks()
@@ -702,8 +713,9 @@ def enable(
     gradients on another cadence), ``activations``, ``gradients``, ``weights`` (bools),
     ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
     ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
-    ``strict`` (raise instead of disabling on internal errors), ``host_buffers`` (bound on steps
-    waiting for the writer), ``fsync``, ``units`` (per-unit statistics: True or ``UnitStats``
+    ``strict`` (raise instead of disabling on internal errors), ``host_memory_mb`` (host memory
+    for steps waiting for the writer, default 256 MB) or ``host_buffers`` (their number),
+    ``fsync``, ``units`` (per-unit statistics: True or ``UnitStats``
     options, ``capture.units``), ``on_anomaly`` (``"warn"``/``"raise"``/``"record"``: NaN/Inf
     origin, ``capture.anomaly``), ``merge_ranks`` / ``ddp_hook`` (under torch.distributed: merged
     cross-rank summaries / a DDP comm hook for gradient diversity and noise scale, True or options,
