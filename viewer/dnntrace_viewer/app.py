@@ -27,6 +27,7 @@ of a Tanh/Sigmoid's outputs within {ds.SATURATION_MARGIN:.0%} of a bound at the 
 that of the module nearest the loss (median of the last 10 % of steps) · **frozen** weights' sum and
 sum of squares unchanged at every step. Select a row to open the module."""
 
+SESSION_VIEWS = "dnntrace_views"
 TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
 
 
@@ -37,19 +38,25 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
     strips = LayerStrips(store=store)
 
     health = pn.widgets.Tabulator(
-        pn.bind(lambda run, version: fmt_health(store.runs[run].health()), store.param.run,
-                store.param.version),
-        show_index=False, selectable=1, disabled=True, height=380, width=820,
-        layout="fit_data_table", name="health",
-        stylesheets=[":host .tabulator-row {cursor: pointer;}"])
+        pn.bind(
+            lambda run, version: fmt_health(store.runs[run].health()),
+            store.param.run,
+            store.param.version,
+        ),
+        show_index=False,
+        selectable=1,
+        disabled=True,
+        height=380,
+        width=820,
+        layout="fit_data_table",
+        stylesheets=[":host .tabulator-row {cursor: pointer;}"],
+    )
     tabs = pn.Tabs(dynamic=False, name="views")
     views: dict[str, Any] = {"strips": strips, "detail": detail, "tabs": tabs}
 
     # built when their tab first opens: Datashader's import alone costs seconds at start-up.
-    # (Tabs(dynamic=True) would defer rendering, but in Panel 1.9.4 a HoloViews pane in a tab
-    # rendered on demand never reached the page here: so the content itself is deferred.)
-    heat_box = pn.Column(pn.indicators.LoadingSpinner(value=True, size=30), name="heat_box")
-    dist_box = pn.Column(pn.indicators.LoadingSpinner(value=True, size=30), name="dist_box")
+    heat_box = pn.Column(pn.pane.Markdown("loading…"), name="heat_box")
+    dist_box = pn.Column(pn.pane.Markdown("loading…"), name="dist_box")
 
     def open_tab(event: Any) -> None:
         if event.new == 2 and "heat" not in views:
@@ -72,43 +79,61 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
     health.param.watch(on_select, "selection")
 
     overview = pn.Column(
-        pn.pane.Markdown(pn.bind(describe, store, store.param.run, store.param.version),
-                         css_classes=["dnt-describe"]),
+        pn.pane.Markdown(
+            pn.bind(describe, store, store.param.run, store.param.version),
+            css_classes=["dnt-describe"],
+        ),
         pn.pane.Markdown(THRESHOLDS, width=820),
         health,
         pn.bind(scalar_curves, store, store.param.run, store.param.version),
         strips.panel(),
         name="overview",
     )
-    tabs.extend([
-        (TABS[0], overview),
-        (TABS[1], pn.Column(detail.panel(), name="detail")),
-        (TABS[2], pn.Column(pn.widgets.Select.from_param(store.param.stat, width=200),
-                            heat_box,
-                            name="heatmap")),
-        (TABS[3], pn.Column(
-            pn.widgets.MultiChoice.from_param(store.param.overlay, name="layers overlaid",
-                                              width=600),
-            pn.widgets.IntInput.from_param(store.param.compare_step, name="compare with step",
-                                           width=200),
-            dist_box, name="distribution")),
-    ])
+    tabs.extend(
+        [
+            (TABS[0], overview),
+            (TABS[1], pn.Column(detail.panel(), name="detail")),
+            (
+                TABS[2],
+                pn.Column(
+                    pn.widgets.Select.from_param(store.param.stat, width=200),
+                    heat_box,
+                    name="heatmap",
+                ),
+            ),
+            (
+                TABS[3],
+                pn.Column(
+                    pn.widgets.MultiChoice.from_param(
+                        store.param.overlay, label="layers overlaid", width=600
+                    ),
+                    pn.widgets.IntInput.from_param(
+                        store.param.compare_step, label="compare with step", width=200
+                    ),
+                    dist_box,
+                    name="distribution",
+                ),
+            ),
+        ]
+    )
     side = pn.Column(
         pn.pane.Markdown("## dnntrace"),
         pn.widgets.Select.from_param(store.param.run, width=220),
-        pn.widgets.Select.from_param(store.param.compare, name="compare run", width=220),
+        pn.widgets.Select.from_param(store.param.compare, label="compare run", width=220),
         pn.widgets.Select.from_param(store.param.module, width=220),
         pn.widgets.Select.from_param(store.param.kind, width=220),
         pn.widgets.RadioButtonGroup.from_param(store.param.yscale, width=220),
-        pn.widgets.Checkbox.from_param(store.param.follow, name="follow the file (live)"),
+        pn.widgets.Checkbox.from_param(store.param.follow, label="follow the file (live)"),
         width=250,
     )
     page = pn.Row(side, tabs, name="dnntrace")
     if follow_ms:
+
         def tick() -> None:
             if store.follow:
                 store.poll()
 
         pn.state.add_periodic_callback(tick, period=follow_ms)
-    pn.state.cache.setdefault("dnt_views", []).append(views)
+    # the session's views, for the UI tests and the bench (render and frame counters)
+    pn.state.cache.setdefault(SESSION_VIEWS, []).append(views)
     return page

@@ -27,22 +27,36 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dnntrace-view",
-        description="Browse a dnntrace trace: histograms over time for every layer.")
+        description="Browse a dnntrace trace: histograms over time for every layer.",
+    )
     p.add_argument("traces", nargs="+", help="trace files (.arrow) or folders of them")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    p.add_argument("--export", metavar="OUT",
-                   help="write OUT (.png, .html, .gif or .mp4) instead of serving")
-    p.add_argument("--view", default="overview", choices=["overview", "detail", "heatmap"],
-                   help="view for a PNG export")
+    p.add_argument(
+        "--export", metavar="OUT", help="write OUT (.png, .html, .gif or .mp4) instead of serving"
+    )
+    p.add_argument(
+        "--view",
+        default="overview",
+        choices=["overview", "detail", "heatmap"],
+        help="view for a PNG export",
+    )
     p.add_argument("--module", help="module to select first")
     p.add_argument("--kind", help="tensor kind to select first (activation, activation_grad, ...)")
-    p.add_argument("--basic-auth", metavar="PASSWORD_OR_FILE",
-                   help="password (or a JSON file of user: password) required to open the page; "
-                        "mandatory with a non-loopback --host")
-    p.add_argument("--allow-origin", action="append", default=[], metavar="HOST[:PORT]",
-                   help="extra websocket origin to allow (with a non-loopback --host)")
+    p.add_argument(
+        "--basic-auth",
+        metavar="PASSWORD_OR_FILE",
+        help="password (or a JSON file of user: password) required to open the page; "
+        "mandatory with a non-loopback --host",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="extra websocket origin to allow (with a non-loopback --host)",
+    )
     p.add_argument("--follow", action="store_true", help="follow the files while a run writes")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the LOD cache")
     return p
@@ -74,8 +88,10 @@ class _Progress:
     def __call__(self, i: int, n: int, what: str) -> None:
         width = 30
         done = int(width * i / max(n, 1))
-        line = (f"\r{self.label}: building level-of-detail tables [{'#' * done}"
-                f"{'.' * (width - done)}] {i}/{n} {what[:30]:<30}")
+        line = (
+            f"\r{self.label}: building level-of-detail tables [{'#' * done}"
+            f"{'.' * (width - done)}] {i}/{n} {what[:30]:<30}"
+        )
         if self.tty or i == n:
             sys.stderr.write(line + ("\n" if i == n else ""))
             sys.stderr.flush()
@@ -85,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     prog = "dnntrace-view"
     if not _is_loopback(args.host) and not args.basic_auth:
-        print(f"{prog}: error: --host {args.host} is not loopback: add --basic-auth PASSWORD "
-              "(anyone who can reach the port could read the trace)", file=sys.stderr)
+        print(
+            f"{prog}: error: --host {args.host} is not loopback: add --basic-auth PASSWORD "
+            "(anyone who can reach the port could read the trace)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     from dnntrace.storage import TraceError
 
@@ -94,13 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         paths = find_traces(args.traces)
-        runs = [Run.open(p, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p)))
-                for p in paths]
+        runs = [
+            Run.open(p, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p)))
+            for p in paths
+        ]
         store = RunStore(runs=runs, paths=paths, follow=args.follow)
         if args.kind:
             if args.kind not in store.param.kind.objects:
-                raise TraceError(f"no rows of kind {args.kind!r} "
-                                 f"(have {', '.join(store.param.kind.objects)})")
+                raise TraceError(
+                    f"no rows of kind {args.kind!r} (have {', '.join(store.param.kind.objects)})"
+                )
             store.kind = args.kind
         if args.module is not None:
             if args.module not in store.param.module.objects:
@@ -123,14 +145,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         print(out)
         return 0
-    return serve(store, host=args.host, port=args.port, show=not args.no_browser,
-                 basic_auth=args.basic_auth, origins=args.allow_origin,
-                 follow_ms=1000)
+    return serve(
+        store,
+        host=args.host,
+        port=args.port,
+        show=not args.no_browser,
+        basic_auth=args.basic_auth,
+        origins=args.allow_origin,
+        follow_ms=1000,
+    )
 
 
-def serve(store: RunStore, *, host: str = "127.0.0.1", port: int = 0, show: bool = True,
-          basic_auth: str | None = None, origins: Sequence[str] = (),
-          follow_ms: int | None = 1000) -> int:
+def serve(
+    store: RunStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    show: bool = True,
+    basic_auth: str | None = None,
+    origins: Sequence[str] = (),
+    follow_ms: int | None = 1000,
+) -> int:
     import panel as pn
 
     from .app import build_app
@@ -155,7 +190,15 @@ def serve(store: RunStore, *, host: str = "127.0.0.1", port: int = 0, show: bool
 
     threading.Timer(3.0, warm).start()  # after the first page is served
     print(f"dnntrace-view: serving {url}  (Ctrl-C to stop)", flush=True)
-    pn.serve({"/": lambda: build_app(store.clone(), follow_ms=follow_ms)}, port=port, address=host,
-             websocket_origin=allowed, show=show, title="dnntrace", start=True,
-             print_url=False, **kwargs)
+    pn.serve(
+        {"/": lambda: build_app(store.clone(), follow_ms=follow_ms)},
+        port=port,
+        address=host,
+        websocket_origin=allowed,
+        show=show,
+        title="dnntrace",
+        start=True,
+        print_url=False,
+        **kwargs,
+    )
     return 0

@@ -42,8 +42,22 @@ SIGMOID_LIKE = {"Sigmoid", "Hardsigmoid"}
 QUANTILES = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
 KINDS = ("activation", "activation_grad", "weight", "weight_grad")
 STATS = ("rms", "mean", "std", "absmax", "l2", "zero_frac", "nan_count", "inf_count", "min", "max")
-_COLUMNS = ["step", "module", "kind", "phase", "count", "nan_count", "posinf_count", "neginf_count",
-            "zero_count", "sum", "sumsq", "min", "max", "absmax"]
+_COLUMNS = [
+    "step",
+    "module",
+    "kind",
+    "phase",
+    "count",
+    "nan_count",
+    "posinf_count",
+    "neginf_count",
+    "zero_count",
+    "sum",
+    "sumsq",
+    "min",
+    "max",
+    "absmax",
+]
 
 
 def find_traces(paths: Sequence[str]) -> list[str]:
@@ -71,8 +85,13 @@ class Run:
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str, *, use_cache: bool = True,
-             progress: Callable[[int, int, str], None] | None = None) -> Run:
+    def open(
+        cls,
+        path: str,
+        *,
+        use_cache: bool = True,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> Run:
         trace = load(path)
         lods, cached = open_lods(trace, use_cache=use_cache, progress=progress)
         return cls(path=path, trace=trace, lods=lods, from_cache=cached)
@@ -117,11 +136,15 @@ class Run:
         key = ("linthresh", kind)
         if key not in self._cache:
             floor = math.ldexp(1.0, self.trace.layout.emin)
-            mids = [0.5 * (v.edges[:-1] + v.edges[1:]) for (_, k), v in self.lods.items()
-                    if k == kind]
+            mids = [
+                0.5 * (v.edges[:-1] + v.edges[1:]) for (_, k), v in self.lods.items() if k == kind
+            ]
             weights = [v.col_totals for (_, k), v in self.lods.items() if k == kind]
-            self._cache[key] = (choose_linthresh(np.concatenate(mids), np.concatenate(weights),
-                                                 floor) if mids else 1.0)
+            self._cache[key] = (
+                choose_linthresh(np.concatenate(mids), np.concatenate(weights), floor)
+                if mids
+                else 1.0
+            )
         return YMap("symlog", self._cache[key])
 
     def value_range(self, kind: str, module: str | None = None) -> tuple[float, float]:
@@ -154,10 +177,17 @@ class Run:
             df = df[(df["kind"] != "scalar") & (df["phase"] != "eval")]
             df["inf_count"] = df["posinf_count"] + df["neginf_count"]
             g = df.groupby(["module", "kind", "step"], sort=True, observed=True)
-            out = g.agg(count=("count", "sum"), nan_count=("nan_count", "sum"),
-                        inf_count=("inf_count", "sum"), zero_count=("zero_count", "sum"),
-                        sum=("sum", "sum"), sumsq=("sumsq", "sum"), min=("min", "min"),
-                        max=("max", "max"), absmax=("absmax", "max")).reset_index()
+            out = g.agg(
+                count=("count", "sum"),
+                nan_count=("nan_count", "sum"),
+                inf_count=("inf_count", "sum"),
+                zero_count=("zero_count", "sum"),
+                sum=("sum", "sum"),
+                sumsq=("sumsq", "sum"),
+                min=("min", "min"),
+                max=("max", "max"),
+                absmax=("absmax", "max"),
+            ).reset_index()
             finite = (out["count"] - out["nan_count"] - out["inf_count"]).astype(float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 fin = finite.where(finite > 0)
@@ -202,9 +232,15 @@ class Run:
             self._cache[key] = (lod.steps, lod.quantiles(np.array(QUANTILES)))
         return self._cache[key]
 
-    def distribution(self, module: str, kind: str, step: int, ymap: YMap,
-                     y_range: tuple[float, float], bins: int = 240
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def distribution(
+        self,
+        module: str,
+        kind: str,
+        step: int,
+        ymap: YMap,
+        y_range: tuple[float, float],
+        bins: int = 240,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(display-coordinate bin centres, fraction of the step's values per bin) at the
         recorded step closest to ``step`` (fractions of 0 when the module has no such row)."""
         lod = self.lods.get((module, kind))
@@ -233,8 +269,9 @@ class Run:
         first_bad = bad.groupby("module")["step"].min().to_dict() if len(bad) else {}
         grad_ratio = self._grad_ratios()
         frozen = self._frozen()
-        for m in self.trace.module_tree or [{"name": n, "type": "", "depth": 1}
-                                            for n in self.modules]:
+        for m in self.trace.module_tree or [
+            {"name": n, "type": "", "depth": 1} for n in self.modules
+        ]:
             name = m["name"]
             flags: list[str] = []
             zf = sat = math.nan
@@ -254,10 +291,19 @@ class Run:
                 flags.append("exploding")
             if frozen.get(name):
                 flags.append("frozen")
-            rows.append({"module": name or "<root>", "path": name, "type": m.get("type", ""),
-                         "depth": int(m.get("depth", 0)), "flags": " ".join(flags),
-                         "first_nan_step": first_bad.get(name, None),
-                         "zero_frac": zf, "saturation": sat, "grad_ratio": gr})
+            rows.append(
+                {
+                    "module": name or "<root>",
+                    "path": name,
+                    "type": m.get("type", ""),
+                    "depth": int(m.get("depth", 0)),
+                    "flags": " ".join(flags),
+                    "first_nan_step": first_bad.get(name, None),
+                    "zero_frac": zf,
+                    "saturation": sat,
+                    "grad_ratio": gr,
+                }
+            )
         out = pd.DataFrame(rows)
         out["first_nan_step"] = out["first_nan_step"].astype("Int64")
         self._cache["health"] = out
@@ -316,9 +362,12 @@ class Run:
                 still = False
             else:
                 s, q = g["sum"].to_numpy(), g["sumsq"].to_numpy()
+                s, q = np.nan_to_num(s), np.nan_to_num(q)
                 scale = abs(s[0]) + math.sqrt(abs(q[0])) + 1e-300
-                still = bool(np.nanmax(np.abs(s - s[0])) <= FROZEN_RTOL * scale
-                             and np.nanmax(np.abs(q - q[0])) <= FROZEN_RTOL * (abs(q[0]) + 1e-300))
+                still = bool(
+                    np.max(np.abs(s - s[0])) <= FROZEN_RTOL * scale
+                    and np.max(np.abs(q - q[0])) <= FROZEN_RTOL * (abs(q[0]) + 1e-300)
+                )
             out[mod] = out.get(mod, True) and still
         return out
 
@@ -395,8 +444,12 @@ class RunStore(pn.viewable.Viewer):
         """A store over the same opened runs with the same selection (one per browser
         session, so sessions do not steer each other)."""
         other = RunStore(runs=list(self.runs.values()), paths=list(self.paths))
-        other.param.update(**{k: getattr(self, k) for k in (
-            "run", "kind", "module", "yscale", "stat", "follow", "overlay")})
+        other.param.update(
+            **{
+                k: getattr(self, k)
+                for k in ("run", "kind", "module", "yscale", "stat", "follow", "overlay")
+            }
+        )
         return other
 
     def step_values(self) -> np.ndarray:

@@ -67,12 +67,16 @@ class YMap:
                 break
             label = f"1e{e}" if e not in (0, 1, -1) else f"{v:g}"
             out += [(y, label), (-y, "-" + label)]
-        out = [t for t in out if lo <= t[0] <= hi]
+        has_zero = lo <= 0.0 <= hi
+        rest = [t for t in out[1:] if lo <= t[0] <= hi]
         step = 1
-        while len(out[1:]) / step > 12:  # keep it legible: every n-th decade
+        while len(rest) / step > 12:  # keep it legible: every n-th decade
             step += 1
-        zero, rest = out[0], out[1:]
-        return [zero] + [t for i, t in enumerate(rest) if (i // 2) % step == 0]
+        rest = [t for i, t in enumerate(rest) if (i // 2) % step == 0]
+        ticks = ([out[0]] if has_zero else []) + rest
+        if len(ticks) < 3:  # zoomed inside a decade: evenly spaced, labelled with the value
+            ticks = [(float(y), f"{float(self.inv(y)):.3g}") for y in np.linspace(lo, hi, 5)]
+        return ticks
 
 
 def choose_linthresh(mids: np.ndarray, weights: np.ndarray, floor: float) -> float:
@@ -112,8 +116,14 @@ class SeriesLOD:
         """Cumulative counts over the columns at step index ``i`` (length m + 1)."""
         return np.asarray(self.sat[i + 1]) - np.asarray(self.sat[i])
 
-    def render(self, x_range: tuple[float, float], y_range: tuple[float, float], width: int,
-               height: int, ymap: YMap) -> np.ndarray:
+    def render(
+        self,
+        x_range: tuple[float, float],
+        y_range: tuple[float, float],
+        width: int,
+        height: int,
+        ymap: YMap,
+    ) -> np.ndarray:
         """Values per pixel, shape (height, width), row 0 at ``y_range[0]``."""
         xq = np.linspace(x_range[0], x_range[1], width + 1)
         yq = np.linspace(y_range[0], y_range[1], height + 1)
@@ -197,8 +207,7 @@ class _Columns:
         def num(name: str) -> np.ndarray:
             return table.column(name).to_numpy().astype(np.float64)
 
-        self.zero_like = num("zero_count") + num("underflow_pos_count") + num(
-            "underflow_neg_count")
+        self.zero_like = num("zero_count") + num("underflow_pos_count") + num("underflow_neg_count")
         self.over_neg = num("overflow_neg_count")
         self.over_pos = num("overflow_pos_count")
 
@@ -253,8 +262,10 @@ def build_all(trace: Trace, progress: Progress | None = None) -> dict[tuple[str,
     bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
     # numpy releases the GIL in the heavy parts: two threads use both cores
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(build_series, cols, order[bounds[i] : bounds[i + 1]], lay)
-                   for i in range(len(labels))]
+        futures = [
+            pool.submit(build_series, cols, order[bounds[i] : bounds[i + 1]], lay)
+            for i in range(len(labels))
+        ]
         for i, (label, fut) in enumerate(zip(labels, futures, strict=True)):
             if progress is not None:
                 progress(i, len(labels), f"{label[0] or '<root>'} {label[1]}")
@@ -284,8 +295,10 @@ def load_cache(path: str) -> dict[tuple[str, str], SeriesLOD] | None:
             return None
         out = {}
         for i, (mod, kind) in enumerate(index["series"]):
-            arrs = [np.load(os.path.join(d, f"{i}.{a}.npy"), mmap_mode="r")
-                    for a in ("steps", "edges", "sat")]
+            arrs = [
+                np.load(os.path.join(d, f"{i}.{a}.npy"), mmap_mode="r")
+                for a in ("steps", "edges", "sat")
+            ]
             out[(mod, kind)] = SeriesLOD(np.asarray(arrs[0]), np.asarray(arrs[1]), arrs[2])
         return out
     except (OSError, ValueError, KeyError):
@@ -319,8 +332,9 @@ def save_cache(path: str, lods: dict[tuple[str, str], SeriesLOD]) -> bool:
         return False
 
 
-def open_lods(trace: Trace, *, use_cache: bool = True, progress: Progress | None = None
-              ) -> tuple[dict[tuple[str, str], SeriesLOD], bool]:
+def open_lods(
+    trace: Trace, *, use_cache: bool = True, progress: Progress | None = None
+) -> tuple[dict[tuple[str, str], SeriesLOD], bool]:
     """(tables, from_cache): the cache when valid, else built (and cached when possible)."""
     if use_cache:
         cached = load_cache(trace.path)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from scipy.special import ndtr
 
 from dnntrace.storage import Layout, TraceWriter, scalar_batch, state_to_batch
@@ -49,15 +50,27 @@ def _module_tree(spec: SyntheticSpec) -> list[dict]:
     tree: list[dict] = [{"name": "", "type": "MLP", "depth": 0, "params": {}}]
     for i in range(spec.layers):
         w = spec.width
-        tree.append({"name": f"fc{i}", "type": "Linear", "depth": 1,
-                     "params": {"weight": [w, w], "bias": [w]}})
+        tree.append(
+            {
+                "name": f"fc{i}",
+                "type": "Linear",
+                "depth": 1,
+                "params": {"weight": [w, w], "bias": [w]},
+            }
+        )
         act = "ReLU" if i == spec.dead_layer else "Tanh"
         tree.append({"name": f"act{i}", "type": act, "depth": 1, "params": {}})
     return tree
 
 
-def _counts_rows(cdf: np.ndarray, n: np.ndarray, lay: Layout, rng: np.random.Generator,
-                 nan: np.ndarray, exact_zero: np.ndarray) -> np.ndarray:
+def _counts_rows(
+    cdf: np.ndarray,
+    n: np.ndarray,
+    lay: Layout,
+    rng: np.random.Generator,
+    nan: np.ndarray,
+    exact_zero: np.ndarray,
+) -> np.ndarray:
     """Counts rows from CDFs evaluated at the layout's signed edges (rows x (bins + 1)).
 
     ``exact_zero`` is the probability mass sitting exactly at 0 (a ReLU's zeros)."""
@@ -81,8 +94,9 @@ def _counts_rows(cdf: np.ndarray, n: np.ndarray, lay: Layout, rng: np.random.Gen
     over_pos = np.floor(above * finite_n[:, 0] + rng.random(rows)).astype(np.int64)
     drift = (n - nan) - (hist.sum(axis=1) + zeros + under + over_neg + over_pos)
     has_hist = hist.sum(axis=1) > 0
-    hist[rows_i, top] = np.where(has_hist, np.maximum(hist[rows_i, top] + drift, 0),
-                                 hist[rows_i, top])
+    hist[rows_i, top] = np.where(
+        has_hist, np.maximum(hist[rows_i, top] + drift, 0), hist[rows_i, top]
+    )
     zeros = np.where(has_hist, zeros, np.maximum(zeros + drift, 0))
     out[:, L.HEADER :] = hist
     out[:, L.ZEROS] = zeros
@@ -113,8 +127,12 @@ def _moments(counts: np.ndarray, lay: Layout) -> np.ndarray:
     return m
 
 
-def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = None, *,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
+def write_synthetic(
+    path: str | os.PathLike[str],
+    spec: SyntheticSpec | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Write a synthetic trace to ``path``; returns {"rows", "bytes", "points"}."""
     spec = spec or SyntheticSpec()
     lay = spec.layout
@@ -137,8 +155,9 @@ def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = N
         fc, act = f"fc{i}", f"act{i}"
         if "activation" in spec.kinds:
             slots.append((fc, "activation", "", (b, w), "pre", i))
-            slots.append((act, "activation", "", (b, w), "relu" if i == spec.dead_layer
-                          else "tanh", i))
+            slots.append(
+                (act, "activation", "", (b, w), "relu" if i == spec.dead_layer else "tanh", i)
+            )
         if "activation_grad" in spec.kinds:
             slots.append((fc, "activation_grad", "", (b, w), "grad", i))
             slots.append((act, "activation_grad", "", (b, w), "grad", i))
@@ -175,8 +194,9 @@ def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = N
                     mu = 0.3 - 2.5 * t[:, 0]  # the bias drifts negative: the ReLU dies
                     sd = np.maximum(1.0 - 0.9 * t[:, 0], 0.05)
                     z = ndtr((0 - mu) / sd)
-                    cdfs[:, r] = np.where(e[None, :] < 0, 0.0,
-                                          ndtr((e[None, :] - mu[:, None]) / sd[:, None]))
+                    cdfs[:, r] = np.where(
+                        e[None, :] < 0, 0.0, ndtr((e[None, :] - mu[:, None]) / sd[:, None])
+                    )
                     exact0[:, r] = z
                 elif f in ("grad", "wgrad"):
                     cdfs[:, r] = ndtr(e[None, :] / grad_s[:, r : r + 1])
@@ -184,20 +204,23 @@ def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = N
                     cdfs[:, r] = ndtr(e[None, :] / w_s[:, r : r + 1])
                 else:  # bias: small positive offset
                     cdfs[:, r] = ndtr((e[None, :] - 0.01) / (0.5 * w_s[:, r : r + 1]))
-            frozen = [r for r, s in enumerate(slots) if s[5] == spec.frozen_layer
-                      and s[1] == "weight"]
+            frozen = [
+                r for r, s in enumerate(slots) if s[5] == spec.frozen_layer and s[1] == "weight"
+            ]
             n = np.array([int(np.prod(s[3])) for s in slots], np.int64)
             nan = np.zeros((len(chunk), len(slots)), np.int64)
             if spec.nan_step is not None:
-                bad = [r for r, s in enumerate(slots) if s[5] == spec.nan_layer
-                       and s[1] in ("activation_grad", "weight_grad")]
+                bad = [
+                    r
+                    for r, s in enumerate(slots)
+                    if s[5] == spec.nan_layer and s[1] in ("activation_grad", "weight_grad")
+                ]
                 after = chunk >= spec.nan_step * spec.every
                 for r in bad:
                     nan[after, r] = np.maximum(n[r] // 100, 1)
             flat_cdf = cdfs.reshape(-1, e.size)
             flat_n = np.broadcast_to(n, (len(chunk), len(slots))).reshape(-1)
-            counts = _counts_rows(flat_cdf, flat_n, lay, rng, nan.reshape(-1),
-                                  exact0.reshape(-1))
+            counts = _counts_rows(flat_cdf, flat_n, lay, rng, nan.reshape(-1), exact0.reshape(-1))
             counts = counts.reshape(len(chunk), len(slots), lay.width)
             if frozen:
                 if start == 0:
@@ -208,19 +231,29 @@ def write_synthetic(path: str | os.PathLike[str], spec: SyntheticSpec | None = N
             points += int(counts[:, L.COUNT].sum())
             ns = len(slots)
             batch = state_to_batch(
-                counts, moments, lay, step=np.repeat(chunk, ns),
-                module=[s[0] for s in slots] * len(chunk), kind=[s[1] for s in slots] * len(chunk),
-                tensor=[s[2] for s in slots] * len(chunk), dtype=["float32"] * (ns * len(chunk)),
+                counts,
+                moments,
+                lay,
+                step=np.repeat(chunk, ns),
+                module=[s[0] for s in slots] * len(chunk),
+                kind=[s[1] for s in slots] * len(chunk),
+                tensor=[s[2] for s in slots] * len(chunk),
+                dtype=["float32"] * (ns * len(chunk)),
                 shape=[s[3] for s in slots] * len(chunk),
                 wall_time_s=1.7e9 + np.repeat(chunk, ns) * 0.05,
             )
             writer.write(batch)
+            scalars = []
             for j, s in enumerate(chunk):
                 k = start + j
                 loss = 2.3 * math.exp(-3 * k / max(total, 1)) + 0.05 * rng.random()
                 if spec.nan_step is not None and s >= spec.nan_step * spec.every:
                     loss = math.nan
-                writer.write(scalar_batch(int(s), ["loss", "lr"], [loss, 1e-3], layout=lay))
+                scalars.append(scalar_batch(int(s), ["loss", "lr"], [loss, 1e-3], layout=lay))
+            # one batch for the chunk's scalars, as a tracer buffering rows writes them
+            # (every Arrow batch costs ~0.8 ms to read back, whatever its size)
+            merged = pa.Table.from_batches(scalars).combine_chunks().unify_dictionaries()
+            writer.write(merged.to_batches(max_chunksize=len(merged))[0])
             if progress is not None:
                 progress(min(start + len(chunk), total), total)
     finally:

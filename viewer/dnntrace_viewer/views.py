@@ -9,6 +9,7 @@ browser), the count or statistic under the cursor.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import colorcet as cc
@@ -33,6 +34,7 @@ def warm_up() -> None:
     mesh = hv.QuadMesh((np.arange(4.0), np.arange(3.0), np.ones((2, 3))))
     hd.rasterize(mesh, aggregator="mean", width=8, height=8, dynamic=False)
 
+
 DENSITY_CMAP = cc.fire
 HEAT_CMAP = cc.bmy
 BG = "#111111"
@@ -42,14 +44,18 @@ def value_formatter(ymap: YMap) -> CustomJSHover:
     """Formats a display coordinate as the value it stands for (the inverse of ``ymap``)."""
     if ymap.scale == "linear":
         return CustomJSHover(code="return value.toPrecision(4);")
-    return CustomJSHover(code=(
-        f"const c = {ymap.linthresh!r}; const a = Math.abs(value);"
-        "const v = Math.sign(value) * c * (Math.pow(10, a) - 1);"
-        "return v.toPrecision(4);"))
+    return CustomJSHover(
+        code=(
+            f"const c = {ymap.linthresh!r}; const a = Math.abs(value);"
+            "const v = Math.sign(value) * c * (Math.pow(10, a) - 1);"
+            "return v.toPrecision(4);"
+        )
+    )
 
 
-def full_ranges(store: RunStore, module: str | None, kind: str, ymap: YMap
-                ) -> tuple[tuple[float, float], tuple[float, float]]:
+def full_ranges(
+    store: RunStore, module: str | None, kind: str, ymap: YMap
+) -> tuple[tuple[float, float], tuple[float, float]]:
     run = store.current
     steps = run.steps
     x = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5) if steps.size else (0.0, 1.0)
@@ -57,6 +63,14 @@ def full_ranges(store: RunStore, module: str | None, kind: str, ymap: YMap
     a, b = float(ymap.fwd(lo)), float(ymap.fwd(hi))
     pad = 0.04 * (b - a or 1.0)
     return x, (a - pad, b + pad)
+
+
+def _prompt_ranges(plot: Any, element: Any) -> None:
+    """Bokeh reports a zoom or pan (RangesUpdate) only when its level-of-detail period ends:
+    lod_interval 300 ms + lod_timeout 500 ms by default, measured as ~1.1 s from the wheel to
+    the new image here. Our images are cheap to re-render: report at the first repaint."""
+    plot.state.lod_interval = 0
+    plot.state.lod_timeout = 0
 
 
 def _round_range(r: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -79,20 +93,26 @@ class HistogramOverTime(param.Parameterized):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._last_key: tuple | None = None
+        self.render_times: list[float] = []  # seconds per render (bench)
         watch = ["run", "yscale", "version"]
         if self.module is None:
             watch.append("module")
         if self.kind is None:
             watch.append("kind")
         self.range_stream = hv.streams.RangeXY()
-        self.dmap = hv.DynamicMap(self._render, streams=[
-            self.range_stream, hv.streams.Params(self.store, watch, rename={})])
+        self.dmap = hv.DynamicMap(
+            self._render,
+            streams=[self.range_stream, hv.streams.Params(self.store, watch, rename={})],
+        )
 
     def _selection(self) -> tuple[str | None, str]:
-        return (self.module if self.module is not None else self.store.module,
-                self.kind if self.kind is not None else self.store.kind)
+        return (
+            self.module if self.module is not None else self.store.module,
+            self.kind if self.kind is not None else self.store.kind,
+        )
 
     def _render(self, x_range: Any = None, y_range: Any = None, **_: Any) -> hv.Overlay:
+        t0 = time.perf_counter()
         store = self.store
         run = store.current
         module, kind = self._selection()
@@ -105,9 +125,8 @@ class HistogramOverTime(param.Parameterized):
         x_range, y_range = _round_range(x_range), _round_range(y_range)
         lod = run.lod(module, kind) if module is not None else None
         w, h = self.width, self.height
-        img = (lod.render(x_range, y_range, w, h, ymap) if lod is not None
-               else np.zeros((h, w)))
-        top = float(np.nanmax(img)) if img.size else 0.0
+        img = lod.render(x_range, y_range, w, h, ymap) if lod is not None else np.zeros((h, w))
+        top = float(img.max()) if img.size else 0.0  # render() never returns NaN
         # bilinear spreading leaves tiny fractions far below one value: not data, drop them
         img = np.where(img > max(top * 1e-6, 1e-3), img, np.nan).astype(np.float32)
         bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
@@ -117,35 +136,53 @@ class HistogramOverTime(param.Parameterized):
         el = hv.Image(np.flipud(img), bounds=bounds, kdims=["step", "y"], vdims=["count"])
         ticks = ymap.ticks(*y_range)
         el = el.opts(
-            cmap=DENSITY_CMAP, cnorm="eq_hist", colorbar=not self.module, frame_width=w,
-            frame_height=h, bgcolor=BG, title=title, framewise=True, xlabel="step",
-            ylabel=f"value ({ymap.scale})", yticks=ticks or None,
-            tools=["hover"], active_tools=["wheel_zoom"], default_tools=["pan", "wheel_zoom",
-                                                                         "box_zoom", "reset",
-                                                                         "save"],
+            cmap=DENSITY_CMAP,
+            cnorm="eq_hist",
+            colorbar=not self.module,
+            frame_width=w,
+            frame_height=h,
+            bgcolor=BG,
+            title=title,
+            framewise=True,
+            xlabel="step",
+            ylabel=f"value ({ymap.scale})",
+            yticks=ticks or None,
+            tools=["hover"],
+            active_tools=["wheel_zoom"],
+            default_tools=["pan", "wheel_zoom", "box_zoom", "reset", "save"],
             hover_tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@count")],
-            hover_formatters={"$y": value_formatter(ymap)}, clipping_colors={"NaN": BG},
+            hover_formatters={"$y": value_formatter(ymap)},
+            clipping_colors={"NaN": BG}, hooks=[_prompt_ranges],
         )
         layers = [el]
         if self.quantiles and lod is not None and lod.steps.size:
             steps, q = run.quantile_bands(module, kind)
             for i, qv in enumerate(QUANTILES):
                 name = f"q{qv * 100:g}%"
-                curve = hv.Curve((steps, ymap.fwd(q[:, i]), q[:, i]), "step", ["y", "value"],
-                                 label=name)
-                dash = ("solid" if 0.25 <= qv <= 0.75 else "dashed" if 0.01 <= qv <= 0.99
-                        else "dotted")
-                curve = curve.opts(color="#7fdbff" if qv != 0.5 else "white",
-                                   line_width=1.5 if qv == 0.5 else 1, line_dash=dash, alpha=0.7,
-                                   tools=["hover"], show_legend=False,
-                                   hover_tooltips=[("quantile", name), ("step", "@step"),
-                                                   ("value", "@value")])
+                curve = hv.Curve(
+                    (steps, ymap.fwd(q[:, i]), q[:, i]), "step", ["y", "value"], label=name
+                )
+                dash = (
+                    "solid" if 0.25 <= qv <= 0.75 else "dashed" if 0.01 <= qv <= 0.99 else "dotted"
+                )
+                curve = curve.opts(
+                    color="#7fdbff" if qv != 0.5 else "white",
+                    line_width=1.5 if qv == 0.5 else 1,
+                    line_dash=dash,
+                    alpha=0.7,
+                    tools=["hover"],
+                    show_legend=False,
+                    hover_tooltips=[("quantile", name), ("step", "@step"), ("value", "@value")],
+                )
                 layers.append(curve)
+        out = hv.Overlay(layers).opts(framewise=True, active_tools=["wheel_zoom"],
+                                      hooks=[_prompt_ranges])
+        self.render_times.append(time.perf_counter() - t0)
         self.renders += 1
-        return hv.Overlay(layers).opts(framewise=True)
+        return out
 
     def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap, linked_axes=False)
+        return pn.pane.HoloViews(self.dmap, linked_axes=False, css_classes=["dnt-detail"])
 
 
 class LayerStrips(param.Parameterized):
@@ -161,9 +198,13 @@ class LayerStrips(param.Parameterized):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._last_key: tuple | None = None
-        self.dmap = hv.DynamicMap(self._render, streams=[
-            hv.streams.RangeX(), hv.streams.Params(self.store, ["run", "kind", "yscale",
-                                                                "version"])])
+        self.dmap = hv.DynamicMap(
+            self._render,
+            streams=[
+                hv.streams.RangeX(),
+                hv.streams.Params(self.store, ["run", "kind", "yscale", "version"]),
+            ],
+        )
 
     def _render(self, x_range: Any = None, **_: Any) -> hv.Image:
         s = self.store
@@ -181,42 +222,66 @@ class LayerStrips(param.Parameterized):
         strips = []
         for m in mods:
             lod = run.lod(m, kind)
-            img = (lod.render(x_range, fy, self.width, h - 2, ymap) if lod is not None
-                   else np.zeros((h - 2, self.width)))
-            top = np.nanmax(img) if img.size else 0.0
+            img = (
+                lod.render(x_range, fy, self.width, h - 2, ymap)
+                if lod is not None
+                else np.zeros((h - 2, self.width))
+            )
+            top = float(img.max()) if img.size else 0.0
             img = np.where(img > top * 1e-6, img, np.nan)
             strips.append(np.vstack([np.full((2, self.width), np.nan), np.flipud(img)]))
         data = np.vstack(strips).astype(np.float32)  # row 0 = top = first module
         n = len(mods)
         names = ", ".join(repr(m or "<root>") for m in mods)
         band = fy[1] - fy[0]
-        code = (f"const n = [{names}]; const i = Math.floor({n} - value);"
-                "return (i >= 0 && i < n.length) ? n[i] : '';")
-        vcode = (f"const f = value - Math.floor(value); const y = {fy[0]!r} + f * {band!r};"
-                 + (f"const c = {ymap.linthresh!r};"
-                    "const v = Math.sign(y) * c * (Math.pow(10, Math.abs(y)) - 1);"
-                    if ymap.scale == "symlog" else "const v = y;")
-                 + "return v.toPrecision(4);")
-        el = hv.Image(data, bounds=(x_range[0], 0, x_range[1], n), kdims=["step", "layer"],
-                      vdims=["count"])
+        code = (
+            f"const n = [{names}]; const i = Math.floor({n} - value);"
+            "return (i >= 0 && i < n.length) ? n[i] : '';"
+        )
+        vcode = (
+            f"const f = value - Math.floor(value); const y = {fy[0]!r} + f * {band!r};"
+            + (
+                f"const c = {ymap.linthresh!r};"
+                "const v = Math.sign(y) * c * (Math.pow(10, Math.abs(y)) - 1);"
+                if ymap.scale == "symlog"
+                else "const v = y;"
+            )
+            + "return v.toPrecision(4);"
+        )
+        el = hv.Image(
+            data, bounds=(x_range[0], 0, x_range[1], n), kdims=["step", "layer"], vdims=["count"]
+        )
         self.renders += 1
         return el.opts(
-            cmap=DENSITY_CMAP, cnorm="eq_hist", frame_width=self.width,
-            frame_height=h * n, bgcolor=BG, framewise=True, xlabel="step", ylabel="",
+            cmap=DENSITY_CMAP,
+            cnorm="eq_hist",
+            frame_width=self.width,
+            frame_height=h * n,
+            bgcolor=BG,
+            framewise=True,
+            xlabel="step",
+            ylabel="",
             yticks=[(n - i - 0.5, m or "<root>") for i, m in enumerate(mods)],
             title=f"{kind} of every layer, input at the top (value axis: {ymap.scale}, "
-                  f"{run.value_range(kind)[0]:.3g} … {run.value_range(kind)[1]:.3g})",
-            tools=["hover", "xwheel_zoom", "xpan"], active_tools=["xwheel_zoom"],
+            f"{run.value_range(kind)[0]:.3g} … {run.value_range(kind)[1]:.3g})",
+            tools=["hover", "xwheel_zoom", "xpan"],
+            active_tools=["xwheel_zoom"],
             default_tools=["reset", "save"],
-            hover_tooltips=[("layer", "$y{layer}"), ("step", "$x{0}"), ("value", "$y{value}"),
-                            ("count", "@count")],
-            hover_formatters={"$y{layer}": CustomJSHover(code=code),
-                              "$y{value}": CustomJSHover(code=vcode)},
-            clipping_colors={"NaN": BG},
+            hover_tooltips=[
+                ("layer", "$y{layer}"),
+                ("step", "$x{0}"),
+                ("value", "$y{value}"),
+                ("count", "@count"),
+            ],
+            hover_formatters={
+                "$y{layer}": CustomJSHover(code=code),
+                "$y{value}": CustomJSHover(code=vcode),
+            },
+            clipping_colors={"NaN": BG}, hooks=[_prompt_ranges],
         )
 
     def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap, linked_axes=False)
+        return pn.pane.HoloViews(self.dmap, linked_axes=False, css_classes=["dnt-strips"])
 
 
 class Heatmap(param.Parameterized):
@@ -230,18 +295,21 @@ class Heatmap(param.Parameterized):
         super().__init__(**params)
         from holoviews.operation.datashader import rasterize  # 2 s of imports: on first use
 
-        src = hv.DynamicMap(self._mesh, streams=[hv.streams.Params(
-            self.store, ["run", "kind", "stat", "version"])])
-        self.dmap = rasterize(src, aggregator="mean", width=self.width,
-                              height=self.height).apply(self._style)
+        src = hv.DynamicMap(
+            self._mesh, streams=[hv.streams.Params(self.store, ["run", "kind", "stat", "version"])]
+        )
+        self.dmap = rasterize(src, aggregator="mean", width=self.width, height=self.height).apply(
+            self._style
+        )
 
     def _mesh(self, **_: Any) -> hv.QuadMesh:
         s = self.store
         mods, steps, z = s.current.heatmap(s.stat, s.kind)
         if not mods:
             mods, steps, z = ["-"], np.array([0]), np.full((1, 1), np.nan)
-        xe = np.concatenate([[steps[0] - 0.5], 0.5 * (steps[:-1] + steps[1:]),
-                             [steps[-1] + 0.5]]).astype(np.float64)
+        xe = np.concatenate(
+            [[steps[0] - 0.5], 0.5 * (steps[:-1] + steps[1:]), [steps[-1] + 0.5]]
+        ).astype(np.float64)
         ye = np.arange(len(mods) + 1, dtype=np.float64) - 0.5
         positive = s.stat in ("rms", "std", "absmax", "l2")
         if positive:
@@ -255,19 +323,28 @@ class Heatmap(param.Parameterized):
     def _style(self, el: hv.Element) -> hv.Element:
         s = self.store
         mods, label, names = (self._last[k] for k in ("mods", "label", "names"))
-        layer_fmt = CustomJSHover(code=f"const n = [{names}]; const i = Math.round(value);"
-                                       "return (i >= 0 && i < n.length) ? n[i] : '';")
+        layer_fmt = CustomJSHover(
+            code=f"const n = [{names}]; const i = Math.round(value);"
+            "return (i >= 0 && i < n.length) ? n[i] : '';"
+        )
         return el.opts(
-            cmap=HEAT_CMAP, colorbar=True, frame_width=self.width, frame_height=self.height,
-            yticks=[(i, m or "<root>") for i, m in enumerate(mods)], invert_yaxis=True,
-            title=f"{s.kind} · {label} by layer (input at top) and step", framewise=True,
-            tools=["hover"], bgcolor="#dddddd", ylabel="",
+            cmap=HEAT_CMAP,
+            colorbar=True,
+            frame_width=self.width,
+            frame_height=self.height,
+            yticks=[(i, m or "<root>") for i, m in enumerate(mods)],
+            invert_yaxis=True,
+            title=f"{s.kind} · {label} by layer (input at top) and step",
+            framewise=True,
+            tools=["hover"],
+            bgcolor="#dddddd",
+            ylabel="",
             hover_tooltips=[("step", "$x{0}"), ("layer", "$y{custom}"), (label, "@image")],
             hover_formatters={"$y": layer_fmt},
         )
 
     def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap, linked_axes=False)
+        return pn.pane.HoloViews(self.dmap, linked_axes=False, css_classes=["dnt-heat"])
 
 
 class Distribution(param.Parameterized):
@@ -283,33 +360,60 @@ class Distribution(param.Parameterized):
         s = self.store
         steps = s.step_values()
         self.player = pn.widgets.Player(
-            name="step", start=0, end=max(int(steps.size) - 1, 0), value=0, loop_policy="loop",
-            interval=200, show_loop_controls=True, width=420, value_align="start")
-        self.speed = pn.widgets.IntSlider(name="frame interval (ms)", start=50, end=1000,
-                                          step=50, value=200, width=200)
+            label="step",
+            start=0,
+            end=max(int(steps.size) - 1, 0),
+            value=0,
+            loop_policy="loop",
+            interval=200,
+            show_loop_controls=True,
+            width=420,
+            value_align="start",
+        )
+        self.speed = pn.widgets.IntSlider(
+            label="frame interval (ms)", start=50, end=1000, step=50, value=200, width=200
+        )
         self.speed.link(self.player, value="interval")
         self.label = pn.pane.HTML("", css_classes=["dnt-step"], width=220)
-        self.fig = figure(width=820, height=340, toolbar_location="right",
-                          tools="pan,wheel_zoom,box_zoom,reset,save", x_axis_label="value",
-                          y_axis_label="fraction of values per bin")
+        self.fig = figure(
+            width=820,
+            height=340,
+            toolbar_location="right",
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            x_axis_label="value",
+            y_axis_label="fraction of values per bin",
+        )
         self.sources: list[ColumnDataSource] = []
         for i in range(12):
             src = ColumnDataSource({"x": [], "y": [], "v": []})
             dash = "dashed" if i == 11 else "solid"
-            self.fig.line("x", "y", source=src, color=Category10_10[i % 10], line_width=2,
-                          line_dash=dash, legend_label=f"series {i}", visible=False)
+            self.fig.line(
+                "x",
+                "y",
+                source=src,
+                color=Category10_10[i % 10],
+                line_width=2,
+                line_dash=dash,
+                legend_label=f"series {i}",
+                visible=False,
+            )
+            self.sources.append(src)
         for item in self.fig.legend[0].items:
             item.visible = False
-            self.sources.append(src)
         self.fig.legend.location = "top_left"
         self.fig.legend.click_policy = "hide"
-        self.fig.add_tools(HoverTool(tooltips=[("series", "$name"), ("value", "@v{0.000e}"),
-                                               ("fraction", "@y{0.0000}")]))
+        self.fig.add_tools(
+            HoverTool(
+                tooltips=[("series", "$name"), ("value", "@v{0.000e}"), ("fraction", "@y{0.0000}")]
+            )
+        )
         self.fig.y_range = Range1d(0, 1)
-        self.pane = pn.pane.Bokeh(self.fig)
+        self.pane = pn.Column(pn.pane.Bokeh(self.fig), css_classes=["dnt-dist"])
         self.player.param.watch(self._on_index, "value")
-        s.param.watch(self._on_store, ["run", "kind", "overlay", "compare", "compare_step",
-                                       "yscale", "version"])
+        s.param.watch(
+            self._on_store,
+            ["run", "kind", "overlay", "compare", "compare_step", "yscale", "version"],
+        )
         self._on_store()
 
     def _on_index(self, event: Any) -> None:
@@ -354,7 +458,7 @@ class Distribution(param.Parameterized):
                 r.name = name
                 items[i].label = {"value": name}
                 items[i].visible = True
-                ymax = max(ymax, float(np.nanmax(f)) if f.size else 0.0)
+                ymax = max(ymax, float(f.max()) if f.size else 0.0)
             elif r.visible or items[i].visible:
                 r.visible = False
                 items[i].visible = False
@@ -368,8 +472,7 @@ class Distribution(param.Parameterized):
             else:
                 self.fig.xaxis.ticker = FixedTicker(ticks=list(np.linspace(*yr, 7)))
                 self.fig.xaxis.major_label_overrides = {}
-        self.fig.y_range.end = max(self.fig.y_range.end if not rescale else 0.0,
-                                   ymax * 1.1 or 1.0)
+        self.fig.y_range.end = max(self.fig.y_range.end if not rescale else 0.0, ymax * 1.1 or 1.0)
         self.fig.title.text = f"{kind} distribution at step {s.step} ({ymap.scale} value axis)"
         self.label.object = f"<b>step {s.step}</b>"
         self.frames += 1
@@ -379,53 +482,73 @@ class Distribution(param.Parameterized):
 
 
 def scalar_curves(store: RunStore, run: str, version: int) -> pn.viewable.Viewable:
+    """Loss, learning rate and other logged scalars over the steps (plain Bokeh: a HoloViews
+    layout here, next to the strips' DynamicMap, stopped every later update from reaching the
+    page in Panel 1.9.4 / HoloViews 1.23.2, measured)."""
     df = store.runs[run].scalars()
     if df.empty:
         return pn.pane.Markdown("No scalars (loss, lr) logged.")
-    curves = []
+    figs = []
     for name, g in df.groupby("name"):
         v = g["value"].to_numpy(dtype=float)
         finite = np.isfinite(v)
         pos = v[finite]
         log = bool(pos.size and (pos > 0).all() and pos.max() > 100 * pos.min())
-        c = hv.Curve((g["step"], v), "step", str(name), label=str(name)).opts(
-            frame_width=360, frame_height=140, logy=log, tools=["hover"], title=str(name),
-            show_legend=False)
-        curves.append(c)
-    return pn.pane.HoloViews(hv.Layout(curves).cols(2).opts(shared_axes=False))
+        f = figure(
+            width=400,
+            height=170,
+            title=str(name),
+            x_axis_label="step",
+            y_axis_type="log" if log else "linear",
+            tools="pan,wheel_zoom,reset,save",
+        )
+        src = ColumnDataSource({"step": g["step"].to_numpy(), "value": np.where(finite, v, np.nan)})
+        f.line("step", "value", source=src, line_width=1.5)
+        f.add_tools(HoverTool(tooltips=[("step", "@step"), (str(name), "@value{0.0000e}")]))
+        figs.append(pn.pane.Bokeh(f))
+    return pn.Row(*figs)
 
 
 def describe(store: RunStore, run: str, version: int) -> str:
     r = store.runs[run]
     t = r.trace
     steps = r.steps
-    lines = [f"### {r.name}",
-             f"{t.table.num_rows:,} rows · {steps.size:,} steps "
-             f"({int(steps[0]) if steps.size else '-'} … {int(steps[-1]) if steps.size else '-'})"
-             f" · {len(r.modules)} modules · kinds: {', '.join(r.kinds)}"]
+    lines = [
+        f"### {r.name}",
+        f"{t.table.num_rows:,} rows · {steps.size:,} steps "
+        f"({int(steps[0]) if steps.size else '-'} … {int(steps[-1]) if steps.size else '-'})"
+        f" · {len(r.modules)} modules · kinds: {', '.join(r.kinds)}",
+    ]
     pts = sum(float(lod.sat[-1, -1]) for lod in r.lods.values())
     lines.append(f"{pts:,.0f} (step, value) points in the histograms")
     if t.truncated:
-        lines.append("⚠ the file ends in a torn batch (a run killed while writing): "
-                     "complete batches shown")
+        lines.append(
+            "⚠ the file ends in a torn batch (a run killed while writing): complete batches shown"
+        )
     bad = r.first_nonfinite()
     if bad is not None:
-        lines.append(f"⚠ **first NaN/Inf: step {bad['step']}, module `{bad['module']}` "
-                     f"({bad['kind']}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**")
+        lines.append(
+            f"⚠ **first NaN/Inf: step {bad['step']}, module `{bad['module']}` "
+            f"({bad['kind']}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**"
+        )
     return "\n\n".join(lines)
 
 
 def fmt_health(df: Any) -> Any:
-    out = df[["module", "type", "flags", "first_nan_step", "zero_frac", "saturation",
-              "grad_ratio"]].copy()
-    out["module"] = ["\u2003" * max(d - 1, 0) + m for m, d in zip(df["module"], df["depth"],
-                                                                  strict=True)]
+    out = df[
+        ["module", "type", "flags", "first_nan_step", "zero_frac", "saturation", "grad_ratio"]
+    ].copy()
+    out["module"] = [
+        "\u2003" * max(d - 1, 0) + m for m, d in zip(df["module"], df["depth"], strict=True)
+    ]
     for c in ("zero_frac", "saturation"):
         out[c] = out[c].map(lambda v: "" if v != v else f"{v:.1%}")
     out["grad_ratio"] = out["grad_ratio"].map(
-        lambda v: "" if v != v or v <= 0 else f"1e{math.log10(v):+.1f}")
-    out["first_nan_step"] = out["first_nan_step"].astype("object").where(
-        out["first_nan_step"].notna(), "")
+        lambda v: "" if v != v or v <= 0 else f"1e{math.log10(v):+.1f}"
+    )
+    out["first_nan_step"] = (
+        out["first_nan_step"].astype("object").where(out["first_nan_step"].notna(), "")
+    )
     return out
 
 

@@ -1,0 +1,267 @@
+"""Viewer timings in headless Chromium: first paint (with and without the LOD cache), zoom/pan
+re-render, animation frame rate; for a >= 10**9-point synthetic trace and a demo-size one.
+
+    PYTHONPATH=python:viewer .venv/bin/python bench/bench_viewer.py [--out DIR] [--quick]
+
+First paint: from starting ``python -m dnntrace_viewer TRACE --no-browser --port N`` to the layer
+strips drawn in an already running browser (the browser's own start is not counted).
+Zoom/pan: wheel or drag on the histogram-over-time plot, until its pixels stop changing (the last
+change within 1.5 s, timed in the page with requestAnimationFrame): end to end, server render
+included. Also the server-side render alone (LOD lookups + HoloViews), median of the same events.
+Animation: the Player asked for 20 frames/s (50 ms) on the distribution view; frames/s = distinct
+step labels drawn in the page per second over 6 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
+
+from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+CASES = {
+    # 2,000 steps x 8 modules x 65,536 activations a step = 1.05e9 (step, value) points
+    "1e9": SyntheticSpec(steps=2000, layers=4, width=512, batch=128, kinds=("activation",),
+                         nan_step=1500, nan_layer=2, dead_layer=3, frozen_layer=None,
+                         steps_per_batch=50, seed=1),
+    "demo": SyntheticSpec(),  # 200 steps, 6 blocks, all four kinds
+}
+
+JS_FIND = """
+const findCanvas = (cls) => {
+  let best = null;
+  const walk = (root, inside) => {
+    for (const el of root.querySelectorAll('*')) {
+      const inn = inside || (el.classList && el.classList.contains(cls));
+      if (el.shadowRoot) walk(el.shadowRoot, inn);
+      const area = best ? best.width * best.height : 0;
+      if (inn && el.tagName === 'CANVAS' && el.width * el.height > area
+          && el.getBoundingClientRect().width > 0) best = el;
+    }
+  };
+  walk(document, false);
+  return best;
+};
+const hashOf = (c) => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let h = 0;
+  for (let i = 0; i < d.length; i += 28) h = (h * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) | 0;
+  return h;
+};
+"""
+
+JS_WATCH = "(cls) => {" + JS_FIND + """
+  window.__dnt = new Promise((resolve) => {
+    const c = findCanvas(cls); const t0 = performance.now();
+    let last = t0, prev = hashOf(c); window.__dntChanges = [];
+    const tick = () => {
+      const now = performance.now(); const h = hashOf(c);
+      if (h !== prev) { prev = h; last = now; window.__dntChanges.push(Math.round(now - t0)); }
+      if (now - t0 < 1500) requestAnimationFrame(tick); else resolve(last - t0);
+    };
+    requestAnimationFrame(tick);
+  });
+}"""
+
+JS_COLOURS = "(cls) => {" + JS_FIND + """
+  const c = findCanvas(cls); if (!c) return 0;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const s = new Set();
+  for (let i = 0; i < d.length; i += 4 * 13) s.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+  return s.size;
+}"""
+
+JS_LABELS = """(ms) => new Promise((resolve) => {
+  const find = () => {
+    let t = null;
+    const walk = (root) => {
+      for (const el of root.querySelectorAll('*')) {
+        if (el.shadowRoot) walk(el.shadowRoot);
+        if (el.tagName === 'B' && /^step /.test(el.textContent)) t = el;
+      }
+    };
+    walk(document); return t;
+  };
+  const t0 = performance.now(); const seen = []; let prev = null;
+  const tick = () => {
+    const el = find();  // the pane replaces its content on each update: look it up again
+    const v = el ? el.textContent : prev;
+    if (v !== prev) { seen.push(v); prev = v; }
+    if (performance.now() - t0 < ms) requestAnimationFrame(tick); else resolve(seen); };
+  requestAnimationFrame(tick);
+})"""
+
+
+def browser(p: Any) -> Any:
+    return p.chromium.launch_persistent_context(
+        tempfile.mkdtemp(prefix="dnt-bench-"), executable_path=CHROMIUM, headless=True, args=ARGS,
+        viewport={"width": 1300, "height": 1100})
+
+
+def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
+    from dnntrace_viewer.cli import free_port
+
+    if not cached:
+        shutil.rmtree(path + ".lod", ignore_errors=True)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:2])}
+    page = ctx.new_page()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dnntrace_viewer", path, "--no-browser",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+                break
+            except Exception:  # not listening yet
+                if proc.poll() is not None:
+                    raise RuntimeError("viewer exited") from None
+                time.sleep(0.05)
+        while page.evaluate(JS_COLOURS, "dnt-strips") < 50:
+            time.sleep(0.02)
+        return time.perf_counter() - t0
+    finally:
+        page.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
+    import panel as pn
+
+    from dnntrace_viewer.app import SESSION_VIEWS, build_app
+    from dnntrace_viewer.cli import free_port
+    from dnntrace_viewer.data_store import RunStore
+
+    store = RunStore(paths=[path])
+    port = free_port()
+    pn.state.cache[SESSION_VIEWS] = []
+    srv = pn.serve({"/": lambda: build_app(store.clone(), follow_ms=None)}, port=port,
+                   address="127.0.0.1", show=False, threaded=True, start=True, print_url=False)
+    page = ctx.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        while not pn.state.cache[SESSION_VIEWS]:
+            time.sleep(0.05)
+        views = pn.state.cache[SESSION_VIEWS][-1]
+        detail = views["detail"]
+        page.get_by_text("Histogram over time", exact=True).click()
+        while page.evaluate(JS_COLOURS, "dnt-detail") < 50:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        box = page.locator(".dnt-detail").bounding_box()
+        cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
+        e2e: list[float] = []
+        timings = detail.render_times
+        n0 = len(timings)
+        for i in range(n):
+            page.evaluate(JS_WATCH, "dnt-detail")
+            before = detail.renders
+            if i % 2 == 0:
+                page.mouse.move(cx, cy)
+                page.mouse.wheel(0, -240 if i % 4 == 0 else 200)
+            else:
+                page.mouse.move(cx, cy)
+                page.mouse.down()
+                page.mouse.move(cx + 60, cy + 10, steps=4)
+                page.mouse.up()
+            page.mouse.move(5, 5)  # away from the plot: no hover drawing
+            e2e.append(page.evaluate("() => window.__dnt") / 1000)
+            if os.environ.get("DNT_BENCH_DEBUG"):
+                print("changes (ms):", page.evaluate("() => window.__dntChanges"))
+            if detail.renders == before:
+                e2e.pop()  # the event did not reach the server: no re-render to time
+        server = timings[n0:]
+        page.get_by_text("Distribution at a step", exact=True).click()
+        while "dist" not in views:
+            time.sleep(0.05)
+        time.sleep(1.5)
+        dist = views["dist"]
+        dist.player.interval = 50
+        time.sleep(0.3)
+        page.locator("button.play").first.click()
+        t = time.perf_counter()
+        while dist.frames < 3 and time.perf_counter() - t < 10:
+            time.sleep(0.05)
+        f0 = dist.frames
+        seen = page.evaluate(JS_LABELS, 6000)
+        server_fps = (dist.frames - f0) / 6.0
+        fps = (len(seen) - 1) / 6.0
+        return {"zoom_e2e_median_s": statistics.median(e2e) if e2e else float("nan"),
+                "zoom_server_median_s": statistics.median(server) if server else float("nan"),
+                "zoom_events": len(e2e), "animation_fps": fps, "server_frames_per_s": server_fps}
+    finally:
+        page.close()
+        srv.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "dnntrace-bench"))
+    ap.add_argument("--quick", action="store_true", help="demo trace only")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    for name, spec in CASES.items():
+        if args.quick and name != "demo":
+            continue
+        path = os.path.join(args.out, f"{name}.arrow")
+        if not os.path.exists(path):
+            t = time.perf_counter()
+            info = write_synthetic(path, spec)
+            print(f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
+                  f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s", flush=True)
+        from dnntrace.storage import load
+        from dnntrace_viewer import lod as LD
+
+        tr = load(path)
+        points = float(np.sum(tr.table.column("count").to_numpy()
+                              - tr.table.column("nan_count").to_numpy()))
+        shutil.rmtree(path + ".lod", ignore_errors=True)
+        t = time.perf_counter()
+        LD.open_lods(tr)
+        build = time.perf_counter() - t
+        with sync_playwright() as p:
+            ctx = browser(p)
+            try:
+                cold = first_paint(ctx, path, cached=False)
+                warm = statistics.median(first_paint(ctx, path, cached=True) for _ in range(3))
+                inter = interactive(ctx, path, 16)
+            finally:
+                ctx.close()
+        rows.append({"trace": name, "points": points, "rows": tr.table.num_rows,
+                     "mb": os.path.getsize(path) / 1e6, "lod_build_s": build,
+                     "first_paint_no_cache_s": cold, "first_paint_cached_s": warm, **inter})
+        print(rows[-1], flush=True)
+    cols = ["trace", "points", "rows", "mb", "lod_build_s", "first_paint_no_cache_s",
+            "first_paint_cached_s", "zoom_e2e_median_s", "zoom_server_median_s", "zoom_events",
+            "animation_fps", "server_frames_per_s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
+                                for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

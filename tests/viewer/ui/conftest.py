@@ -1,0 +1,112 @@
+"""Serve the real app on 127.0.0.1 and drive Debian's Chromium through playwright."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import panel as pn
+import pytest
+
+from dnntrace_viewer.app import SESSION_VIEWS, build_app
+from dnntrace_viewer.cli import free_port
+from dnntrace_viewer.data_store import RunStore
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "ui: drives the served app in headless Chromium")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def server(demo_trace: str) -> Iterator[str]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("Chromium not installed")
+    pn.state.cache.pop(SESSION_VIEWS, None)
+    store = RunStore(paths=[demo_trace])
+    port = free_port()
+    srv = pn.serve(
+        {"/": lambda: build_app(store.clone(), follow_ms=None)},
+        port=port,
+        address="127.0.0.1",
+        websocket_origin=[f"127.0.0.1:{port}"],
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        try:
+            srv.stop()
+        except RuntimeError:  # "Thread already stopping": Panel stopped it at session end
+            pass
+        pn.state.cache.pop(SESSION_VIEWS, None)
+        try:
+            pn.state.reset()
+        except RuntimeError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        ctx = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=ARGS,
+            viewport={"width": 1300, "height": 1100},
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+@pytest.fixture()
+def page(server: str, browser: Any) -> Iterator[Any]:
+    """A fresh session: the page, its console errors and its views (render counters)."""
+    pn.state.cache[SESSION_VIEWS] = []
+    pg = browser.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(server)
+    try:
+        pg.wait_for_selector("canvas", timeout=30_000)
+    except Exception:  # show what the page says instead (a crashed app serves its traceback)
+        pytest.fail(f"the app did not draw; the page says: {pg.inner_text('body')[:2000]}")
+    views = wait_until(lambda: pn.state.cache.get(SESSION_VIEWS))[-1]
+    pg.dnt_errors = errors
+    pg.dnt_views = views
+    yield pg
+    pg.close()
+    assert errors == [], f"browser console errors: {errors}"
