@@ -37,7 +37,7 @@ test-fast: build
 
 demo: build
 	$(PY) -m dnntrace.demo --out out/demo.arrow $(DEMO_ARGS)
-	$(VENV)/bin/dnntrace-view out/demo.arrow
+	$(VENV)/bin/dnntrace-view out/demo.arrow out/demo-mlp.arrow
 
 bench: build
 	$(PIP) install -q -r requirements/bench.txt

@@ -152,7 +152,9 @@ def train_mlp(
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     it = batches(data, context, batch, gen)
     t0 = time.perf_counter()
-    with dnntrace.enable(model, out, every=every) as tracer:
+    # the MLP also records per-unit statistics, NaN origin, weight spectra and update ratios
+    extras = {"units": True, "on_anomaly": "record", "spectral": True, "dynamics": True}
+    with dnntrace.enable(model, out, every=every, **extras) as tracer:
         for step in range(steps):
             ctx, nxt = next(it)  # 16 characters, and the same shifted by one
             x, y = ctx.to(device), nxt[:, -1].to(device)

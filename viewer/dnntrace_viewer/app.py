@@ -30,8 +30,48 @@ sum of squares unchanged at every step. Select a row to open the module."""
 SESSION_VIEWS = "dnntrace_views"
 TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
 
+_UNIT_KINDS = {"unit_mean", "unit_firing", "unit_saturated", "anomaly", "unit_attr"}
+_SPECTRAL_KINDS = {
+    "sigma_max",
+    "stable_rank",
+    "spectrum",
+    "update_ratio",
+    "trajectory",
+    "rankme",
+    "fd_eigs",
+}
 
-def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.Viewable:
+
+def extra_tabs(store: RunStore, scheduler: str | None = None) -> list[tuple[str, Any]]:
+    """(title, builder) of the views the trace has data for: per-unit statistics, spectra and
+    dynamics, ranks of a distributed run. Builders run when their tab is first opened."""
+    run = store.current
+    col = run.trace.table.column("kind")
+    kinds = set(col.cast("string").unique().to_pylist()) if run.trace.table.num_rows else set()
+    out: list[tuple[str, Any]] = []
+    if kinds & _UNIT_KINDS:
+        from .views_units import panels as unit_panels
+
+        out.append(("Units", lambda: unit_panels(run.trace)))
+    if kinds & _SPECTRAL_KINDS or any(k.startswith(("gns", "hessian")) for k in kinds):
+        from .views_spectral import panels as spectral_panels
+
+        out.append(("Spectra & dynamics", lambda: spectral_panels(run.path)))
+    ranks = set(run.trace.table.column("rank").unique().to_pylist()) if kinds else set()
+    world = int(run.trace.metadata.get("world_size") or 1)
+    if world > 1 or len(ranks) > 1:
+        from .views_ranks import panels as rank_panels
+
+        paths = list(store.paths) or [run.path]
+        out.append(
+            ("Ranks", lambda: rank_panels(paths, use_dask=bool(scheduler), scheduler=scheduler))
+        )
+    return out
+
+
+def build_app(
+    store: RunStore, *, follow_ms: int | None = None, scheduler: str | None = None
+) -> pn.viewable.Viewable:
     pn.extension("tabulator", notifications=False)
     silence(FIXED_SIZING_MODE, True)  # HoloViews layouts with frame sizes: harmless
     detail = HistogramOverTime(store=store)
@@ -58,7 +98,16 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
     heat_box = pn.Column(pn.pane.Markdown("loading…"), name="heat_box")
     dist_box = pn.Column(pn.pane.Markdown("loading…"), name="dist_box")
 
+    extras = extra_tabs(store, scheduler)
+    extra_boxes = [
+        pn.Column(pn.pane.Markdown("loading…"), name=f"extra_{i}") for i in range(len(extras))
+    ]
+
     def open_tab(event: Any) -> None:
+        i = event.new - len(TABS)
+        if 0 <= i < len(extras) and f"extra_{i}" not in views:
+            views[f"extra_{i}"] = True
+            extra_boxes[i].objects = [pn.Tabs(*extras[i][1](), dynamic=False)]
         if event.new == 2 and "heat" not in views:
             views["heat"] = Heatmap(store=store)
             heat_box.objects = [views["heat"].panel()]
@@ -116,6 +165,7 @@ def build_app(store: RunStore, *, follow_ms: int | None = None) -> pn.viewable.V
             ),
         ]
     )
+    tabs.extend([(title, box) for (title, _), box in zip(extras, extra_boxes, strict=True)])
     side = pn.Column(
         pn.pane.Markdown("## dnntrace"),
         pn.widgets.Select.from_param(store.param.run, width=220),

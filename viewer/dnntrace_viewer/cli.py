@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="follow the files while a run writes")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the LOD cache")
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="aggregate rank views through an existing dask.distributed scheduler "
+        "(e.g. tcp://127.0.0.1:8786)",
+    )
     return p
 
 
@@ -153,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         basic_auth=args.basic_auth,
         origins=args.allow_origin,
         follow_ms=1000,
+        scheduler=args.dask_scheduler,
     )
 
 
@@ -165,6 +172,7 @@ def serve(
     basic_auth: str | None = None,
     origins: Sequence[str] = (),
     follow_ms: int | None = 1000,
+    scheduler: str | None = None,
 ) -> int:
     import panel as pn
 
@@ -191,7 +199,7 @@ def serve(
     threading.Timer(3.0, warm).start()  # after the first page is served
     print(f"dnntrace-view: serving {url}  (Ctrl-C to stop)", flush=True)
     pn.serve(
-        {"/": lambda: build_app(store.clone(), follow_ms=follow_ms)},
+        {"/": lambda: build_app(store.clone(), follow_ms=follow_ms, scheduler=scheduler)},
         port=port,
         address=host,
         websocket_origin=allowed,

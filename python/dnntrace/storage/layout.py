@@ -87,8 +87,9 @@ class Layout:
         return np.ldexp(1.0 + m / float(1 << self.k), e.astype(np.int32))
 
     def edges(self) -> np.ndarray:
-        """The ``bins + 1`` ascending bucket edges; the middle edge is 0 (the gap between
-        the negative and positive windows is where zeros and underflow live)."""
+        """The ``bins + 2`` ascending bucket edges: ``per_sign + 1`` negative edges ending at
+        ``-2**emin``, then ``per_sign + 1`` positive ones from ``2**emin`` (the gap between them
+        is where zeros and underflow live)."""
         p = self.per_sign
         pos = self.abs_lower(np.arange(p + 1))
         neg = -pos[::-1]

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from . import layout as L
 from .layout import Layout
-from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
+from .schema import BASE_SCHEMA, COUNT_COLUMNS, TENSOR_KINDS, TraceError, read_metadata
 from .summary import Summary
 
 _HEADER_INDEX = {
@@ -185,8 +185,16 @@ class Trace:
         return pa.table(cols)
 
     def anomalies(self) -> list[dict[str, Any]]:
-        """First step with NaN or Inf per kind, and the first module (model order) at it."""
+        """First step with NaN or Inf per tensor kind (activation, activation_grad, weight,
+        weight_grad), and the first module (model order) at it. Vector rows (spectra, per-unit
+        statistics) and scalars are not tensors of the model and are left out."""
         t = self.table
+        if t.num_rows == 0:
+            return []
+        kind_col = t.column("kind")
+        if pa.types.is_dictionary(kind_col.type):
+            kind_col = kind_col.cast(pa.string())
+        t = t.filter(pc.is_in(kind_col, pa.array(list(TENSOR_KINDS))))
         if t.num_rows == 0:
             return []
         bad = pc.greater(

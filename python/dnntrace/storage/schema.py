@@ -11,6 +11,7 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"dnntrace"
 
 KINDS = ("activation", "activation_grad", "weight", "weight_grad", "scalar")
+TENSOR_KINDS = ("activation", "activation_grad", "weight", "weight_grad")
 PHASES = ("train", "eval")
 
 COUNT_COLUMNS = (

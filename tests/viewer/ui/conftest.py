@@ -2,51 +2,26 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import panel as pn
 import pytest
+from _browser import ARGS, CHROMIUM, require_chromium, wait_until  # noqa: E402,F401
 
 from dnntrace_viewer.app import SESSION_VIEWS, build_app
 from dnntrace_viewer.cli import free_port
 from dnntrace_viewer.data_store import RunStore
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ui: drives the served app in headless Chromium")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(every)
-
-
 @pytest.fixture(scope="module")
 def server(demo_trace: str) -> Iterator[str]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip("Chromium not installed")
+    require_chromium()
     pn.state.cache.pop(SESSION_VIEWS, None)
     store = RunStore(paths=[demo_trace])
     port = free_port()

@@ -80,9 +80,7 @@ def test_select_module_opens_detail(page: Any) -> None:
     wait_until(lambda: detail.store.module == "act0" and views["tabs"].active == 1)
     wait_until(lambda: detail.renders > n)
     wait_until(
-        lambda: (
-            pixels(canvas).shape == before.shape and changed(pixels(canvas), before) > 10_000
-        )
+        lambda: pixels(canvas).shape == before.shape and changed(pixels(canvas), before) > 10_000
     )
 
 

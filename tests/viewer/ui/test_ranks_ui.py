@@ -4,15 +4,14 @@ other tabs switch and name the NaN origin and the straggler."""
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import panel as pn
 import pytest
+from _browser import require_chromium, wait_until  # noqa: E402
 
-from conftest import CHROMIUM, wait_until  # tests/viewer/ui/conftest.py
 from dnntrace_viewer.cli import free_port
 from dnntrace_viewer.ranks_data import write_synthetic_ranks
 from dnntrace_viewer.views_ranks import panels
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.ui
 
 @pytest.fixture(scope="module")
 def ranks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip("Chromium not installed")
+    require_chromium()
     folder = write_synthetic_ranks(tmp_path_factory.mktemp("ranks-ui") / "run")
     port = free_port()
     srv = pn.serve(

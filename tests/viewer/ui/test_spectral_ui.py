@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from conftest import CHROMIUM, wait_until  # noqa: E402  (tests/viewer/ui/conftest.py)
+from _browser import require_chromium, wait_until  # noqa: E402
+
 from dnntrace_viewer.cli import free_port  # noqa: E402
 from dnntrace_viewer.views_spectral import panels  # noqa: E402
 
@@ -27,8 +27,7 @@ SHOTS = os.environ.get("DNNTRACE_UI_SHOTS")  # a folder to keep the screenshots 
 
 @pytest.fixture(scope="module")
 def spectral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip("Chromium not installed")
+    require_chromium()
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from test_spectral_views import make_spectral_trace
 

@@ -4,7 +4,6 @@ anomaly timeline names the planted layer, the top-k table follows the selected u
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from conftest import CHROMIUM, wait_until  # noqa: E402  (tests/viewer/ui/conftest.py)
+from _browser import require_chromium, wait_until  # noqa: E402
+
 from dnntrace_viewer.cli import free_port  # noqa: E402
 from dnntrace_viewer.views_units import panels  # noqa: E402
 
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.ui
 
 @pytest.fixture(scope="module")
 def units_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip("Chromium not installed")
+    require_chromium()
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1]))

@@ -1,0 +1,43 @@
+"""Browser helpers for the UI tests (a module of its own: ``from conftest import`` is ambiguous
+with several conftest.py files in the tree)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def require_chromium() -> None:
+    """Skip without Debian's Chromium, unless DNNTRACE_REQUIRE_UI=1 (CI), where it fails."""
+    if shutil.which(CHROMIUM) is None:
+        if os.environ.get("DNNTRACE_REQUIRE_UI") == "1":
+            pytest.fail(f"{CHROMIUM} is missing but DNNTRACE_REQUIRE_UI=1")
+        pytest.skip("Chromium not installed (apt-get install chromium chromium-driver)")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(every)
