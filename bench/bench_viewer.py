@@ -32,14 +32,32 @@ sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
 from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 CASES = {
     # 2,000 steps x 8 modules x 65,536 activations a step = 1.05e9 (step, value) points
-    "1e9": SyntheticSpec(steps=2000, layers=4, width=512, batch=128, kinds=("activation",),
-                         nan_step=1500, nan_layer=2, dead_layer=3, frozen_layer=None,
-                         steps_per_batch=50, seed=1),
+    "1e9": SyntheticSpec(
+        steps=2000,
+        layers=4,
+        width=512,
+        batch=128,
+        kinds=("activation",),
+        nan_step=1500,
+        nan_layer=2,
+        dead_layer=3,
+        frozen_layer=None,
+        steps_per_batch=50,
+        seed=1,
+    ),
     "demo": SyntheticSpec(),  # 200 steps, 6 blocks, all four kinds
 }
 
@@ -66,7 +84,10 @@ const hashOf = (c) => {
 };
 """
 
-JS_WATCH = "(cls) => {" + JS_FIND + """
+JS_WATCH = (
+    "(cls) => {"
+    + JS_FIND
+    + """
   window.__dnt = new Promise((resolve) => {
     const c = findCanvas(cls); const t0 = performance.now();
     let last = t0, prev = hashOf(c); window.__dntChanges = [];
@@ -78,14 +99,19 @@ JS_WATCH = "(cls) => {" + JS_FIND + """
     requestAnimationFrame(tick);
   });
 }"""
+)
 
-JS_COLOURS = "(cls) => {" + JS_FIND + """
+JS_COLOURS = (
+    "(cls) => {"
+    + JS_FIND
+    + """
   const c = findCanvas(cls); if (!c) return 0;
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   const s = new Set();
   for (let i = 0; i < d.length; i += 4 * 13) s.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
   return s.size;
 }"""
+)
 
 JS_LABELS = """(ms) => new Promise((resolve) => {
   const find = () => {
@@ -110,8 +136,12 @@ JS_LABELS = """(ms) => new Promise((resolve) => {
 
 def browser(p: Any) -> Any:
     return p.chromium.launch_persistent_context(
-        tempfile.mkdtemp(prefix="dnt-bench-"), executable_path=CHROMIUM, headless=True, args=ARGS,
-        viewport={"width": 1300, "height": 1100})
+        tempfile.mkdtemp(prefix="dnt-bench-"),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=ARGS,
+        viewport={"width": 1300, "height": 1100},
+    )
 
 
 def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
@@ -123,9 +153,12 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:2])}
     page = ctx.new_page()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dnntrace_viewer", path, "--no-browser",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dnntrace_viewer", path, "--no-browser", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -154,8 +187,15 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
     store = RunStore(paths=[path])
     port = free_port()
     pn.state.cache[SESSION_VIEWS] = []
-    srv = pn.serve({"/": lambda: build_app(store.clone(), follow_ms=None)}, port=port,
-                   address="127.0.0.1", show=False, threaded=True, start=True, print_url=False)
+    srv = pn.serve(
+        {"/": lambda: build_app(store.clone(), follow_ms=None)},
+        port=port,
+        address="127.0.0.1",
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
     page = ctx.new_page()
     try:
         page.goto(f"http://127.0.0.1:{port}/")
@@ -205,9 +245,13 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         seen = page.evaluate(JS_LABELS, 6000)
         server_fps = (dist.frames - f0) / 6.0
         fps = (len(seen) - 1) / 6.0
-        return {"zoom_e2e_median_s": statistics.median(e2e) if e2e else float("nan"),
-                "zoom_server_median_s": statistics.median(server) if server else float("nan"),
-                "zoom_events": len(e2e), "animation_fps": fps, "server_frames_per_s": server_fps}
+        return {
+            "zoom_e2e_median_s": statistics.median(e2e) if e2e else float("nan"),
+            "zoom_server_median_s": statistics.median(server) if server else float("nan"),
+            "zoom_events": len(e2e),
+            "animation_fps": fps,
+            "server_frames_per_s": server_fps,
+        }
     finally:
         page.close()
         srv.stop()
@@ -229,14 +273,18 @@ def main() -> None:
         if not os.path.exists(path):
             t = time.perf_counter()
             info = write_synthetic(path, spec)
-            print(f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
-                  f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s", flush=True)
+            print(
+                f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
+                f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
+                flush=True,
+            )
         from dnntrace.storage import load
         from dnntrace_viewer import lod as LD
 
         tr = load(path)
-        points = float(np.sum(tr.table.column("count").to_numpy()
-                              - tr.table.column("nan_count").to_numpy()))
+        points = float(
+            np.sum(tr.table.column("count").to_numpy() - tr.table.column("nan_count").to_numpy())
+        )
         shutil.rmtree(path + ".lod", ignore_errors=True)
         t = time.perf_counter()
         LD.open_lods(tr)
@@ -249,18 +297,41 @@ def main() -> None:
                 inter = interactive(ctx, path, 16)
             finally:
                 ctx.close()
-        rows.append({"trace": name, "points": points, "rows": tr.table.num_rows,
-                     "mb": os.path.getsize(path) / 1e6, "lod_build_s": build,
-                     "first_paint_no_cache_s": cold, "first_paint_cached_s": warm, **inter})
+        rows.append(
+            {
+                "trace": name,
+                "points": points,
+                "rows": tr.table.num_rows,
+                "mb": os.path.getsize(path) / 1e6,
+                "lod_build_s": build,
+                "first_paint_no_cache_s": cold,
+                "first_paint_cached_s": warm,
+                **inter,
+            }
+        )
         print(rows[-1], flush=True)
-    cols = ["trace", "points", "rows", "mb", "lod_build_s", "first_paint_no_cache_s",
-            "first_paint_cached_s", "zoom_e2e_median_s", "zoom_server_median_s", "zoom_events",
-            "animation_fps", "server_frames_per_s"]
+    cols = [
+        "trace",
+        "points",
+        "rows",
+        "mb",
+        "lod_build_s",
+        "first_paint_no_cache_s",
+        "first_paint_cached_s",
+        "zoom_e2e_median_s",
+        "zoom_server_median_s",
+        "zoom_events",
+        "animation_fps",
+        "server_frames_per_s",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
-                                for c in cols) + " |")
+        print(
+            "| "
+            + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ class HistogramOverTime(param.Parameterized):
             default_tools=["pan", "wheel_zoom", "box_zoom", "reset", "save"],
             hover_tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@count")],
             hover_formatters={"$y": value_formatter(ymap)},
-            clipping_colors={"NaN": BG}, hooks=[_prompt_ranges],
+            clipping_colors={"NaN": BG},
+            hooks=[_prompt_ranges],
         )
         layers = [el]
         if self.quantiles and lod is not None and lod.steps.size:
@@ -175,8 +176,9 @@ class HistogramOverTime(param.Parameterized):
                     hover_tooltips=[("quantile", name), ("step", "@step"), ("value", "@value")],
                 )
                 layers.append(curve)
-        out = hv.Overlay(layers).opts(framewise=True, active_tools=["wheel_zoom"],
-                                      hooks=[_prompt_ranges])
+        out = hv.Overlay(layers).opts(
+            framewise=True, active_tools=["wheel_zoom"], hooks=[_prompt_ranges]
+        )
         self.render_times.append(time.perf_counter() - t0)
         self.renders += 1
         return out
@@ -277,7 +279,8 @@ class LayerStrips(param.Parameterized):
                 "$y{layer}": CustomJSHover(code=code),
                 "$y{value}": CustomJSHover(code=vcode),
             },
-            clipping_colors={"NaN": BG}, hooks=[_prompt_ranges],
+            clipping_colors={"NaN": BG},
+            hooks=[_prompt_ranges],
         )
 
     def panel(self) -> pn.pane.HoloViews:

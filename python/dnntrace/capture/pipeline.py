@@ -279,8 +279,11 @@ class Pipeline:
             self.writer.close()
         except OSError as e:
             if self._dead is None:  # a write error was already reported once
-                warnings.warn(f"dnntrace: could not close {self.writer.path}: {e}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"dnntrace: could not close {self.writer.path}: {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     # ---- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -288,9 +291,18 @@ class Pipeline:
         # pieces (~0.5 s), which would otherwise make the first steps of a fast loop drop.
         try:
             empty = np.zeros((1, self.layout.width), np.int64)
-            state_to_batch(empty, np.zeros((1, L.NUM_MOMENTS)), self.layout, step=0,
-                           module=[""], kind=["scalar"], tensor=[""], dtype=[""], shape=[()],
-                           values=[np.zeros(1, np.float32)])
+            state_to_batch(
+                empty,
+                np.zeros((1, L.NUM_MOMENTS)),
+                self.layout,
+                step=0,
+                module=[""],
+                kind=["scalar"],
+                tensor=[""],
+                dtype=[""],
+                shape=[()],
+                values=[np.zeros(1, np.float32)],
+            )
         except Exception:  # noqa: BLE001 - only a warm-up; real errors surface on real jobs
             pass
         while True:

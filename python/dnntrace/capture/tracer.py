@@ -130,9 +130,7 @@ class Tracer:
                 "and gradients; activation hooks are skipped inside compiled graphs)"
             )
         if not isinstance(host_memory_mb, int | float) or not host_memory_mb > 0:
-            raise ValueError(
-                f"dnntrace.enable: host_memory_mb must be > 0, got {host_memory_mb!r}"
-            )
+            raise ValueError(f"dnntrace.enable: host_memory_mb must be > 0, got {host_memory_mb!r}")
         for name, v in (("every", every), ("host_buffers", host_buffers or 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"dnntrace.enable: {name} must be a positive int, got {v!r}")
@@ -269,8 +267,7 @@ class Tracer:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise ValueError(
-                    f"dnntrace.enable: cannot write the trace {self.path!r}: "
-                    f"{e.strerror or e}"
+                    f"dnntrace.enable: cannot write the trace {self.path!r}: {e.strerror or e}"
                 ) from None
             # a full disk never stops training: warn once, train untraced
             self.disabled_reason = f"disk full writing {self.path!r}"
@@ -300,8 +297,9 @@ class Tracer:
         with _ACTIVE_LOCK:
             _ACTIVE[id(model)] = self
 
-    def _setup(self, capacity: int, host_buffers: int,
-               optimizer: torch.optim.Optimizer | None) -> None:
+    def _setup(
+        self, capacity: int, host_buffers: int, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         assert self._writer is not None
         self._pipe = Pipeline(
             self._writer,
@@ -321,8 +319,7 @@ class Tracer:
                 if self.trace_gradients:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
         # rows of these slots to clear if an optimizer turns up after grads were recorded
-        self._grad_slot_index = torch.tensor(self._grad_slots, dtype=torch.long,
-                                             device=self.device)
+        self._grad_slot_index = torch.tensor(self._grad_slots, dtype=torch.long, device=self.device)
         self._install_hooks(optimizer)
         for ext in self.extensions:
             ext.attach(self)
@@ -620,9 +617,17 @@ class Tracer:
     def stats(self) -> dict[str, Any]:
         """Steps written and dropped, rows, bytes on disk, bank memory, flush cost."""
         if self._pipe is None or self._writer is None:  # never started (disk full)
-            return {"steps_written": 0, "steps_dropped": self.step_index, "rows": 0,
-                    "bytes": 0, "slots": 0, "memory_bytes": {}, "flush_us_median": 0.0,
-                    "write_seconds": 0.0, "disabled": self.disabled_reason}
+            return {
+                "steps_written": 0,
+                "steps_dropped": self.step_index,
+                "rows": 0,
+                "bytes": 0,
+                "slots": 0,
+                "memory_bytes": {},
+                "flush_us_median": 0.0,
+                "write_seconds": 0.0,
+                "disabled": self.disabled_reason,
+            }
         s = self._pipe.stats
         flush = sorted(s.flush_us)
         return {
