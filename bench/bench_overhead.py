@@ -82,6 +82,35 @@ class Case:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def resnet_like(width: int = 64, blocks: int = 8, classes: int = 100) -> nn.Module:
+    """Conv stem, residual blocks of conv-BN-ReLU-conv-BN, global pooling, a linear head."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+            )
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x + self.body(x))
+
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *[Block(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, classes),
+    )
+
+
 def _cases() -> dict[str, Case]:
     def mlp() -> nn.Module:
         layers: list[nn.Module] = []
@@ -122,6 +151,26 @@ def _cases() -> dict[str, Case]:
             lambda g: (
                 torch.randn(64, 3, 32, 32, generator=g),
                 torch.randint(0, 10, (64,), generator=g),
+            ),
+            ce,
+        ),
+        # GPU sizes: a GPT-2-small-size transformer (d=768, 12 layers, 12 heads, seq 1024) and a
+        # ResNet-style CNN (for bench/gpu_check.sh; far too slow for the CPU)
+        "gpt2": Case(
+            "gpt2",
+            lambda: TinyTransformer(d=768, layers=12, heads=12, vocab=50257),
+            lambda g: (
+                torch.randint(0, 50257, (8, 1024), generator=g),
+                torch.randint(0, 50257, (8, 1024), generator=g),
+            ),
+            ce,
+        ),
+        "resnet": Case(
+            "resnet",
+            resnet_like,
+            lambda g: (
+                torch.randn(64, 3, 64, 64, generator=g),
+                torch.randint(0, 100, (64,), generator=g),
             ),
             ce,
         ),
@@ -232,13 +281,22 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
 
 
 # ---- measurement --------------------------------------------------------------------------
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def train_steps(
     model: nn.Module, opt: torch.optim.Optimizer, case: Case, run: Run, steps: int, seed: int
 ) -> list[float]:
     g = torch.Generator().manual_seed(seed)
-    batches = [case.batch(g) for _ in range(steps)]
+    batches = [tuple(t.to(DEVICE) for t in case.batch(g)) for _ in range(steps)]
     times = []
     for i, (x, y) in enumerate(batches):
+        _sync()
         t0 = time.perf_counter()
         loss = case.loss(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -246,18 +304,21 @@ def train_steps(
         run.after_backward(i)
         opt.step()
         run.after_step(i, loss)
+        _sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
 def memory_bandwidth() -> float:
     """Bytes/s of torch.sum over a 400 MB fp32 tensor (median of 5)."""
-    x = torch.ones(100_000_000)
+    x = torch.ones(100_000_000, device=DEVICE)
     x.sum()
     ts = []
     for _ in range(5):
+        _sync()
         t0 = time.perf_counter()
         x.sum()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return x.numel() * 4 / statistics.median(ts)
 
@@ -283,9 +344,9 @@ def bytes_read_per_step(path: str) -> tuple[float, float]:
 def check_tracing_is_transparent(case: Case, workdir: str) -> None:
     """One step with and without tracing from the same state: identical loss and parameters."""
     torch.manual_seed(0)
-    m0 = case.make()
+    m0 = case.make().to(DEVICE)
     g = torch.Generator().manual_seed(0)
-    x, y = case.batch(g)
+    x, y = (t.to(DEVICE) for t in case.batch(g))
     m1 = copy.deepcopy(m0)
     results = []
     for m, traced in ((m0, False), (m1, True)):
@@ -313,7 +374,7 @@ class Result:
 
 def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir: str) -> Result:
     torch.manual_seed(0)
-    model = case.make()
+    model = case.make().to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     res = Result()
     # warm-up untimed (allocator, thread pools, first wandb/tensorboard import)
@@ -369,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds (%(default)s)")
     ap.add_argument("--demo-steps", type=int, default=200, help="0 to skip the demo trace size")
     ap.add_argument("--out", default=None, help="folder for traces (default: a temp folder)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.steps, args.rounds, args.demo_steps = 10, 1, 0
     cases = _cases()

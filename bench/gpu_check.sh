@@ -36,8 +36,8 @@ timeout 150 $PY bench/bench_summary.py --device cuda --dtypes float32 bfloat16 f
 SUMMARY=$?
 
 log "bench_overhead on CUDA (GPT-2-small-size transformer, ResNet-style CNN)"
-timeout 180 $PY bench/bench_overhead.py --device cuda --models gpt2 resnet \
-  >"$OUT/bench_overhead.txt" 2>&1
+timeout 200 $PY bench/bench_overhead.py --device cuda --models gpt2,resnet --steps 10 \
+  --rounds 2 --demo-steps 0 >"$OUT/bench_overhead.txt" 2>&1
 OVERHEAD=$?
 
 log "done"
