@@ -123,9 +123,14 @@ def test_activation_sketch_and_rankme(tmp_path) -> None:
     # FD bound: each eigenvalue is low by at most ‖A − A_k‖F²/(ℓ − k) / rows; rank ≤ 5 < ℓ:
     # exact up to rounding
     np.testing.assert_allclose(got[:5], ref[:5], rtol=1e-4)
+    # RankMe runs in a background thread that skips a snapshot while the previous one is still
+    # computing (on a busy machine, step 4's may be skipped): check every row that was written.
+    # The inputs have rank 4 at every step, so the effective rank is within [1, 5] at all.
     rk = _rows(path, "rankme")
-    rows4 = [v for (s, m, _), v in rk.items() if m == "0" and int(v[0]) == 4]
-    assert rows4 and 1.0 <= rows4[0][1] <= 5.0 + 1e-3 and rows4[0][2] == 100
+    rows0 = [v for (s, m, _), v in rk.items() if m == "0"]
+    assert rows0
+    for v in rows0:
+        assert int(v[0]) in (0, 2, 4) and 1.0 <= v[1] <= 5.0 + 1e-3 and v[2] == 100
 
 
 def test_noise_scale_under_accumulation(tmp_path) -> None:

@@ -591,10 +591,11 @@ class Tracer:
         except Exception as e:
             self._fail(e)
 
-    def _flush(self) -> None:
+    def _flush(self, closing: bool = False) -> None:
         if self.disabled_reason is not None:
             return
-        if self.trace_weights and self._sampling(self.every) and self._params:
+        # weights are recorded at the optimizer step; a flush at close only ships what is left
+        if not closing and self.trace_weights and self._sampling(self.every) and self._params:
             xs = [_local(p.detach()) for _, _, p in self._params]
             idx = [i for i, x in enumerate(xs) if x.device == self.device]
             if idx:
@@ -670,7 +671,7 @@ class Tracer:
                     )
             try:
                 if self._recorded or self._scalars or self._vectors:
-                    self._flush()
+                    self._flush(closing=True)
             except Exception as e:  # closing must not raise into the user's finally-blocks
                 if self.strict:
                     raise
