@@ -37,12 +37,9 @@ void f64_block_moments(const double* x, int n, BlockAcc& acc);
 void f32_block_indices(const float* x, int n, const HistLayout& l, int32_t* idx);
 void f64_block_indices(const double* x, int n, const HistLayout& l, int32_t* idx);
 
-// f32_block_moments and f32_block_scatter_raw of the same block in one loop.
+// f32_block_moments plus, for each value, table[4 * (bits(x[i]) >> (23 - k)) + i % 4] += 1: the
+// raw id (sign, exponent, top k mantissa bits) with four interleaved counters per id.
 void f32_block_fused(const float* x, int n, int k, uint32_t* table, BlockAcc& acc);
-
-// Adds 1 to table[4 * (bits(x[i]) >> (23 - k)) + i % 4] for each value: its raw id (sign,
-// exponent, top k mantissa bits) with four interleaved counters per id (n <= kBlock).
-void f32_block_scatter_raw(const float* x, int n, int k, uint32_t* table);
 
 // Number of raw ids for k mantissa bits: 2^(9 + k).
 inline int raw_id_count(int k) { return 1 << (9 + k); }

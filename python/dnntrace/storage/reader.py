@@ -13,22 +13,9 @@ import pyarrow.compute as pc
 
 from . import layout as L
 from .layout import Layout
+from .rows import HEADER_COLUMNS
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TENSOR_KINDS, TraceError, read_metadata
 from .summary import Summary
-
-_HEADER_INDEX = {
-    "count": L.COUNT,
-    "nan_count": L.NAN,
-    "posinf_count": L.POSINF,
-    "neginf_count": L.NEGINF,
-    "zero_count": L.ZEROS,
-    "negative_count": L.NEGATIVES,
-    "underflow_pos_count": L.UNDER_POS,
-    "underflow_neg_count": L.UNDER_NEG,
-    "overflow_pos_count": L.OVER_POS,
-    "overflow_neg_count": L.OVER_NEG,
-    "calls": L.CALLS,
-}
 
 
 def read_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any], bool]:
@@ -243,7 +230,7 @@ def rows_to_summaries(rows: pa.Table) -> list[Summary]:
     hist = rows.column("hist").combine_chunks()
     hist_off = hist.offsets.to_numpy()
     hist_vals = hist.values.to_numpy(zero_copy_only=False)
-    header = {name: rows.column(name).to_numpy() for name in _HEADER_INDEX}
+    header = {name: rows.column(name).to_numpy() for name in HEADER_COLUMNS}
     s = rows.column("sum").to_numpy(zero_copy_only=False)
     ss = rows.column("sumsq").to_numpy(zero_copy_only=False)
     mn = rows.column("min").to_numpy(zero_copy_only=False)
@@ -253,7 +240,7 @@ def rows_to_summaries(rows: pa.Table) -> list[Summary]:
         key = (int(ks[i]), int(emins[i]), int(octs[i]))
         lay = layouts.get(key) or layouts.setdefault(key, Layout(*key))
         counts = np.zeros(lay.width, np.int64)
-        for name, idx in _HEADER_INDEX.items():
+        for name, idx in HEADER_COLUMNS.items():
             counts[idx] = header[name][i]
         seg = hist_vals[hist_off[i] : hist_off[i + 1]]
         if seg.size:

@@ -12,7 +12,8 @@ from . import layout as L
 from .layout import Layout
 from .schema import BASE_SCHEMA
 
-_HEADER_COLUMNS = {
+# trace column -> index in a slot's counts row
+HEADER_COLUMNS = {
     "count": L.COUNT,
     "nan_count": L.NAN,
     "posinf_count": L.POSINF,
@@ -129,7 +130,7 @@ def state_to_batch(
         "shape": [list(s) for s in shape],
         "numel": np.array([int(np.prod(s)) for s in shape], dtype=np.int64),
     }
-    for name, idx in _HEADER_COLUMNS.items():
+    for name, idx in HEADER_COLUMNS.items():
         cols[name] = counts[:, idx]
     cols["min"] = mn
     cols["max"] = mx

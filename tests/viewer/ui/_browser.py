@@ -3,10 +3,11 @@ with several conftest.py files in the tree)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -41,3 +42,32 @@ def wait_until(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(every)
+
+
+@contextlib.contextmanager
+def served(make: Callable[[], Any]) -> Iterator[str]:
+    """Serves ``make()`` (a Panel object per session) on a free loopback port; yields the URL,
+    then stops the server and resets ``pn.state``."""
+    import panel as pn
+
+    from dnntrace_viewer.cli import free_port
+
+    port = free_port()
+    srv = pn.serve(
+        {"/": make},
+        port=port,
+        address="127.0.0.1",
+        websocket_origin=[f"127.0.0.1:{port}"],
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        with contextlib.suppress(RuntimeError):  # "Thread already stopping"
+            srv.stop()
+            srv.join(timeout=30)
+        with contextlib.suppress(RuntimeError):
+            pn.state.reset()

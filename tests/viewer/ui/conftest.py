@@ -8,10 +8,9 @@ from typing import Any
 
 import panel as pn
 import pytest
-from _browser import ARGS, CHROMIUM, require_chromium, wait_until  # noqa: E402,F401
+from _browser import ARGS, CHROMIUM, require_chromium, served, wait_until  # noqa: E402,F401
 
 from dnntrace_viewer.app import SESSION_VIEWS, build_app
-from dnntrace_viewer.cli import free_port
 from dnntrace_viewer.data_store import RunStore
 
 
@@ -24,29 +23,9 @@ def server(demo_trace: str) -> Iterator[str]:
     require_chromium()
     pn.state.cache.pop(SESSION_VIEWS, None)
     store = RunStore(paths=[demo_trace])
-    port = free_port()
-    srv = pn.serve(
-        {"/": lambda: build_app(store.clone(), follow_ms=None)},
-        port=port,
-        address="127.0.0.1",
-        websocket_origin=[f"127.0.0.1:{port}"],
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        try:
-            srv.stop()
-        except RuntimeError:  # "Thread already stopping": Panel stopped it at session end
-            pass
-        pn.state.cache.pop(SESSION_VIEWS, None)
-        try:
-            pn.state.reset()
-        except RuntimeError:
-            pass
+    with served(lambda: build_app(store.clone(), follow_ms=None)) as url:
+        yield url
+    pn.state.cache.pop(SESSION_VIEWS, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import panel as pn
 import pytest
-from _browser import require_chromium, wait_until  # noqa: E402
+from _browser import require_chromium, served, wait_until  # noqa: E402
 
-from dnntrace_viewer.cli import free_port
 from dnntrace_viewer.ranks_data import write_synthetic_ranks
 from dnntrace_viewer.views_ranks import panels
 
@@ -23,25 +22,8 @@ pytestmark = pytest.mark.ui
 def ranks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_chromium()
     folder = write_synthetic_ranks(tmp_path_factory.mktemp("ranks-ui") / "run")
-    port = free_port()
-    srv = pn.serve(
-        {"/": lambda: pn.Tabs(*panels(folder), dynamic=False)},
-        port=port,
-        address="127.0.0.1",
-        websocket_origin=[f"127.0.0.1:{port}"],
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        for stop in (srv.stop, pn.state.reset):  # reset stops every server again
-            try:
-                stop()
-            except RuntimeError:  # panel: "Thread already stopping" when a stop is under way
-                pass
+    with served(lambda: pn.Tabs(*panels(folder), dynamic=False)) as url:
+        yield url
 
 
 def _pixels(pg: Any) -> np.ndarray:

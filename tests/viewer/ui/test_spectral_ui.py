@@ -16,9 +16,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import require_chromium, wait_until  # noqa: E402
+from _browser import require_chromium, served, wait_until  # noqa: E402
 
-from dnntrace_viewer.cli import free_port  # noqa: E402
 from dnntrace_viewer.views_spectral import panels  # noqa: E402
 
 pytestmark = pytest.mark.ui
@@ -32,22 +31,8 @@ def spectral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from test_spectral_views import make_spectral_trace
 
     path = make_spectral_trace(tmp_path_factory.mktemp("spectral-ui") / "run.arrow")
-    port = free_port()
-    srv = pn.serve(
-        {"/": lambda: pn.Tabs(*panels(str(path)), dynamic=False)},
-        port=port,
-        address="127.0.0.1",
-        websocket_origin=[f"127.0.0.1:{port}"],
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        del srv  # pn.state.reset() stops it (stopping it twice raises "Thread already stopping")
-        pn.state.reset()
+    with served(lambda: pn.Tabs(*panels(str(path)), dynamic=False)) as url:
+        yield url
 
 
 def _shot(pg: Any, name: str) -> np.ndarray:

@@ -14,9 +14,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import require_chromium, wait_until  # noqa: E402
+from _browser import require_chromium, served, wait_until  # noqa: E402
 
-from dnntrace_viewer.cli import free_port  # noqa: E402
 from dnntrace_viewer.views_units import panels  # noqa: E402
 
 pytestmark = pytest.mark.ui
@@ -31,23 +30,8 @@ def units_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from test_units_views import make_units_trace
 
     path = make_units_trace(tmp_path_factory.mktemp("units-ui") / "t.arrow")
-    port = free_port()
-    srv = pn.serve(
-        {"/": lambda: pn.Tabs(*panels(str(path)), dynamic=False, name="unit_tabs")},
-        port=port,
-        address="127.0.0.1",
-        websocket_origin=[f"127.0.0.1:{port}"],
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        srv.stop()
-        srv.join(timeout=30)  # else pn.state.reset() stops it again: "Thread already stopping"
-        pn.state.reset()
+    with served(lambda: pn.Tabs(*panels(str(path)), dynamic=False, name="unit_tabs")) as url:
+        yield url
 
 
 def _pixels(pg: Any) -> np.ndarray:
