@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import dnntrace
-from dnntrace.capture.anomaly import ANOMALY_FIELDS, AnomalyWatch
+from dnntrace.capture.anomaly import AnomalyWatch
 from dnntrace.capture.tracer import AnomalyError
+from dnntrace.storage.schema import ANOMALY_FIELDS
 
 
 class Encoder(nn.Module):

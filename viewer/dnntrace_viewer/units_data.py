@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dnntrace.storage import Trace, load
+from dnntrace.storage.schema import ANOMALY_FIELDS
 
 UNIT_KINDS = (
     "unit_mean",
@@ -35,18 +36,6 @@ UNIT_KINDS = (
     "unit_grad_rms",
     "unit_attr",
     "unit_attr_abs",
-)
-ANOMALY_FIELDS = (
-    "step",
-    "nan_count",
-    "inf_count",
-    "input_count",
-    "input_nan_count",
-    "input_inf_count",
-    "input_min",
-    "input_max",
-    "input_mean",
-    "input_rms",
 )
 DEAD_WINDOW = 5
 SATURATED_THRESHOLD = 0.99

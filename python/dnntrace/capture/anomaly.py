@@ -32,7 +32,7 @@ a sequential model), and says so (``input_source``).
 **Rows**: kind ``exec_order``, module ``""``, tensor ``forward`` / ``backward``: indices into the
 metadata ``modules`` list in execution order, written at a step whenever the order changed.
 Kind ``anomaly``, module = the origin, tensor ``forward`` / ``backward``, values
-``ANOMALY_FIELDS``.
+``dnntrace.storage.schema.ANOMALY_FIELDS``.
 """
 
 from __future__ import annotations
@@ -51,18 +51,6 @@ from .selection import iter_float_tensors
 from .tracer import AnomalyError, Extension, Tracer
 
 MODES = ("warn", "raise", "record")
-ANOMALY_FIELDS = (
-    "step",
-    "nan_count",
-    "inf_count",
-    "input_count",
-    "input_nan_count",
-    "input_inf_count",
-    "input_min",
-    "input_max",
-    "input_mean",
-    "input_rms",
-)
 _COLS = (L.COUNT, L.CALLS, L.NAN, L.POSINF, L.NEGINF)
 
 

@@ -12,6 +12,20 @@ METADATA_KEY = b"dnntrace"
 
 KINDS = ("activation", "activation_grad", "weight", "weight_grad", "scalar")
 TENSOR_KINDS = ("activation", "activation_grad", "weight", "weight_grad")
+
+# The values of an ``anomaly`` vector row, in order (capture.anomaly writes them, viewers read).
+ANOMALY_FIELDS = (
+    "step",
+    "nan_count",
+    "inf_count",
+    "input_count",
+    "input_nan_count",
+    "input_inf_count",
+    "input_min",
+    "input_max",
+    "input_mean",
+    "input_rms",
+)
 PHASES = ("train", "eval")
 
 COUNT_COLUMNS = (

@@ -4,12 +4,14 @@ with several conftest.py files in the tree)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -71,3 +73,27 @@ def served(make: Callable[[], Any]) -> Iterator[str]:
             srv.join(timeout=30)
         with contextlib.suppress(RuntimeError):
             pn.state.reset()
+
+
+def page_pixels(pg: Any) -> np.ndarray:
+    """The page's screenshot in grey levels (float64), to compare before and after an action."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(pg.screenshot())).convert("L"), dtype=np.float64)
+
+
+def canvas_drawn(pg: Any, colours: int = 20) -> bool:
+    """A visible canvas at least 100 px wide with more than ``colours`` distinct colours (one
+    that has been painted; canvases of other tabs stay in the page, hidden)."""
+    from PIL import Image
+
+    for c in pg.query_selector_all("canvas"):
+        if not c.is_visible():
+            continue
+        box = c.bounding_box()
+        if not box or box["width"] < 100:
+            continue
+        img = np.asarray(Image.open(io.BytesIO(c.screenshot())).convert("RGB"))
+        if len(np.unique(img.reshape(-1, 3), axis=0)) > colours:
+            return True
+    return False

@@ -4,24 +4,12 @@ the Player animates, the heatmap draws; no console errors (checked by the ``page
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+from _browser import wait_until  # noqa: E402
 from PIL import Image
-
-
-def wait_until(cond: Any, timeout: float = 20.0, every: float = 0.1) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(every)
-
 
 pytestmark = [
     pytest.mark.ui,

@@ -3,14 +3,13 @@ other tabs switch and name the NaN origin and the straggler."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import panel as pn
 import pytest
-from _browser import require_chromium, served, wait_until  # noqa: E402
+from _browser import canvas_drawn, page_pixels, require_chromium, served, wait_until  # noqa: E402
 
 from dnntrace_viewer.ranks_data import write_synthetic_ranks
 from dnntrace_viewer.views_ranks import panels
@@ -26,27 +25,6 @@ def ranks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _pixels(pg: Any) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(pg.screenshot())).convert("L"), dtype=np.float64)
-
-
-def _canvas_drawn(pg: Any) -> bool:
-    from PIL import Image
-
-    for c in pg.query_selector_all("canvas"):
-        if not c.is_visible():
-            continue
-        box = c.bounding_box()
-        if not box or box["width"] < 100:
-            continue
-        img = np.asarray(Image.open(io.BytesIO(c.screenshot())).convert("RGB"))
-        if len(np.unique(img.reshape(-1, 3), axis=0)) > 20:
-            return True
-    return False
-
-
 def test_ranks_views_in_the_browser(ranks_server: str, browser: Any) -> None:
     pg = browser.new_page()
     errors: list[str] = []
@@ -54,18 +32,18 @@ def test_ranks_views_in_the_browser(ranks_server: str, browser: Any) -> None:
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.goto(ranks_server)
     pg.wait_for_selector("canvas", timeout=60_000)
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)  # rank x step heatmap
-    before = _pixels(pg)
+    wait_until(lambda: canvas_drawn(pg), timeout=60)  # rank x step heatmap
+    before = page_pixels(pg)
 
     pg.get_by_text("Ranks × layers", exact=True).click()
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)
-    wait_until(lambda: np.abs(_pixels(pg) - before).mean() > 1.0, timeout=30)
+    wait_until(lambda: canvas_drawn(pg), timeout=60)
+    wait_until(lambda: np.abs(page_pixels(pg) - before).mean() > 1.0, timeout=30)
 
     pg.get_by_text("Stragglers & NaN", exact=True).click()
     pg.get_by_text("rank 2 at step 20").first.wait_for(timeout=30_000)
     pg.get_by_text("1 (median").first.wait_for(timeout=30_000)  # the slowest rank
 
     pg.get_by_text("Merged", exact=True).click()
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    wait_until(lambda: canvas_drawn(pg), timeout=60)
     pg.close()
     assert errors == [], f"browser console errors: {errors}"

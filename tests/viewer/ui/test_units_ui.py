@@ -3,7 +3,6 @@ anomaly timeline names the planted layer, the top-k table follows the selected u
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import require_chromium, served, wait_until  # noqa: E402
+from _browser import canvas_drawn, page_pixels, require_chromium, served, wait_until  # noqa: E402
 
 from dnntrace_viewer.views_units import panels  # noqa: E402
 
@@ -34,28 +33,6 @@ def units_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _pixels(pg: Any) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(pg.screenshot())).convert("L"), dtype=np.float64)
-
-
-def _canvas_drawn(pg: Any) -> bool:
-    # a canvas with more than a couple of distinct colours has been painted
-    for c in pg.query_selector_all("canvas"):
-        if not c.is_visible():
-            continue  # the canvases of the other tabs stay in the page, hidden
-        box = c.bounding_box()
-        if not box or box["width"] < 100:
-            continue
-        from PIL import Image
-
-        img = np.asarray(Image.open(io.BytesIO(c.screenshot())).convert("RGB"))
-        if len(np.unique(img.reshape(-1, 3), axis=0)) > 20:
-            return True
-    return False
-
-
 def test_units_views_in_the_browser(units_server: str, browser: Any) -> None:
     pg = browser.new_page()
     errors: list[str] = []
@@ -63,14 +40,14 @@ def test_units_views_in_the_browser(units_server: str, browser: Any) -> None:
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.goto(units_server)
     pg.wait_for_selector("canvas", timeout=60_000)
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)  # the units x steps heatmap
-    before = _pixels(pg)
+    wait_until(lambda: canvas_drawn(pg), timeout=60)  # the units x steps heatmap
+    before = page_pixels(pg)
 
     pg.locator(".bk-tab", has_text="Dead / saturated").click()
     # Panel renders inside shadow roots: locators pierce them, body.innerText does not
     pg.get_by_text("at the last step: [1, 5, 9]").first.wait_for(timeout=30_000)
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)
-    assert np.abs(_pixels(pg) - before).mean() > 1.0  # the page changed
+    wait_until(lambda: canvas_drawn(pg), timeout=60)
+    assert np.abs(page_pixels(pg) - before).mean() > 1.0  # the page changed
 
     pg.locator(".bk-tab", has_text="Anomalies").click()
     pg.get_by_text("step 5: 2 (forward, execution order)").first.wait_for(timeout=30_000)
@@ -86,6 +63,6 @@ def test_units_views_in_the_browser(units_server: str, browser: Any) -> None:
     assert pg.locator("table").last.locator("tbody tr").count() == 3
 
     pg.locator(".bk-tab", has_text="Attribution").click()
-    wait_until(lambda: _canvas_drawn(pg), timeout=60)
+    wait_until(lambda: canvas_drawn(pg), timeout=60)
     pg.close()
     assert errors == [], f"browser console errors: {errors}"
