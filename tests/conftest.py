@@ -1,5 +1,6 @@
-"""Shared test setup: CUDA parametrisation (skipped, not missing, without a GPU) and the
-hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` for the long run, ``dev`` by default)."""
+"""Shared test setup: CUDA tests are skipped, not missing, without a GPU (their device
+parameters come from tests/_devices.py), and the hypothesis profiles (``HYPOTHESIS_PROFILE=ci``
+for the long run, ``dev`` by default)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ from hypothesis import settings
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)
 settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "dev"))
-
-
-from _devices import cpu_and_cuda  # noqa: E402,F401  (re-exported for older imports)
 
 
 def _cuda_available() -> bool:
