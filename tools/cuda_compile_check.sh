@@ -22,7 +22,7 @@ for a in $ARCHS; do gencode+=(-gencode "arch=compute_${a},code=sm_${a}"); done
 status=0
 for cu in csrc/ops/cuda/*.cu; do
   echo "nvcc -c $cu (sm_${ARCHS// /, sm_})"
-  "$NVCC" -std=c++17 -O3 --use_fast_math "${gencode[@]}" -Werror all-warnings -Xcompiler -Wall \
+  "$NVCC" -std=c++17 -O3 "${gencode[@]}" -Werror all-warnings -Xcompiler -Wall \
     -c "$cu" -o "$OUT/$(basename "$cu").o" || status=1
 done
 for cpp in csrc/ops/cuda/*.cpp; do

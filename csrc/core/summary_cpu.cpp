@@ -4,13 +4,6 @@
 
 namespace dnntrace::core {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DNNTRACE_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DNNTRACE_CLONES
-#endif
-
 namespace {
 
 void fold(double& hi, double& lo, double v) {

@@ -11,6 +11,15 @@
 
 #include "loglinear.h"
 
+// Hot loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2/FMA/F16C) and a baseline, and
+// picked at load time (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DNNTRACE_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DNNTRACE_CLONES
+#endif
+
 namespace dnntrace::core {
 
 // Values are processed in blocks of at most this many elements; partial sums are taken per block

@@ -24,7 +24,12 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     return loss
 
 
-def test_traced_steps_do_not_sync(trace_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"units": True}, {"on_anomaly": "record"}, {"units": True, "on_anomaly": "warn"}],
+    ids=["default", "units", "anomaly", "units+anomaly"],
+)
+def test_traced_steps_do_not_sync(trace_path: Path, options: dict) -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = TinyTransformer().to(dev)
@@ -32,7 +37,7 @@ def test_traced_steps_do_not_sync(trace_path: Path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True, capturable=True)
     g = torch.Generator().manual_seed(0)
     data = [tuple(t.to(dev) for t in tf_batch(g)) for _ in range(8)]
-    with dnntrace.enable(model, trace_path, optimizer=opt) as tr:
+    with dnntrace.enable(model, trace_path, optimizer=opt, **options) as tr:
         for x, y in data[:3]:  # warm-up: slots, banks, pinned buffers are allocated here
             loss = _step(model, opt, x, y)
             tr.log_scalar("loss", loss)
@@ -72,3 +77,29 @@ def test_cuda_rows_match_cpu(tmp_path: Path) -> None:
         np.testing.assert_allclose(a[col], b[col], rtol=1e-9, err_msg=col)
     tol = 1e-9 * np.sqrt(a["count"] * a["sumsq"]) + 1e-12
     assert (np.abs(a["sum"] - b["sum"]) <= tol).all()
+
+
+def test_cuda_unit_rows_match_cpu(tmp_path: Path) -> None:
+    """Per-unit rows (native CUDA kernels) against the CPU kernels on a float64 model."""
+    torch.manual_seed(0)
+    cpu_model = TinyTransformer().double()
+    models = {"cpu": cpu_model, "cuda": copy.deepcopy(cpu_model).cuda()}
+    g = torch.Generator().manual_seed(0)
+    batches = [tf_batch(g) for _ in range(3)]
+    rows = {}
+    for dev, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        p = tmp_path / f"{dev}.arrow"
+        with dnntrace.enable(model, p, optimizer=opt, units=True):
+            for x, y in batches:
+                _step(model, opt, x.to(dev), y.to(dev))
+        t = dnntrace.load(p).table.to_pandas()
+        t = t[t["kind"].str.startswith("unit_")]
+        rows[dev] = {(r.step, r.module, r.kind): np.asarray(r.values) for r in t.itertuples()}
+    assert rows["cpu"].keys() == rows["cuda"].keys() and rows["cpu"]
+    for key, a in rows["cpu"].items():
+        b = rows["cuda"][key]
+        if key[2] in ("unit_firing", "unit_saturated", "unit_max") or "topk" in key[2]:
+            np.testing.assert_array_equal(a, b, err_msg=str(key))
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(key))

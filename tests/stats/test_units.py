@@ -37,12 +37,14 @@ def unit_summary_ref(x: np.ndarray, dim: int, lo: float, hi: float) -> np.ndarra
 
 def unit_grad_summary_ref(g: np.ndarray, x: np.ndarray | None, dim: int) -> np.ndarray:
     d = dim % g.ndim
+    if g.size == 0:  # an empty batch adds nothing, not even rows
+        return np.zeros((g.shape[d], 5))
     rows = math.prod(g.shape[:d])
     gv = np.moveaxis(g.astype(np.float64), d, 0).reshape(g.shape[d], -1)
     p = (
         gv * np.moveaxis(x.astype(np.float64), d, 0).reshape(g.shape[d], -1)
         if x is not None
-        else 0 * gv
+        else np.zeros_like(gv)  # without x the attribution columns stay 0
     )
     return np.stack(
         [

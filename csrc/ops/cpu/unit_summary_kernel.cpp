@@ -1,241 +1,312 @@
-// CPU kernels of the per-unit summaries. The input is read once, as (outer, units, inner):
+// CPU kernels of the per-unit ops (loops in core/units_cpu.cpp, rules in core/units.h). The input
+// is read once, as (outer, units, inner):
 // - inner == 1 (the unit axis is last: Linear-like outputs): chunks of rows run in parallel, each
-//   into its own structure-of-arrays partial over all units (unit loop innermost, vectorisable);
-//   partials are folded in chunk order, so the result does not depend on the thread count.
+//   into its own structure-of-arrays partial over all units; partials are folded in chunk order,
+//   so the result does not depend on the thread count.
 // - inner > 1 (channels: conv-like outputs): units run in parallel, each over its contiguous
 //   inner spans; every unit is summed in one fixed order.
+// float16/bfloat16 are widened to float32 in L1-sized pieces; float32 and float64 are read as is.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "../../core/units_cpu.h"
+#include "../unit_checks.h"
 
 namespace dnntrace::ops {
 namespace {
 
-constexpr int kActCols = 6;   // count sum sumsq firing saturated max
-constexpr int kGradCols = 5;  // rows count g2 xg |xg|
-constexpr int64_t kChunkElems = 1 << 16;
+using core::kUnitActCols;
+using core::kUnitGradCols;
+constexpr int64_t kChunkElems = 1 << 16;  // elements per parallel task
+constexpr int64_t kWiden = 4096;          // float16/bfloat16 values widened at a time
 
-struct Shape3 {
-  int64_t outer, units, inner;
-};
-
-Shape3 shape3(const at::Tensor& x, int64_t dim) {
-  TORCH_CHECK(x.dim() >= 1, "dnntrace: per-unit statistics need at least one dimension");
-  const int64_t d = dim < 0 ? dim + x.dim() : dim;
-  TORCH_CHECK(d >= 0 && d < x.dim(), "dnntrace: unit dim ", dim, " out of range for ", x.sizes());
-  Shape3 s{1, x.size(d), 1};
-  for (int64_t i = 0; i < d; ++i) s.outer *= x.size(i);
-  for (int64_t i = d + 1; i < x.dim(); ++i) s.inner *= x.size(i);
-  return s;
+// Widens n values of a 16-bit float type into out (n <= kWiden).
+template <typename scalar_t>
+void widen(const scalar_t* p, int64_t n, float* out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(p);
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    core::half_to_float(bits, static_cast<int>(n), out);
+  } else {
+    core::bf16_to_float(bits, static_cast<int>(n), out);
+  }
 }
-
-void check_acc(const at::Tensor& acc, const at::Tensor& x, int64_t units, int cols,
-               const char* op) {
-  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous() &&
-                  acc.size(0) == units && acc.size(1) == cols,
-              "dnntrace: ", op, ": acc must be a contiguous float64 tensor [", units, ", ", cols,
-              "], got ", acc.scalar_type(), " ", acc.sizes());
-  TORCH_CHECK(acc.device() == x.device(), "dnntrace: ", op, ": acc on ", acc.device(),
-              " but input on ", x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "dnntrace: ", op,
-              ": expected a floating tensor, got ", x.scalar_type());
-}
-
-// Structure-of-arrays partial over `units` units.
-struct ActPartial {
-  std::vector<double> sum, sq, fire, sat, mx;
-  explicit ActPartial(int64_t u)
-      : sum(u, 0.0),
-        sq(u, 0.0),
-        fire(u, 0.0),
-        sat(u, 0.0),
-        mx(u, -std::numeric_limits<double>::infinity()) {}
-};
 
 template <typename scalar_t>
-void unit_summary_kernel_impl(const scalar_t* p, const Shape3& s, double lo, double hi,
-                              double* acc) {
+constexpr bool kNarrow =
+    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+
+// rows [0, n) of p (row length U) into a.
+template <typename scalar_t>
+void act_rows(const scalar_t* p, int64_t n, int64_t U, double lo, double hi,
+              const core::UnitActSoA& a, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    core::unit_act_rows_f32(p, n, U, lo, hi, a);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    core::unit_act_rows_f64(p, n, U, lo, hi, a);
+  } else {
+    const int64_t step = std::max<int64_t>(1, kWiden / U);
+    buf.resize(static_cast<size_t>(std::min(n, step) * U));
+    for (int64_t r = 0; r < n; r += step) {
+      const int64_t m = std::min(step, n - r);
+      for (int64_t i = 0; i < m * U; i += kWiden) {
+        widen(p + r * U + i, std::min(kWiden, m * U - i), buf.data() + i);
+      }
+      core::unit_act_rows_f32(buf.data(), m, U, lo, hi, a);
+    }
+  }
+}
+
+// The spans of one unit: `spans` runs of n values, run r at p + r * stride, into out.
+template <typename scalar_t>
+void act_spans(const scalar_t* p, int64_t spans, int64_t stride, int64_t n, double lo, double hi,
+               double* out, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    core::unit_act_spans_f32(p, spans, stride, n, lo, hi, out);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    core::unit_act_spans_f64(p, spans, stride, n, lo, hi, out);
+  } else {
+    buf.resize(kWiden);
+    if (n >= kWiden) {  // long runs: widened piece by piece
+      for (int64_t r = 0; r < spans; ++r) {
+        for (int64_t i = 0; i < n; i += kWiden) {
+          const int64_t m = std::min(kWiden, n - i);
+          widen(p + r * stride + i, m, buf.data());
+          core::unit_act_spans_f32(buf.data(), 1, m, m, lo, hi, out);
+        }
+      }
+      return;
+    }
+    const int64_t per = kWiden / n;  // runs widened together, packed
+    for (int64_t r = 0; r < spans; r += per) {
+      const int64_t c = std::min(per, spans - r);
+      for (int64_t j = 0; j < c; ++j) widen(p + (r + j) * stride, n, buf.data() + j * n);
+      core::unit_act_spans_f32(buf.data(), c, n, n, lo, hi, out);
+    }
+  }
+}
+
+template <typename scalar_t>
+void grad_rows(const scalar_t* g, const scalar_t* x, int64_t n, int64_t U,
+               const core::UnitGradSoA& a, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    core::unit_grad_rows_f32(g, x, n, U, a);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    core::unit_grad_rows_f64(g, x, n, U, a);
+  } else {
+    const int64_t step = std::max<int64_t>(1, kWiden / U);
+    const int64_t width = std::min(n, step) * U;
+    buf.resize(static_cast<size_t>(2 * width));
+    float* gb = buf.data();
+    float* xb = x == nullptr ? nullptr : buf.data() + width;
+    for (int64_t r = 0; r < n; r += step) {
+      const int64_t m = std::min(step, n - r);
+      for (int64_t i = 0; i < m * U; i += kWiden) {
+        const int64_t c = std::min(kWiden, m * U - i);
+        widen(g + r * U + i, c, gb + i);
+        if (xb != nullptr) widen(x + r * U + i, c, xb + i);
+      }
+      core::unit_grad_rows_f32(gb, xb, m, U, a);
+    }
+  }
+}
+
+template <typename scalar_t>
+void grad_spans(const scalar_t* g, const scalar_t* x, int64_t spans, int64_t stride, int64_t n,
+                double* out, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    core::unit_grad_spans_f32(g, x, spans, stride, n, out);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    core::unit_grad_spans_f64(g, x, spans, stride, n, out);
+  } else {
+    buf.resize(2 * kWiden);
+    float* gb = buf.data();
+    float* xb = x == nullptr ? nullptr : buf.data() + kWiden;
+    if (n >= kWiden) {
+      for (int64_t r = 0; r < spans; ++r) {
+        for (int64_t i = 0; i < n; i += kWiden) {
+          const int64_t m = std::min(kWiden, n - i);
+          widen(g + r * stride + i, m, gb);
+          if (xb != nullptr) widen(x + r * stride + i, m, xb);
+          core::unit_grad_spans_f32(gb, xb, 1, m, m, out);
+        }
+      }
+      return;
+    }
+    const int64_t per = kWiden / n;
+    for (int64_t r = 0; r < spans; r += per) {
+      const int64_t c = std::min(per, spans - r);
+      for (int64_t j = 0; j < c; ++j) {
+        widen(g + (r + j) * stride, n, gb + j * n);
+        if (xb != nullptr) widen(x + (r + j) * stride, n, xb + j * n);
+      }
+      core::unit_grad_spans_f32(gb, xb, c, n, n, out);
+    }
+  }
+}
+
+template <typename scalar_t>
+void unit_summary_impl(const scalar_t* p, const UnitShape& s, double lo, double hi, double* acc) {
   const int64_t U = s.units;
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   if (s.inner == 1) {
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(U, 1));
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / U);
     const int64_t chunks = (s.outer + rows_per_chunk - 1) / rows_per_chunk;
-    std::vector<ActPartial> parts;
-    parts.reserve(chunks);
-    for (int64_t c = 0; c < chunks; ++c) parts.emplace_back(U);
+    // [chunk][5][U]: sum, sq, fire, sat, max
+    std::vector<double> parts(static_cast<size_t>(chunks * 5 * U), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> buf;
       for (int64_t c = c0; c < c1; ++c) {
-        ActPartial& a = parts[c];
-        double* sum = a.sum.data();
-        double* sq = a.sq.data();
-        double* fire = a.fire.data();
-        double* sat = a.sat.data();
-        double* mx = a.mx.data();
-        const int64_t r1 = std::min(s.outer, (c + 1) * rows_per_chunk);
-        for (int64_t r = c * rows_per_chunk; r < r1; ++r) {
-          const scalar_t* row = p + r * U;
-          for (int64_t u = 0; u < U; ++u) {
-            const double v = static_cast<double>(row[u]);
-            sum[u] += v;
-            sq[u] += v * v;
-            fire[u] += v > 0.0 ? 1.0 : 0.0;
-            sat[u] += (v <= lo || v >= hi) ? 1.0 : 0.0;
-            mx[u] = v > mx[u] ? v : mx[u];
-          }
+        double* base = parts.data() + c * 5 * U;
+        std::fill(base + 4 * U, base + 5 * U, kNegInf);
+        const core::UnitActSoA a{base, base + U, base + 2 * U, base + 3 * U, base + 4 * U};
+        const int64_t r0 = c * rows_per_chunk;
+        const int64_t r1 = std::min(s.outer, r0 + rows_per_chunk);
+        act_rows(p + r0 * U, r1 - r0, U, lo, hi, a, buf);
+      }
+    });
+    at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        double* o = acc + u * kUnitActCols;
+        o[core::kUCount] += static_cast<double>(s.outer);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const double* base = parts.data() + c * 5 * U;
+          for (int j = 0; j < 4; ++j) o[1 + j] += base[j * U + u];
+          o[core::kUMax] = core::unit_fold_max(o[core::kUMax], base[4 * U + u]);
         }
       }
     });
-    const double n = static_cast<double>(s.outer);
-    for (int64_t u = 0; u < U; ++u) {
-      double* o = acc + u * kActCols;
-      o[0] += n;
-      for (const ActPartial& a : parts) {
-        o[1] += a.sum[u];
-        o[2] += a.sq[u];
-        o[3] += a.fire[u];
-        o[4] += a.sat[u];
-        o[5] = a.mx[u] > o[5] ? a.mx[u] : o[5];
-      }
-    }
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(s.outer * s.inner, 1));
+  const int64_t grain = std::max<int64_t>(1, kChunkElems / (s.outer * s.inner));
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf;
     for (int64_t u = u0; u < u1; ++u) {
-      double sum = 0, sq = 0, fire = 0, sat = 0, mx = -std::numeric_limits<double>::infinity();
-      for (int64_t r = 0; r < s.outer; ++r) {
-        const scalar_t* span = p + (r * U + u) * s.inner;
-        for (int64_t i = 0; i < s.inner; ++i) {
-          const double v = static_cast<double>(span[i]);
-          sum += v;
-          sq += v * v;
-          fire += v > 0.0 ? 1.0 : 0.0;
-          sat += (v <= lo || v >= hi) ? 1.0 : 0.0;
-          mx = v > mx ? v : mx;
-        }
-      }
-      double* o = acc + u * kActCols;
-      o[0] += static_cast<double>(s.outer * s.inner);
-      o[1] += sum;
-      o[2] += sq;
-      o[3] += fire;
-      o[4] += sat;
-      o[5] = mx > o[5] ? mx : o[5];
+      double part[5] = {0.0, 0.0, 0.0, 0.0, kNegInf};  // sum sq fire sat max
+      act_spans(p + u * s.inner, s.outer, U * s.inner, s.inner, lo, hi, part, buf);
+      double* o = acc + u * kUnitActCols;
+      o[core::kUCount] += static_cast<double>(s.outer * s.inner);
+      for (int j = 0; j < 4; ++j) o[1 + j] += part[j];
+      o[core::kUMax] = core::unit_fold_max(o[core::kUMax], part[4]);
     }
   });
 }
 
 void unit_summary_kernel(const at::Tensor& x_in, int64_t dim, double lo, double hi,
                          at::Tensor& acc) {
-  const Shape3 s = shape3(x_in, dim);
-  check_acc(acc, x_in, s.units, kActCols, "unit_summary_out");
+  check_unit_acc(acc, x_in, unit_shape(x_in, dim).units, kUnitActCols, "unit_summary_out");
   if (x_in.numel() == 0) return;  // an empty batch is a normal case
-  const at::Tensor x = x_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "unit_summary_cpu", [&] {
-        unit_summary_kernel_impl<scalar_t>(x.const_data_ptr<scalar_t>(), s, lo, hi,
-                                           acc.data_ptr<double>());
-      });
+  const UnitView v = unit_view(x_in, dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.t.scalar_type(), "unit_summary_cpu",
+                                  [&] {
+                                    unit_summary_impl<scalar_t>(v.t.const_data_ptr<scalar_t>(), v.s,
+                                                                lo, hi, acc.data_ptr<double>());
+                                  });
 }
 
 template <typename scalar_t>
-void unit_grad_summary_kernel_impl(const scalar_t* g, const scalar_t* x, const Shape3& s,
-                                   double* acc) {
+void unit_grad_impl(const scalar_t* g, const scalar_t* x, const UnitShape& s, int64_t rows,
+                    double* acc) {
   const int64_t U = s.units;
-  const auto at_ = [](const scalar_t* p, int64_t i) {
-    return p == nullptr ? 0.0 : static_cast<double>(p[i]);
-  };
   if (s.inner == 1) {
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(U, 1));
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / U);
     const int64_t chunks = (s.outer + rows_per_chunk - 1) / rows_per_chunk;
-    std::vector<std::vector<double>> parts(chunks, std::vector<double>(3 * U, 0.0));
+    std::vector<double> parts(static_cast<size_t>(chunks * 3 * U), 0.0);  // [chunk][3][U]
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> buf;
       for (int64_t c = c0; c < c1; ++c) {
-        double* g2 = parts[c].data();
-        double* xg = g2 + U;
-        double* axg = xg + U;
-        const int64_t r1 = std::min(s.outer, (c + 1) * rows_per_chunk);
-        for (int64_t r = c * rows_per_chunk; r < r1; ++r) {
-          const scalar_t* grow = g + r * U;
-          if (x == nullptr) {
-            for (int64_t u = 0; u < U; ++u) {
-              const double gv = static_cast<double>(grow[u]);
-              g2[u] += gv * gv;
-            }
-            continue;
-          }
-          const scalar_t* xrow = x + r * U;
-          for (int64_t u = 0; u < U; ++u) {
-            const double gv = static_cast<double>(grow[u]);
-            const double p = gv * static_cast<double>(xrow[u]);
-            g2[u] += gv * gv;
-            xg[u] += p;
-            axg[u] += std::fabs(p);
-          }
+        double* base = parts.data() + c * 3 * U;
+        const core::UnitGradSoA a{base, base + U, base + 2 * U};
+        const int64_t r0 = c * rows_per_chunk;
+        const int64_t r1 = std::min(s.outer, r0 + rows_per_chunk);
+        grad_rows(g + r0 * U, x == nullptr ? nullptr : x + r0 * U, r1 - r0, U, a, buf);
+      }
+    });
+    at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        double* o = acc + u * kUnitGradCols;
+        o[core::kGRows] += static_cast<double>(rows);
+        o[core::kGCount] += static_cast<double>(s.outer);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const double* base = parts.data() + c * 3 * U;
+          for (int j = 0; j < 3; ++j) o[2 + j] += base[j * U + u];
         }
       }
     });
-    for (int64_t u = 0; u < U; ++u) {
-      double* o = acc + u * kGradCols;
-      o[0] += static_cast<double>(s.outer);
-      o[1] += static_cast<double>(s.outer);
-      for (const auto& pt : parts) {
-        o[2] += pt[u];
-        o[3] += pt[U + u];
-        o[4] += pt[2 * U + u];
-      }
-    }
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(s.outer * s.inner, 1));
+  const int64_t grain = std::max<int64_t>(1, kChunkElems / (s.outer * s.inner));
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf;
     for (int64_t u = u0; u < u1; ++u) {
-      double g2 = 0, xg = 0, axg = 0;
-      for (int64_t r = 0; r < s.outer; ++r) {
-        const int64_t base = (r * U + u) * s.inner;
-        for (int64_t i = 0; i < s.inner; ++i) {
-          const double gv = static_cast<double>(g[base + i]);
-          const double p = gv * at_(x, base + i);
-          g2 += gv * gv;
-          xg += p;
-          axg += std::fabs(p);
-        }
-      }
-      double* o = acc + u * kGradCols;
-      o[0] += static_cast<double>(s.outer);
-      o[1] += static_cast<double>(s.outer * s.inner);
-      o[2] += g2;
-      o[3] += xg;
-      o[4] += axg;
+      double part[3] = {0.0, 0.0, 0.0};
+      grad_spans(g + u * s.inner, x == nullptr ? nullptr : x + u * s.inner, s.outer, U * s.inner,
+                 s.inner, part, buf);
+      double* o = acc + u * kUnitGradCols;
+      o[core::kGRows] += static_cast<double>(rows);
+      o[core::kGCount] += static_cast<double>(s.outer * s.inner);
+      for (int j = 0; j < 3; ++j) o[2 + j] += part[j];
     }
   });
 }
 
 void unit_grad_summary_kernel(const at::Tensor& g_in, const std::optional<at::Tensor>& x_opt,
                               int64_t dim, at::Tensor& acc) {
-  const Shape3 s = shape3(g_in, dim);
-  check_acc(acc, g_in, s.units, kGradCols, "unit_grad_summary_out");
-  const bool has_x = x_opt.has_value() && x_opt->defined();
-  if (has_x) {
-    TORCH_CHECK(x_opt->sizes() == g_in.sizes(), "dnntrace: unit_grad_summary_out: x ",
-                x_opt->sizes(), " and g ", g_in.sizes(), " differ in shape");
-    TORCH_CHECK(x_opt->device() == g_in.device(), "dnntrace: unit_grad_summary_out: x on ",
-                x_opt->device(), " but g on ", g_in.device());
-  }
+  check_unit_acc(acc, g_in, unit_shape(g_in, dim).units, kUnitGradCols, "unit_grad_summary_out");
+  const bool has_x = check_unit_grad_x(g_in, x_opt);
   if (g_in.numel() == 0) return;
-  const at::Tensor g = g_in.contiguous();
-  const at::Tensor x = has_x ? x_opt->to(g.scalar_type()).contiguous() : at::Tensor();
+  const UnitView v = unit_view(g_in, dim);
+  const at::Tensor x = has_x ? same_layout(*x_opt, v, v.t.scalar_type()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, g.scalar_type(), "unit_grad_summary_cpu", [&] {
-        unit_grad_summary_kernel_impl<scalar_t>(g.const_data_ptr<scalar_t>(),
-                                                has_x ? x.const_data_ptr<scalar_t>() : nullptr, s,
-                                                acc.data_ptr<double>());
+      at::kHalf, at::kBFloat16, v.t.scalar_type(), "unit_grad_summary_cpu", [&] {
+        unit_grad_impl<scalar_t>(v.t.const_data_ptr<scalar_t>(),
+                                 has_x ? x.const_data_ptr<scalar_t>() : nullptr, v.s, v.rows,
+                                 acc.data_ptr<double>());
       });
+}
+
+void unit_topk_update_kernel(const at::Tensor& samples_in, const at::Tensor& ids_in, int64_t step,
+                             at::Tensor& values, at::Tensor& ids, at::Tensor& steps) {
+  check_unit_topk(samples_in, ids_in, values, ids, steps);
+  const int64_t B = samples_in.size(0), U = samples_in.size(1), k = values.size(1);
+  if (B == 0 || U == 0) return;
+  const at::Tensor samples = samples_in.to(at::kFloat).contiguous();
+  const at::Tensor sid = ids_in.to(at::kFloat).contiguous();
+  const float* sp = samples.const_data_ptr<float>();
+  const float* ip = sid.const_data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  float* op = ids.data_ptr<float>();
+  float* tp = steps.data_ptr<float>();
+  const float st = static_cast<float>(step);
+  const int kk = static_cast<int>(k);
+  constexpr int64_t kScan = 32;
+  at::parallel_for(0, U, std::max<int64_t>(256, 65536 / B), [&](int64_t u0, int64_t u1) {
+    // Each unit's current k-th value, contiguous: after the first steps almost every sample is
+    // rejected by one compare against it.
+    std::vector<float> kth(static_cast<size_t>(u1 - u0));
+    for (int64_t u = u0; u < u1; ++u) kth[u - u0] = vp[u * k + k - 1];
+    const float* kt = kth.data() - u0;
+    for (int64_t b = 0; b < B; ++b) {  // samples in order: ties keep the earlier one
+      const float* row = sp + b * U;
+      for (int64_t c = u0; c < u1; c += kScan) {
+        const int64_t e = std::min(u1, c + kScan);
+        int any = 0;  // a branch-free scan of the block first
+        for (int64_t u = c; u < e; ++u) any |= row[u] > kt[u];
+        if (!any) continue;
+        for (int64_t u = c; u < e; ++u) {
+          if (!(row[u] > kt[u])) continue;
+          core::unit_topk_insert(vp + u * k, op + u * k, tp + u * k, kk, row[u], ip[b], st);
+          kth[u - u0] = vp[u * k + k - 1];
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -243,6 +314,7 @@ void unit_grad_summary_kernel(const at::Tensor& g_in, const std::optional<at::Te
 TORCH_LIBRARY_IMPL(dnntrace, CPU, m) {
   m.impl("unit_summary_out", TORCH_FN(unit_summary_kernel));
   m.impl("unit_grad_summary_out", TORCH_FN(unit_grad_summary_kernel));
+  m.impl("unit_topk_update", TORCH_FN(unit_topk_update_kernel));
 }
 
 }  // namespace dnntrace::ops

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import ops_units
 from ..stats import units as U
 from .selection import iter_float_tensors
 from .tracer import Extension, Tracer
@@ -180,6 +181,19 @@ class UnitStats(Extension):
     _arange: dict[tuple[int, str], Tensor] = field(default_factory=dict, init=False, repr=False)
     _sampled_steps: int = field(default=0, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int):
+            raise TypeError(f"UnitStats: topk must be an int, got {self.topk!r}")
+        if not 0 <= self.topk <= ops_units.MAX_TOPK:
+            top = ops_units.MAX_TOPK
+            raise ValueError(f"UnitStats: topk must be in [0, {top}], got {self.topk}")
+        if isinstance(self.topk_every, bool) or not isinstance(self.topk_every, int):
+            raise TypeError(f"UnitStats: topk_every must be an int, got {self.topk_every!r}")
+        if self.every is not None and (
+            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
+        ):
+            raise ValueError(f"UnitStats: every must be a positive int or None, got {self.every!r}")
+
     def set_sample_ids(self, ids: Tensor | Sequence[int] | None) -> None:
         """Ids of the next forward's samples (one per row of the batch axis), kept with the
         top-k; None goes back to in-batch indices. A tensor on the model's device avoids a copy."""
@@ -228,9 +242,10 @@ class UnitStats(Extension):
     def _record_topk(self, tracer: Tracer, st: _State) -> None:
         if st.topk is None or not st.topk_dirty:
             return
-        tracer.record_vector(st.plan.name, "unit_topk_value", st.pos, st.topk.values)
-        tracer.record_vector(st.plan.name, "unit_topk_index", st.pos, st.topk.ids)
-        tracer.record_vector(st.plan.name, "unit_topk_step", st.pos, st.topk.steps)
+        # copies: the lists are updated in place by later steps, the recorded rows must not be
+        tracer.record_vector(st.plan.name, "unit_topk_value", st.pos, st.topk.values.clone())
+        tracer.record_vector(st.plan.name, "unit_topk_index", st.pos, st.topk.ids.clone())
+        tracer.record_vector(st.plan.name, "unit_topk_step", st.pos, st.topk.steps.clone())
         st.topk_dirty = False
 
     def _sample_ids(self, n: int, device: torch.device) -> Tensor:

@@ -108,7 +108,7 @@ def unit_grad_summary_torch(g: Tensor, x: Tensor | None, dim: int, acc: Tensor) 
 
 def unit_summary_out(x: Tensor, dim: int, lo: float, hi: float, acc: Tensor) -> None:
     """Adds per-unit count, sum, sum of squares, firing (> 0), saturated and max of ``x``."""
-    if x.device.type == "cpu":
+    if ops_units.native(x.device.type):
         ops_units.unit_summary_out(x.detach(), dim, lo, hi, acc)
     else:
         unit_summary_torch(x, dim, lo, hi, acc)
@@ -116,7 +116,7 @@ def unit_summary_out(x: Tensor, dim: int, lo: float, hi: float, acc: Tensor) -> 
 
 def unit_grad_summary_out(g: Tensor, x: Tensor | None, dim: int, acc: Tensor) -> None:
     """Adds per-unit rows, count, sum g², sum x·g and sum |x·g| of an output gradient."""
-    if g.device.type == "cpu":
+    if ops_units.native(g.device.type):
         ops_units.unit_grad_summary_out(g.detach(), None if x is None else x.detach(), dim, acc)
     else:
         unit_grad_summary_torch(g, x, dim, acc)
@@ -180,16 +180,31 @@ class TopK:
         return int(self.values.shape[1])
 
     def merge(self, samples: Tensor, ids: Tensor, step: int) -> None:
-        """``samples`` [batch, units] (``per_sample``), ``ids`` [batch] float32 sample ids."""
+        """``samples`` [batch, units] (``per_sample``), ``ids`` [batch] float32 sample ids.
+
+        A value enters a unit's list when strictly greater than its k-th; equal values keep the
+        earlier one (older steps, then lower batch positions); NaN never enters."""
+        if ops_units.native(samples.device.type):
+            ops_units.unit_topk_update(
+                samples.detach(), ids, step, self.values, self.ids, self.steps
+            )
+        else:
+            self.merge_torch(samples, ids, step)
+
+    def merge_torch(self, samples: Tensor, ids: Tensor, step: int) -> None:
+        """``merge`` with torch ops on any device: a stable descending sort of old ∪ new."""
         new_v = samples.detach().float().t()  # [units, batch]
-        new_v = torch.nan_to_num(new_v, nan=-math.inf)
+        new_v = torch.nan_to_num(new_v, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         u, b = new_v.shape
         vals = torch.cat([self.values, new_v], dim=1)
         all_ids = torch.cat([self.ids, ids.float().reshape(1, b).expand(u, b)], dim=1)
         all_steps = torch.cat(
             [self.steps, torch.full((u, b), float(step), device=vals.device)], dim=1
         )
-        top, idx = torch.topk(vals, self.k, dim=1)
-        self.values = top
-        self.ids = torch.gather(all_ids, 1, idx)
-        self.steps = torch.gather(all_steps, 1, idx)
+        # -inf entries never displace: entries equal to the k-th stay in arrival order
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
+        top = torch.gather(vals, 1, order)
+        keep = top > -math.inf
+        self.values = torch.where(keep, top, -math.inf)
+        self.ids = torch.where(keep, torch.gather(all_ids, 1, order), -1.0)
+        self.steps = torch.where(keep, torch.gather(all_steps, 1, order), -1.0)
