@@ -25,7 +25,13 @@ import torch
 from ..stats.bank import StatBank
 from ..storage import layout as L
 from ..storage.layout import Layout
-from ..storage.rows import scalar_state, state_to_batch, vector_state
+from ..storage.rows import (
+    hist_with_empty,
+    scalar_state,
+    sparse_hist,
+    state_to_batch,
+    vector_state,
+)
 from ..storage.writer import TraceWriter
 
 SlotLabel = tuple[str, str, str, str]  # module, kind, tensor, phase
@@ -338,29 +344,38 @@ class Pipeline:
         labels = [job.labels[i] for i in used]
         meta = [job.meta[i] for i in used]
         counts, moments = counts[used], moments[used]
+        # Histograms of the tensor rows only; scalar and vector rows carry none, so they are
+        # built with the header columns alone (a full row is layout.width int64s).
+        hist = sparse_hist(counts[:, L.HEADER :])
+        counts = counts[:, : L.HEADER]
         names = list(job.scalars)
         svalues = list(job.scalars.values())
         if job.scalar_tensor is not None:
             names += list(job.scalar_names)
             svalues += job.scalar_tensor.tolist()
+        extra_c: list[np.ndarray] = [counts]
+        extra_m: list[np.ndarray] = [moments]
         if names:  # scalar rows ride in the same record batch
-            sc, sm = scalar_state(svalues, self.layout)
-            counts = np.concatenate([counts, sc])
-            moments = np.concatenate([moments, sm])
+            sc, sm = scalar_state(svalues, self.layout, width=L.HEADER)
+            extra_c.append(sc)
+            extra_m.append(sm)
             labels += [("", "scalar", name, "train") for name in names]
             meta += [("float64", ())] * len(names)
         values: list[np.ndarray | None] | None = None
         if job.vector_tensor is not None:  # vector rows too
             flat = job.vector_tensor.numpy()
             vecs = np.split(flat, np.cumsum(job.vector_lengths)[:-1])
-            vc, vm = vector_state(vecs, self.layout)
+            vc, vm = vector_state(vecs, self.layout, width=L.HEADER)
             values = [None] * len(labels) + list(vecs)
-            counts = np.concatenate([counts, vc])
-            moments = np.concatenate([moments, vm])
+            extra_c.append(vc)
+            extra_m.append(vm)
             labels += list(job.vector_labels)
             meta += [("float32", (int(n),)) for n in job.vector_lengths]
         if not labels:
             return
+        counts = np.concatenate(extra_c) if len(extra_c) > 1 else counts
+        moments = np.concatenate(extra_m) if len(extra_m) > 1 else moments
+        hist = hist_with_empty(*hist, counts.shape[0] - len(hist[0]))
         batch = state_to_batch(
             counts,
             moments,
@@ -375,6 +390,7 @@ class Pipeline:
             rank=self.rank,
             wall_time_s=job.wall_time_s,
             values=values,
+            hist=hist,
         )
         self.writer.write(batch)
         self.stats.rows += batch.num_rows

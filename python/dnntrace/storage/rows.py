@@ -65,26 +65,54 @@ def _values_array(values: Sequence[np.ndarray | None] | None, n: int) -> pa.Arra
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(data, pa.float32()), mask=mask)
 
 
-def vector_state(values: Sequence[np.ndarray], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """State rows for vector rows: count = number of values, NaN/Inf counted, finite moments."""
+def vector_state(
+    values: Sequence[np.ndarray], layout: Layout, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """State rows for vector rows: count = number of values, NaN/Inf counted, finite moments.
+
+    ``width``: columns of the counts returned (default the layout's; ``L.HEADER`` gives the header
+    only, for ``state_to_batch(..., hist=...)``): vector rows carry no histogram."""
     n = len(values)
-    counts = np.zeros((n, layout.width), np.int64)
+    counts = np.zeros((n, layout.width if width is None else width), np.int64)
     moments = np.zeros((n, L.NUM_MOMENTS))
-    for i, v in enumerate(values):
-        a = np.asarray(v, dtype=np.float64).reshape(-1)
-        fin = a[np.isfinite(a)]
-        counts[i, L.COUNT] = a.size
-        counts[i, L.CALLS] = 1
-        counts[i, L.NAN] = np.isnan(a).sum()
-        counts[i, L.POSINF] = (a == np.inf).sum()
-        counts[i, L.NEGINF] = (a == -np.inf).sum()
-        counts[i, L.ZEROS] = (a == 0).sum()
-        counts[i, L.NEGATIVES] = (a < 0).sum()
-        moments[i, L.SUM] = fin.sum()
-        moments[i, L.SUMSQ] = (fin * fin).sum()
-        moments[i, L.MIN] = fin.min() if fin.size else np.inf
-        moments[i, L.MAX] = fin.max() if fin.size else -np.inf
+    moments[:, L.MIN] = np.inf
+    moments[:, L.MAX] = -np.inf
+    if n == 0:
+        return counts, moments
+    arrays = [np.asarray(v).reshape(-1) for v in values]
+    sizes = np.array([a.size for a in arrays], np.int64)
+    counts[:, L.COUNT] = sizes
+    counts[:, L.CALLS] = 1
+    # rows of one length (typically every statistic of one module) are reduced as a matrix
+    for size in np.unique(sizes):
+        idx = np.flatnonzero(sizes == size)
+        if size == 0:
+            continue
+        a = np.stack([arrays[i] for i in idx]).astype(np.float64, copy=False)
+        fin = np.isfinite(a)
+        counts[idx, L.NAN] = np.isnan(a).sum(1)
+        counts[idx, L.POSINF] = (a == np.inf).sum(1)
+        counts[idx, L.NEGINF] = (a == -np.inf).sum(1)
+        counts[idx, L.ZEROS] = (a == 0).sum(1)
+        counts[idx, L.NEGATIVES] = (a < 0).sum(1)
+        f = np.where(fin, a, 0.0)
+        moments[idx, L.SUM] = f.sum(1)
+        moments[idx, L.SUMSQ] = (f * f).sum(1)
+        moments[idx, L.MIN] = np.where(fin, a, np.inf).min(1)
+        moments[idx, L.MAX] = np.where(fin, a, -np.inf).max(1)
     return counts, moments
+
+
+def hist_with_empty(
+    offsets: np.ndarray, lists: pa.ListArray, extra: int
+) -> tuple[np.ndarray, pa.ListArray]:
+    """``sparse_hist``'s (offsets, lists) extended by ``extra`` rows without histogram."""
+    if extra == 0:
+        return offsets, lists
+    ends = lists.offsets.to_numpy()
+    list_offsets = np.concatenate([ends, np.full(extra, ends[-1], ends.dtype)])
+    out = pa.ListArray.from_arrays(pa.array(list_offsets), lists.values)
+    return np.concatenate([offsets, np.zeros(extra, offsets.dtype)]), out
 
 
 def state_to_batch(
@@ -102,14 +130,24 @@ def state_to_batch(
     rank: int = 0,
     wall_time_s: float | np.ndarray = 0.0,
     values: Sequence[np.ndarray | None] | None = None,
+    hist: tuple[np.ndarray, pa.ListArray] | None = None,
 ) -> pa.RecordBatch:
     """A record batch of the trace schema from ``n`` slot rows and their labels.
 
-    ``values`` gives vector rows their per-unit values (``None`` for ordinary tensor rows)."""
+    ``values`` gives vector rows their per-unit values (``None`` for ordinary tensor rows).
+    ``hist``: the rows' histograms already in ``sparse_hist`` form; ``counts`` then needs only
+    the header columns (``L.HEADER``)."""
     counts = np.asarray(counts, dtype=np.int64)
     moments = np.asarray(moments, dtype=np.float64)
     n = counts.shape[0]
-    if counts.shape != (n, layout.width) or moments.shape != (n, L.NUM_MOMENTS):
+    width = L.HEADER if hist is not None else layout.width
+    if (
+        counts.ndim != 2
+        or counts.shape[0] != n
+        or counts.shape[1] < width
+        or (hist is None and counts.shape[1] != width)
+        or moments.shape != (n, L.NUM_MOMENTS)
+    ):
         raise ValueError(
             f"state rows of shape {counts.shape}/{moments.shape} do not fit layout {layout}"
         )
@@ -117,7 +155,9 @@ def state_to_batch(
     has = finite > 0
     mn = np.where(has, moments[:, L.MIN], np.nan)
     mx = np.where(has, moments[:, L.MAX], np.nan)
-    offsets, hist = sparse_hist(counts[:, L.HEADER :])
+    offsets, lists = sparse_hist(counts[:, L.HEADER :]) if hist is None else hist
+    if len(offsets) != n or len(lists) != n:
+        raise ValueError(f"hist has {len(offsets)}/{len(lists)} rows for {n} state rows")
     cols: dict[str, Any] = {
         "step": np.broadcast_to(np.asarray(step, dtype=np.int64), (n,)),
         "phase": [phase] * n if isinstance(phase, str) else list(phase),
@@ -141,7 +181,7 @@ def state_to_batch(
     cols["emin"] = np.full(n, layout.emin, np.int16)
     cols["octaves"] = np.full(n, layout.octaves, np.int16)
     cols["hist_offset"] = offsets
-    cols["hist"] = hist
+    cols["hist"] = lists
     cols["values"] = _values_array(values, n)
     arrays = []
     for field in BASE_SCHEMA:
@@ -155,10 +195,13 @@ def state_to_batch(
     return pa.RecordBatch.from_arrays(arrays, schema=BASE_SCHEMA)
 
 
-def scalar_state(values: Sequence[float], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """State rows (counts, moments) of scalar values; the raw value, finite or not, is the sum."""
+def scalar_state(
+    values: Sequence[float], layout: Layout, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """State rows (counts, moments) of scalar values; the raw value, finite or not, is the sum.
+    ``width`` as in ``vector_state``."""
     n = len(values)
-    counts = np.zeros((n, layout.width), np.int64)
+    counts = np.zeros((n, layout.width if width is None else width), np.int64)
     counts[:, L.COUNT] = 1
     counts[:, L.CALLS] = 1
     v = np.asarray(values, dtype=np.float64).reshape(n)
