@@ -13,6 +13,7 @@ device buffers and the bytes on disk per step.
 
     python bench/bench_units.py                # 20 steps x 5 rounds
     python bench/bench_units.py --quick
+    python bench/bench_units.py --device cuda --models gpt2,resnet   (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import bench_overhead  # noqa: E402
 import dnntrace  # noqa: E402
 from bench_overhead import _cases, train_steps  # noqa: E402
 from dnntrace.capture.units import UnitStats  # noqa: E402
@@ -54,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     args = ap.parse_args(argv)
+    bench_overhead.DEVICE = torch.device(args.device)
     if args.quick:
         args.steps, args.rounds = 8, 2
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     work = tempfile.mkdtemp(prefix="dnntrace-bench-units-")
     cases = _cases()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; "
         f"{args.steps} steps x {args.rounds} rounds"
     )
     lines = [
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         case = cases[name]
         torch.manual_seed(0)
-        model = case.make()
+        model = case.make().to(bench_overhead.DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         means: dict[str, list[float]] = {c: [] for c in CONFIGS}
         disk: dict[str, float] = {}
