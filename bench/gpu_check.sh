@@ -24,7 +24,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m venv --system-site-packages /tmp/venv && PY=/tmp/venv/bin/python || PY=python3
+PY=python3  # the image's python3 is the environment that holds CUDA torch
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if want build; then
@@ -38,7 +38,7 @@ fi
 if want tests; then
   log "CUDA tests (kernels vs float64/CPU references, tracer under sync-debug mode)"
   timeout 240 $PY -m pytest -q -m "needs_cuda" tests/ops tests/stats tests/capture \
-    -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
+    --ignore=tests/capture/test_tracer_interop.py -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
   RC[tests]=$?
   grep -E "^(FAILED|ERROR)" "$OUT/cuda_tests.log" | head -20
   tail -3 "$OUT/cuda_tests.log"
@@ -62,8 +62,10 @@ fi
 
 if want overhead; then
   log "bench_overhead on CUDA (GPT-2-small-size transformer, ResNet-style CNN)"
+  CONFIGS=abcdfg  # wandb (e) only where its wheels were carried
+  $PY -c "import wandb" 2>/dev/null && CONFIGS=abcdefg
   timeout 200 $PY bench/bench_overhead.py --device cuda --models gpt2,resnet --steps 10 \
-    --rounds 2 --demo-steps 0 >"$OUT/bench_overhead.txt" 2>&1
+    --rounds 2 --demo-steps 0 --configs $CONFIGS >"$OUT/bench_overhead.txt" 2>&1
   RC[overhead]=$?
 fi
 

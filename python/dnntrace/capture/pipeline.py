@@ -17,11 +17,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .. import _C
 from ..stats.bank import StatBank
 from ..storage import layout as L
 from ..storage.layout import Layout
@@ -30,11 +31,18 @@ from ..storage.rows import (
     scalar_state,
     sparse_hist,
     state_to_batch,
-    vector_state,
 )
 from ..storage.writer import TraceWriter
 
 SlotLabel = tuple[str, str, str, str]  # module, kind, tensor, phase
+
+
+class VectorBlock(NamedTuple):
+    """Vector rows recorded together: ``flat`` holds them back to back (on the device)."""
+
+    labels: tuple[SlotLabel, ...]
+    lengths: tuple[int, ...]
+    flat: torch.Tensor
 
 
 @dataclass
@@ -103,7 +111,7 @@ class Pipeline:
                 self._free_banks.put(StatBank(slots, layout, device))
             self._banks = [StatBank(slots, layout, device)]
         self._cur = 0
-        self._vectors: Sequence[tuple[SlotLabel, torch.Tensor]] = ()
+        self._vectors: Sequence[VectorBlock] = ()
         self._thread = threading.Thread(target=self._run, name="dnntrace-writer", daemon=True)
         self._thread.start()
 
@@ -148,7 +156,7 @@ class Pipeline:
         labels: Sequence[SlotLabel],
         meta: Sequence[tuple[str, tuple[int, ...]]],
         scalars: dict[str, Any],
-        vectors: Sequence[tuple[SlotLabel, torch.Tensor]] = (),
+        vectors: Sequence[VectorBlock] = (),
     ) -> bool:
         """Hands the current bank's contents to the writer; False when the step was dropped."""
         t0 = time.perf_counter()
@@ -170,6 +178,15 @@ class Pipeline:
         if len(self.stats.flush_us) > 10_000:
             del self.stats.flush_us[:5_000]
         return ok
+
+    def _vector_index(self) -> tuple[list[SlotLabel], list[int]]:
+        labels = [lb for b in self._vectors for lb in b.labels]
+        lengths = [n for b in self._vectors for n in b.lengths]
+        return labels, lengths
+
+    def _vector_cat(self) -> torch.Tensor:
+        """All vector rows of the step in one new float32 tensor (one op for any number)."""
+        return torch.cat([b.flat.float() for b in self._vectors])
 
     def _submit_cpu(self, step, labels, meta, py_scalars, t_names, scalars) -> bool:  # type: ignore[no-untyped-def]
         try:
@@ -205,11 +222,8 @@ class Pipeline:
             release,
         )
         if self._vectors:
-            job.vector_labels = [lb for lb, _ in self._vectors]
-            job.vector_lengths = [v.numel() for _, v in self._vectors]
-            job.vector_tensor = torch.cat(
-                [v.detach().reshape(-1).float() for _, v in self._vectors]
-            )
+            job.vector_labels, job.vector_lengths = self._vector_index()
+            job.vector_tensor = self._vector_cat()  # a copy: the writer owns it
         self._jobs.put(job)
         return True
 
@@ -228,11 +242,7 @@ class Pipeline:
             if t_names
             else None
         )
-        vec_dev = (
-            torch.cat([v.detach().reshape(-1).float() for _, v in self._vectors])
-            if self._vectors
-            else None
-        )
+        vec_dev = self._vector_cat() if self._vectors else None
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
             hc = host[0][: bank.slots]
@@ -269,8 +279,7 @@ class Pipeline:
             hc, hm, step, time.time(), labels, meta, py_scalars, st_host, t_names, done, release
         )
         if vec_host is not None:
-            job.vector_labels = [lb for lb, _ in self._vectors]
-            job.vector_lengths = [v.numel() for _, v in self._vectors]
+            job.vector_labels, job.vector_lengths = self._vector_index()
             job.vector_tensor = vec_host
         self._jobs.put(job)
         return True
@@ -365,7 +374,8 @@ class Pipeline:
         if job.vector_tensor is not None:  # vector rows too
             flat = job.vector_tensor.numpy()
             vecs = np.split(flat, np.cumsum(job.vector_lengths)[:-1])
-            vc, vm = vector_state(vecs, self.layout, width=L.HEADER)
+            lengths = np.asarray(job.vector_lengths, np.int64)
+            vc, vm = _C.vector_row_stats(flat, lengths, L.HEADER)  # = vector_state, one pass
             values = [None] * len(labels) + list(vecs)
             extra_c.append(vc)
             extra_m.append(vm)

@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from .._version import __version__
 from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.writer import TraceWriter
-from .pipeline import Pipeline, SlotLabel
+from .pipeline import Pipeline, SlotLabel, VectorBlock
 from .selection import ModuleSpec, iter_float_tensors, select_modules
 
 _ACTIVE: dict[int, Tracer] = {}  # id(model) -> tracer
@@ -190,7 +190,7 @@ class Tracer:
         self._meta: list[tuple[str, tuple[int, ...]]] = []
         self._labels_snapshot: tuple[tuple[SlotLabel, ...], tuple[Any, ...]] | None = None
         self._scalars: dict[str, Any] = {}
-        self._vectors: list[tuple[SlotLabel, torch.Tensor]] = []
+        self._vectors: list[VectorBlock] = []
         self._recorded = False
         self.extensions = list(extensions)
         if units:
@@ -557,7 +557,29 @@ class Tracer:
         afterwards."""
         if self.disabled_reason is not None or self.closed:
             return
-        self._vectors.append(((module, kind, tensor, phase), values.detach()))
+        v = values.detach().reshape(-1)
+        self._vectors.append(VectorBlock(((module, kind, tensor, phase),), (v.numel(),), v))
+
+    def record_vectors(
+        self,
+        labels: Sequence[tuple[str, str, str]],
+        lengths: Sequence[int],
+        flat: torch.Tensor,
+        phase: str = "train",
+    ) -> None:
+        """Records many vector rows at once: ``flat`` (on the device) holds them back to back,
+        row ``i`` (``(module, kind, tensor)`` ``labels[i]``) being the next ``lengths[i]`` values.
+        One tensor for a whole extension's rows instead of one per row. ``flat`` must not be
+        modified afterwards."""
+        if self.disabled_reason is not None or self.closed:
+            return
+        if len(labels) != len(lengths) or sum(lengths) != flat.numel():
+            raise ValueError(
+                f"record_vectors: {len(labels)} labels, {len(lengths)} lengths summing to "
+                f"{sum(lengths)}, for {flat.numel()} values"
+            )
+        lbs = tuple((m, k, t, phase) for m, k, t in labels)
+        self._vectors.append(VectorBlock(lbs, tuple(lengths), flat.detach().reshape(-1)))
 
     # ---- public -------------------------------------------------------------------------
     def log_scalar(self, name: str, value: float | torch.Tensor) -> None:

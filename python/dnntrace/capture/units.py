@@ -156,6 +156,39 @@ class _State:
     act_seen: bool = False
     grad_seen: bool = False
     topk_dirty: bool = False
+    offset: int = -1  # first row in the arena; -1 until packed
+
+
+@dataclass
+class _Arena:
+    """Every module's buffers stacked in one tensor each (``[sum of units, ...]``); a module's
+    buffers are row views of them, so a step's rows are finished and reset by a few ops for the
+    whole model rather than a dozen per module."""
+
+    states: list[_State]
+    act: Tensor
+    grad: Tensor
+    topk: U.TopK | None
+
+    @classmethod
+    def pack(cls, states: list[_State]) -> _Arena:
+        act = torch.cat([st.act for st in states])
+        grad = torch.cat([st.grad for st in states])
+        tk = None
+        if all(st.topk is not None for st in states):
+            tk = U.TopK(
+                torch.cat([st.topk.values for st in states]),  # type: ignore[union-attr]
+                torch.cat([st.topk.ids for st in states]),  # type: ignore[union-attr]
+                torch.cat([st.topk.steps for st in states]),  # type: ignore[union-attr]
+            )
+        o = 0
+        for st in states:
+            st.offset = o
+            st.act, st.grad = act[o : o + st.units], grad[o : o + st.units]
+            if tk is not None:
+                st.topk = U.TopK(*(t[o : o + st.units] for t in (tk.values, tk.ids, tk.steps)))
+            o += st.units
+        return cls(states, act, grad, tk)
 
 
 @dataclass
@@ -180,6 +213,7 @@ class UnitStats(Extension):
     _ids: Tensor | None = field(default=None, init=False, repr=False)
     _arange: dict[tuple[int, str], Tensor] = field(default_factory=dict, init=False, repr=False)
     _sampled_steps: int = field(default=0, init=False, repr=False)
+    _arena: _Arena | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.topk, bool) or not isinstance(self.topk, int):
@@ -220,33 +254,77 @@ class UnitStats(Extension):
             return
         self._sampled_steps += 1
         topk_now = self._sampled_steps % max(self.topk_every, 1) == 1 or self.topk_every <= 1
-        for st in self.states.values():
-            if st.act_seen:
-                for kind, v in U.act_vectors(st.act).items():
-                    tracer.record_vector(st.plan.name, kind, st.pos, v)
-                U.reset_act_acc(st.act)
-                st.act_seen = False
-            if st.grad_seen:
-                for kind, v in U.grad_vectors(st.grad, self.attribution).items():
-                    tracer.record_vector(st.plan.name, kind, st.pos, v)
-                st.grad.zero_()
-                st.grad_seen = False
-            if topk_now:
-                self._record_topk(tracer, st)
+        arena = self._packed()
+        if arena is None:
+            return
+        sts = arena.states
+        if any(st.act_seen for st in sts):
+            self._record_block(
+                tracer, U.ACT_KINDS, U.act_block(arena.act), [s.act_seen for s in sts]
+            )
+            U.reset_act_acc(arena.act)
+        if any(st.grad_seen for st in sts):
+            kinds = U.GRAD_KINDS if self.attribution else U.GRAD_KINDS[:1]
+            block = U.grad_block(arena.grad, self.attribution)
+            self._record_block(tracer, kinds, block, [s.grad_seen for s in sts])
+            arena.grad.zero_()
+        for st in sts:
+            st.act_seen = st.grad_seen = False
+        if topk_now:
+            self._record_topk(tracer)
 
     def before_close(self, tracer: Tracer) -> None:
-        for st in self.states.values():
-            self._record_topk(tracer, st)
+        self._record_topk(tracer)
 
     # ---- internals ------------------------------------------------------------------------
-    def _record_topk(self, tracer: Tracer, st: _State) -> None:
-        if st.topk is None or not st.topk_dirty:
+    def _packed(self) -> _Arena | None:
+        """The arena of all states, repacked when a module was first seen since."""
+        if not self.states:
+            return None
+        if self._arena is None or len(self._arena.states) != len(self.states):
+            self._arena = _Arena.pack(list(self.states.values()))
+        return self._arena
+
+    def _record_block(
+        self, tracer: Tracer, kinds: Sequence[str], block: Tensor, seen: list[bool]
+    ) -> None:
+        """Rows of ``block`` [kinds, all units] for the states seen this step: one record for
+        the whole block when every state was seen (the usual case), else one per state."""
+        sts = self._arena.states  # type: ignore[union-attr]
+        if all(seen):
+            labels = [(st.plan.name, k, st.pos) for k in kinds for st in sts]
+            tracer.record_vectors(labels, [st.units for _ in kinds for st in sts], block)
             return
-        # copies: the lists are updated in place by later steps, the recorded rows must not be
-        tracer.record_vector(st.plan.name, "unit_topk_value", st.pos, st.topk.values.clone())
-        tracer.record_vector(st.plan.name, "unit_topk_index", st.pos, st.topk.ids.clone())
-        tracer.record_vector(st.plan.name, "unit_topk_step", st.pos, st.topk.steps.clone())
-        st.topk_dirty = False
+        for st, ok in zip(sts, seen, strict=True):
+            if ok:
+                for i, k in enumerate(kinds):
+                    tracer.record_vector(
+                        st.plan.name, k, st.pos, block[i, st.offset : st.offset + st.units]
+                    )
+
+    def _record_topk(self, tracer: Tracer) -> None:
+        arena = self._arena
+        if arena is None or arena.topk is None:
+            return
+        sts = arena.states
+        dirty = [st.topk_dirty for st in sts]
+        if not any(dirty):
+            return
+        kinds = ("unit_topk_value", "unit_topk_index", "unit_topk_step")
+        tensors = (arena.topk.values, arena.topk.ids, arena.topk.steps)
+        k = arena.topk.k
+        for kind, t in zip(kinds, tensors, strict=True):
+            # copies: the lists are updated in place by later steps, the recorded rows must not be
+            if all(dirty):
+                labels = [(st.plan.name, kind, st.pos) for st in sts]
+                tracer.record_vectors(labels, [st.units * k for st in sts], t.clone())
+                continue
+            for st in sts:
+                if st.topk_dirty:
+                    rows = t[st.offset : st.offset + st.units]
+                    tracer.record_vector(st.plan.name, kind, st.pos, rows.clone())
+        for st in sts:
+            st.topk_dirty = False
 
     def _sample_ids(self, n: int, device: torch.device) -> Tensor:
         if self._ids is not None and self._ids.numel() == n:

@@ -122,29 +122,43 @@ def unit_grad_summary_out(g: Tensor, x: Tensor | None, dim: int, acc: Tensor) ->
         unit_grad_summary_torch(g, x, dim, acc)
 
 
+ACT_KINDS = ("unit_mean", "unit_sq_mean", "unit_firing", "unit_saturated", "unit_max")
+GRAD_KINDS = ("unit_grad_rms", "unit_attr", "unit_attr_abs")
+
+
+def act_block(acc: Tensor) -> Tensor:
+    """float32 ``[5, units]``, one row per ``ACT_KINDS``: mean, mean of squares, firing and
+    saturated fractions (0/0 = NaN for a unit that saw nothing), max. Three ops for any number
+    of units, so many modules' accumulators stacked in one tensor finish together."""
+    out = torch.empty((5, acc.shape[0]), dtype=torch.float32, device=acc.device)
+    out[:4] = (acc[:, 1:5] / acc[:, :1]).t()
+    out[4] = acc[:, 5]
+    return out
+
+
+def grad_block(acc: Tensor, attribution: bool = True) -> Tensor:
+    """float32 ``[3 or 1, units]``, rows ``GRAD_KINDS`` (``unit_grad_rms`` only without
+    attribution): the RMS over the unit's elements, and the sums of x·g and |x·g| over one row's
+    (sample's or token's) elements of the unit, averaged over rows."""
+    out = torch.empty(
+        (3 if attribution else 1, acc.shape[0]), dtype=torch.float32, device=acc.device
+    )
+    out[0] = (acc[:, 2] / acc[:, 1]).sqrt_()
+    if attribution:
+        out[1:] = (acc[:, 3:5] / acc[:, :1]).t()
+    return out
+
+
 def act_vectors(acc: Tensor) -> dict[str, Tensor]:
-    """Per-unit vectors (float32) of an activation accumulator: ``unit_mean``, ``unit_sq_mean``,
-    ``unit_firing`` (fraction > 0), ``unit_saturated`` (fraction), ``unit_max``."""
-    ratios = (acc[:, 1:5] / acc[:, :1]).float().t()  # 0/0 = NaN for a unit that saw nothing
-    return {
-        "unit_mean": ratios[0],
-        "unit_sq_mean": ratios[1],
-        "unit_firing": ratios[2],
-        "unit_saturated": ratios[3],
-        "unit_max": acc[:, 5].float(),
-    }
+    """``act_block`` as a dict: ``unit_mean``, ``unit_sq_mean``, ``unit_firing`` (fraction > 0),
+    ``unit_saturated`` (fraction), ``unit_max``."""
+    return dict(zip(ACT_KINDS, act_block(acc), strict=True))
 
 
 def grad_vectors(acc: Tensor, attribution: bool = True) -> dict[str, Tensor]:
-    """Per-unit vectors of a gradient accumulator: ``unit_grad_rms`` (RMS over the unit's
-    elements), and with ``attribution`` ``unit_attr`` / ``unit_attr_abs``: the sum of x·g (|x·g|)
-    over the unit's elements of one row (sample or token), averaged over rows."""
-    out = {"unit_grad_rms": (acc[:, 2] / acc[:, 1]).sqrt().float()}
-    if attribution:
-        per_row = (acc[:, 3:5] / acc[:, :1]).float().t()
-        out["unit_attr"] = per_row[0]
-        out["unit_attr_abs"] = per_row[1]
-    return out
+    """``grad_block`` as a dict: ``unit_grad_rms``, and with ``attribution`` ``unit_attr`` /
+    ``unit_attr_abs``."""
+    return dict(zip(GRAD_KINDS, grad_block(acc, attribution), strict=False))
 
 
 def per_sample(x: Tensor, dim: int) -> Tensor | None:
@@ -205,6 +219,7 @@ class TopK:
         order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
         top = torch.gather(vals, 1, order)
         keep = top > -math.inf
-        self.values = torch.where(keep, top, -math.inf)
-        self.ids = torch.where(keep, torch.gather(all_ids, 1, order), -1.0)
-        self.steps = torch.where(keep, torch.gather(all_steps, 1, order), -1.0)
+        # in place, like the native op: the lists may be views into a larger buffer
+        self.ids.copy_(torch.where(keep, torch.gather(all_ids, 1, order), -1.0))
+        self.steps.copy_(torch.where(keep, torch.gather(all_steps, 1, order), -1.0))
+        self.values.copy_(torch.where(keep, top, -math.inf))
