@@ -361,7 +361,13 @@ def check_tracing_is_transparent(case: Case, workdir: str) -> None:
         results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
     (l0, p0), (l1, p1) = results
     assert l0 == l1, (case.name, l0, l1)
-    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True)), case.name
+    if DEVICE.type == "cuda":
+        # CUDA backward kernels with atomics (embedding, index_add) are not bitwise
+        # reproducible even untraced: the updated parameters agree to rounding
+        close = (torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(p0, p1, strict=True))
+        assert all(close), case.name
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True)), case.name
 
 
 @dataclass

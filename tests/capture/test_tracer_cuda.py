@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,10 @@ def test_traced_steps_do_not_sync(trace_path: Path, options: dict) -> None:
             tr.log_scalar("loss", loss)
         torch.cuda.synchronize()
         old = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
         try:
+            with warnings.catch_warnings():  # "a prototype feature" (torch 2.11)
+                warnings.simplefilter("ignore", UserWarning)
+                torch.cuda.set_sync_debug_mode("error")
             for x, y in data[3:]:
                 loss = _step(model, opt, x, y)
                 tr.log_scalar("loss", loss)
@@ -52,7 +55,9 @@ def test_traced_steps_do_not_sync(trace_path: Path, options: dict) -> None:
             torch.cuda.set_sync_debug_mode(old)
     stats = tr.stats()
     assert stats["disabled"] is None
-    assert stats["steps_written"] + stats["steps_dropped"] == 8
+    # 8 optimizer steps, plus the loss logged after the last one (it belongs to the next step,
+    # which the close flushes)
+    assert stats["steps_written"] + stats["steps_dropped"] == 9
     assert len(dnntrace.load(trace_path).steps) == stats["steps_written"]
 
 
@@ -72,7 +77,8 @@ def test_cuda_rows_match_cpu(tmp_path: Path) -> None:
     a, b = frames["cpu"], frames["cuda"]
     assert list(a.index) == list(b.index)
     for col in ("count", "calls", "numel", "nan_count", "zero_count", "negative_count"):
-        assert (a[col] == b[col]).all(), col
+        differ = a.index[(a[col] != b[col]).to_numpy()]
+        assert not len(differ), (col, [(i, a.loc[i, col], b.loc[i, col]) for i in differ[:5]])
     for col in ("min", "max", "sumsq"):
         np.testing.assert_allclose(a[col], b[col], rtol=1e-9, err_msg=col)
     tol = 1e-9 * np.sqrt(a["count"] * a["sumsq"]) + 1e-12
