@@ -259,3 +259,139 @@ def write_synthetic(
     finally:
         rows, nbytes = writer.close()
     return {"rows": rows, "bytes": nbytes, "points": points}
+
+
+# ---- per-unit rows ----------------------------------------------------------------------------
+@dataclass
+class UnitsSpec:
+    """One ReLU layer (module ``hidden_act``) of ``units`` units traced for ``steps`` steps:
+    ``unit_mean`` and ``unit_firing`` rows, one per kind and step. Dead units (firing and mean
+    exactly 0) come in three patterns so the dead map has structure at every zoom: a band dead
+    from the start that revives half-way, a block dying unit by unit along a diagonal, and a
+    scatter of units dying at random steps."""
+
+    units: int = 100_000
+    steps: int = 10_000
+    kinds: Sequence[str] = ("unit_mean", "unit_firing")
+    scatter_dead: float = 0.03
+    seed: int = 0
+    cells_per_batch: int = 1 << 21
+    compression: str | None = None  # uncompressed: the viewer memory-maps it without copies
+
+    @property
+    def cells(self) -> int:
+        return self.units * self.steps
+
+
+def units_spec(cells: float, **kw: object) -> UnitsSpec:
+    """A spec of about ``cells`` units × steps cells, ten units per step (10**9: 10**5 × 10**4)."""
+    units = max(1, round(math.sqrt(10 * cells)))
+    return UnitsSpec(units=units, steps=max(1, round(cells / units)), **kw)  # type: ignore[arg-type]
+
+
+def _death_steps(spec: UnitsSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit, the first dead step index and the first step alive again (``steps``: never)."""
+    u, s = spec.units, spec.steps
+    die = np.full(u, s, np.int64)
+    revive = np.full(u, s, np.int64)
+    band = slice(int(0.30 * u), max(int(0.32 * u), int(0.30 * u) + 1))
+    die[band] = 0
+    revive[band] = s // 2
+    lo, hi = int(0.60 * u), max(int(0.75 * u), int(0.60 * u) + 1)
+    die[lo:hi] = np.linspace(0.2 * s, 0.9 * s, hi - lo).astype(np.int64)
+    pick = rng.random(u) < spec.scatter_dead
+    die[pick] = np.minimum(die[pick], rng.integers(0, s, int(pick.sum())))
+    return die, revive
+
+
+def write_synthetic_units(
+    path: str | os.PathLike[str],
+    spec: UnitsSpec | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write a per-unit trace through the trace writer; returns {"rows", "bytes", "cells"}."""
+    from dnntrace.storage.rows import hist_with_empty, vector_state
+
+    spec = spec or UnitsSpec()
+    lay = Layout()
+    rng = np.random.default_rng(spec.seed)
+    u, total = spec.units, spec.steps
+    meta = {
+        "dnntrace_version": "synthetic",
+        "layout": lay.to_dict(),
+        "options": {"every": 1, "synthetic": True, "units": True},
+        "modules": [
+            {"name": "", "type": "MLP", "depth": 0, "params": {}},
+            {"name": "hidden", "type": "Linear", "depth": 1, "params": {"weight": [u, 256]}},
+            {"name": "hidden_act", "type": "ReLU", "depth": 1, "params": {}},
+        ],
+    }
+    # per unit: a pre-activation offset, a drift over the run, a slow oscillation
+    base = rng.normal(0.3, 0.6, u).astype(np.float32)
+    drift = rng.normal(0.0, 0.8, u).astype(np.float32)
+    freq = rng.uniform(0.5, 4.0, u).astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, u).astype(np.float32)
+    die, revive = _death_steps(spec, rng)
+    per = max(1, spec.cells_per_batch // max(u, 1))
+    empty = (np.zeros(0, np.int32), pa.array([], pa.list_(pa.uint32())))
+    writer = TraceWriter(path, meta, compression=spec.compression)
+    try:
+        for start in range(0, total, per):
+            idx = np.arange(start, min(start + per, total))
+            t = (idx / max(total - 1, 1)).astype(np.float32)[:, None]
+            pre = base + drift * (1 - np.exp(-t / 0.3)) + 0.3 * np.sin(freq * t * 6.283 + phase)
+            pre += 0.1 * rng.standard_normal(pre.shape, dtype=np.float32)
+            firing = 1 / (1 + np.exp(-3 * pre))  # fraction of a unit's outputs above 0
+            mean = np.log1p(np.exp(pre)) * 0.5  # softplus: a ReLU's mean output
+            dead = (idx[:, None] >= die) & (idx[:, None] < revive)
+            firing[dead] = 0
+            mean[dead] = 0
+            by_kind = {"unit_firing": firing, "unit_mean": mean}
+            vecs = [by_kind[k][j] for j in range(len(idx)) for k in spec.kinds]
+            counts, moments = vector_state(vecs, lay, width=L.HEADER)
+            n = len(vecs)
+            batch = state_to_batch(
+                counts,
+                moments,
+                lay,
+                step=np.repeat(idx, len(spec.kinds)),
+                module=["hidden_act"] * n,
+                kind=list(spec.kinds) * len(idx),
+                tensor=[""] * n,
+                dtype=["float32"] * n,
+                shape=[(u,)] * n,
+                wall_time_s=1.7e9 + np.repeat(idx, len(spec.kinds)) * 0.05,
+                values=vecs,
+                hist=hist_with_empty(*empty, n),
+            )
+            writer.write(batch)
+            if progress is not None:
+                progress(int(idx[-1]) + 1, total)
+    finally:
+        rows, nbytes = writer.close()
+    return {"rows": rows, "bytes": nbytes, "cells": spec.cells}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dnntrace_viewer.synthetic OUT.arrow [--units-cells 1e9]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument(
+        "--units-cells",
+        type=float,
+        default=None,
+        help="write a per-unit trace of about this many units x steps cells instead",
+    )
+    args = ap.parse_args(argv)
+    if args.units_cells:
+        info = write_synthetic_units(args.out, units_spec(args.units_cells))
+    else:
+        info = write_synthetic(args.out)
+    print(info)  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

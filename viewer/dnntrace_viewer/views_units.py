@@ -3,12 +3,13 @@ pyramid), dead and saturated units per layer, the anomaly timeline, attribution,
 
 ``panels(store)`` returns ``(title, panel)`` pairs for tabs; ``store`` is a trace path, a
 ``Trace`` or a ``RunStore``. The heatmaps stay interactive at 10^5 units × 10^4 steps: each
-zoom or pan reads at most about 4 × the screen's pixels from the pyramid (``units_data.Pyramid``)
-and Datashader regrids that to the screen.
+zoom or pan reads at most about 4 × the screen's pixels from the pyramid (``units_data.Pyramid``,
+memory-mapped from the trace's ``.units`` cache) and Datashader regrids that to the screen.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import panel as pn
 import param
 
 from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
+from .views import _prompt_ranges
 
 hv.extension("bokeh", logo=False)
 
@@ -43,15 +45,25 @@ class UnitHeatmap(param.Parameterized):
         self.module = modules[0] if modules else None
         self.kind = kinds[0] if kinds else None
         self.range_stream = hv.streams.RangeXY()
+        self.render_times: list[float] = []  # seconds per data window (bench)
 
     def _image(self, module: str | None, kind: str | None, x_range: Any, y_range: Any) -> hv.Image:
-        self.renders += 1
+        t0 = time.perf_counter()
+        try:
+            return self._window_image(module, kind, x_range, y_range)
+        finally:
+            self.render_times.append(time.perf_counter() - t0)
+            self.renders += 1
+
+    def _window_image(
+        self, module: str | None, kind: str | None, x_range: Any, y_range: Any
+    ) -> hv.Image:
         if module is None or kind is None:
-            return hv.Image(np.zeros((1, 1)))
+            return hv.Image(np.zeros((2, 2)))
         steps, pyr = self._source(module, kind)
-        n_u, n_s = pyr.levels[0].shape
+        n_u, n_s = pyr.shape
         if n_u == 0 or n_s == 0:
-            return hv.Image(np.zeros((1, 1)))
+            return hv.Image(np.zeros((2, 2)))
         s0 = float(steps[0])
         stride = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
         if x_range is None or None in x_range:
@@ -60,6 +72,9 @@ class UnitHeatmap(param.Parameterized):
             i0, i1 = (x_range[0] - s0) / stride + 0.5, (x_range[1] - s0) / stride + 0.5
         u0, u1 = (0.0, float(n_u)) if y_range is None or None in y_range else y_range
         a, (r0, r1, c0, c1) = pyr.window(u0, u1, i0, i1, self.height, self.width)
+        # one unit or one step: two half cells, as Datashader needs two samples an axis
+        a = np.repeat(a, 2, axis=0) if a.shape[0] == 1 else a
+        a = np.repeat(a, 2, axis=1) if a.shape[1] == 1 else a
         xs = s0 + stride * (
             np.linspace(c0, c1, a.shape[1] + 1)[:-1] + 0.5 * (c1 - c0) / a.shape[1] - 0.5
         )
@@ -79,6 +94,8 @@ class UnitHeatmap(param.Parameterized):
             width=self.width,
             height=self.height,
             tools=["hover"],
+            active_tools=["wheel_zoom"],
+            hooks=[_prompt_ranges],  # re-render at the first repaint, not after Bokeh's LOD delay
             cnorm="eq_hist",
             framewise=True,
         )
@@ -87,19 +104,15 @@ class UnitHeatmap(param.Parameterized):
                 pn.widgets.Select.from_param(self.param.module, width=220),
                 pn.widgets.Select.from_param(self.param.kind, width=220),
             ),
-            pn.pane.HoloViews(shaded, name="unit_heatmap"),
+            pn.pane.HoloViews(shaded, name="unit_heatmap", css_classes=["dnt-units-heat"]),
         )
 
 
 def _matrix_source(data: UnitData) -> Source:
     def source(module: str, kind: str) -> tuple[np.ndarray, Pyramid]:
         if kind in ("dead", "saturated"):
-            key = ("pd", module, kind)
-            if key not in data._cache:
-                m = data.dead(module) if kind == "dead" else data.saturated(module)
-                data._cache[key] = (m.steps, Pyramid(m.values.astype(np.float32)))
-            return data._cache[key]
-        return data.matrix(module, kind).steps, data.pyramid(module, kind)
+            return data.map_pyramid(module, kind)
+        return data.steps(module, kind), data.pyramid(module, kind)
 
     return source
 
@@ -128,12 +141,15 @@ def dead_view(data: UnitData) -> pn.viewable.Viewable:
         "saturated at each of them."
     )
     heat = UnitHeatmap(_matrix_source(data), data.modules("unit_firing"), ["dead", "saturated"])
-    dead_list = pn.pane.Markdown(
-        pn.bind(
-            lambda m: f"dead units of `{m}` at the last step: {data.dead_units(m)}" if m else "",
-            heat.param.module,
-        )
-    )
+
+    def dead_text(m: str | None) -> str:
+        if not m:
+            return ""
+        d = data.dead_units(m)
+        more = f"[{', '.join(map(str, d[:50]))}, …] ({len(d)} in all)" if len(d) > 50 else d
+        return f"dead units of `{m}` at the last step: {more}"
+
+    dead_list = pn.pane.Markdown(pn.bind(dead_text, heat.param.module))
     return pn.Column(
         note,
         pn.pane.HoloViews(_curves(df, "dead", "dead fraction per layer")),
@@ -194,7 +210,7 @@ def topk_view(data: UnitData) -> pn.viewable.Viewable:
     def table(m: str | None, u: int) -> pn.viewable.Viewable:
         if not m:
             return pn.pane.Markdown("no top-k rows in this trace")
-        n = data.matrix(m, "unit_mean").units
+        n = data.n_units(m, "unit_mean")
         if n and not 0 <= u < n:
             return pn.pane.Markdown(f"unit must be in 0 … {n - 1}")
         return pn.pane.DataFrame(data.topk(m, u), index=False, name="topk_table")
