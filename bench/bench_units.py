@@ -4,12 +4,14 @@ Configurations, interleaved round-robin on the same model (medians over rounds):
 
   a  no tracing
   b  dnntrace, default set                       dnntrace.enable(model, path)
-  u  default set + per-unit statistics           units=True (top-k 8, gradients, attribution)
+  u  default set + per-unit statistics           units=True (every 10th step, top-k 8,
+                                                 gradients, attribution)
+  v  the same every step                         units={"every": 1}
   n  default set + NaN/Inf origin                on_anomaly="record"
 
-Prints per model the step time, the overhead of b over a, of u and n over b, and the target ratio
-(u - b) / (b - a) (per-unit statistics ÷ default-set overhead; target ≤ 30 %), the per-unit
-device buffers and the bytes on disk per step.
+Prints per model the step time, the overhead of b over a, of u, v and n over b, and the target
+ratios (u - b) / (b - a) and (v - b) / (b - a) (per-unit statistics ÷ default-set overhead;
+target ≤ 30 %), the per-unit device buffers and the bytes on disk per step.
 
     python bench/bench_units.py                # 20 steps x 5 rounds
     python bench/bench_units.py --quick
@@ -33,7 +35,13 @@ import dnntrace  # noqa: E402
 from bench_overhead import _cases, train_steps  # noqa: E402
 from dnntrace.capture.units import UnitStats  # noqa: E402
 
-CONFIGS = {"a": {}, "b": {}, "u": {"units": True}, "n": {"on_anomaly": "record"}}
+CONFIGS = {
+    "a": {},
+    "b": {},
+    "u": {"units": True},
+    "v": {"units": {"every": 1}},
+    "n": {"on_anomaly": "record"},
+}
 
 
 class _Run:
@@ -69,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps x {args.rounds} rounds"
     )
     lines = [
-        "| model | a ms | b ms | u ms | n ms | b−a ms | u−b ms | n−b ms | (u−b)/(b−a) "
-        "| unit buffers KiB | disk KB/step b → u |",
-        "|" + "---|" * 11,
+        "| model | a ms | b ms | u ms | v ms | n ms | b−a ms | u−b ms | v−b ms | n−b ms "
+        "| (u−b)/(b−a) | (v−b)/(b−a) | unit buffers KiB | disk KB/step b → u → v |",
+        "|" + "---|" * 14,
     ]
     for name in args.models.split(","):
         case = cases[name]
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 if st is not None:
                     disk[c] = st["bytes"] / max(st["steps_written"], 1)
                     assert st["steps_dropped"] == 0, (name, c, st)
-                if c == "u" and tr is not None:
+                if c == "v" and tr is not None:
                     ext = next(e for e in tr.extensions if isinstance(e, UnitStats))
                     buffers = sum(
                         s.act.numel() * 8
@@ -108,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
         med = {c: statistics.median(v) for c, v in means.items()}
         base = med["b"] - med["a"]
-        ratio = (med["u"] - med["b"]) / base if base > 0 else float("nan")
+
+        over = {c: f"{(med[c] - med['b']) * 1e3:+.1f}" for c in "uvn"}
+        ratio = {c: f"{(med[c] - med['b']) / base:.0%}" if base > 0 else "n/a" for c in "uv"}
         print(
             f"  {name}: round means ms "
             + "; ".join(
@@ -116,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+        ms = " | ".join(f"{med[c] * 1e3:.1f}" for c in "abuvn")
+        kb = " → ".join(f"{disk.get(c, 0) / 1e3:.0f}" for c in "buv")
         lines.append(
-            f"| {name} | {med['a'] * 1e3:.1f} | {med['b'] * 1e3:.1f} | {med['u'] * 1e3:.1f} "
-            f"| {med['n'] * 1e3:.1f} | {base * 1e3:+.1f} | {(med['u'] - med['b']) * 1e3:+.1f} "
-            f"| {(med['n'] - med['b']) * 1e3:+.1f} | {ratio:.0%} | {buffers / 1024:.0f} "
-            f"| {disk.get('b', 0) / 1e3:.0f} → {disk.get('u', 0) / 1e3:.0f} |"
+            f"| {name} | {ms} | {base * 1e3:+.1f} | {over['u']} | {over['v']} | {over['n']} "
+            f"| {ratio['u']} | {ratio['v']} | {buffers / 1024:.0f} | {kb} |"
         )
     print()
     print("\n".join(lines))

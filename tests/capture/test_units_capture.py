@@ -39,7 +39,7 @@ def test_rows_match_the_model_activations(tmp_path: Path) -> None:
     m[0].register_forward_hook(keep("pre"))
     m[1].register_forward_hook(keep("tanh"))
     path = tmp_path / "t.arrow"
-    with dnntrace.enable(m, path, host_buffers=64, units={"topk": 2}):
+    with dnntrace.enable(m, path, host_buffers=64, units={"topk": 2, "every": 1}):
         for _ in range(3):
             x = 3 * torch.randn(16, 6)
             loss = m(x).pow(2).mean()
@@ -75,7 +75,7 @@ def test_dead_relus_are_detected(tmp_path: Path) -> None:
         m[0].bias[dead] = -100.0  # killed: never fire for inputs of this size
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     path = tmp_path / "t.arrow"
-    with dnntrace.enable(m, path, host_buffers=64, units=True):
+    with dnntrace.enable(m, path, host_buffers=64, units={"every": 1}):
         for _ in range(6):
             loss = m(torch.randn(64, 8)).pow(2).mean()
             opt.zero_grad()
@@ -149,7 +149,7 @@ def test_topk_keeps_the_largest_inputs_with_their_ids(tmp_path: Path) -> None:
     with torch.no_grad():
         m[0].weight.copy_(torch.eye(3))
         m[0].bias.zero_()
-    ext = UnitStats(topk=2, topk_every=100, gradients=False)
+    ext = UnitStats(topk=2, topk_every=100, gradients=False, every=1)
     path = tmp_path / "t.arrow"
     batches = [torch.tensor([[1.0, 9.0, 0.0], [5.0, 2.0, 0.5]]), torch.tensor([[7.0, 1.0, 0.25]])]
     with dnntrace.enable(m, path, host_buffers=64, extensions=[ext]) as tr:
@@ -170,13 +170,26 @@ def test_topk_keeps_the_largest_inputs_with_their_ids(tmp_path: Path) -> None:
 def test_eval_forwards_and_unsampled_steps_are_skipped(tmp_path: Path) -> None:
     m = nn.Sequential(nn.Linear(3, 4))
     path = tmp_path / "t.arrow"
-    with dnntrace.enable(m, path, host_buffers=64, units=True, every=2) as tr:
+    with dnntrace.enable(m, path, host_buffers=64, units={"every": 2}) as tr:
         for _ in range(4):
             m(torch.randn(2, 3)).sum().backward()
             with torch.no_grad():
                 m(torch.randn(2, 3))
             tr.step()
     assert sorted(_vectors(path, "unit_mean", "0")) == [0, 2]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_default_cadence_is_every_tenth_traced_step(tmp_path: Path, every: int) -> None:
+    m = nn.Sequential(nn.Linear(3, 4))
+    path = tmp_path / "t.arrow"
+    with dnntrace.enable(m, path, host_buffers=64, units=True, every=every) as tr:
+        for _ in range(25 * every):
+            m(torch.randn(2, 3)).sum().backward()
+            tr.step()
+    want = [s * every for s in (0, 10, 20)]
+    assert sorted(_vectors(path, "unit_mean", "0")) == want
+    assert sorted(_vectors(path, "unit_grad_rms", "0")) == want
 
 
 @pytest.mark.parametrize("units", [{"modules": ["nothing*"]}, {"topk": 0, "attribution": False}])

@@ -28,8 +28,18 @@ samples for ``(N, C, ...)``, tokens for ``(..., F)``); every ``topk_every`` samp
 close ``unit_topk_value``, ``unit_topk_index`` (sample id: the in-batch index or the id given to
 ``set_sample_ids``; exact below 2^24), ``unit_topk_step``, each ``[units, k]`` row-major.
 
+**Cadence**: every ``UNITS_EVERY`` (10) traced steps unless ``every`` says otherwise; on a sampled
+step every forward and backward of the step is counted, top-k lists see the sampled steps' inputs.
+
+**Cost**: native kernels on CPU and CUDA read each activation once (``unit_summary_out``), each
+output gradient once with the activation for attribution (``unit_grad_summary_out``), and merge
+top-k lists in place (``unit_topk_update``); all modules' buffers live in one tensor per kind
+(``_Arena``), so a step's rows are finished by a handful of ops for the whole model and shipped
+as one block. No host synchronisation.
+
 **Memory**: ``(88 + 12·k)·U`` bytes of device buffers per module of ``U`` units (``stats.units``),
-plus, with attribution, a reference to each selected module's output until its backward.
+plus, with attribution, a reference to each selected module's output until its backward, and the
+sampled step's rows (``8·4·U`` bytes per module) until the flush copies them to the host.
 Only training forwards (``module.training`` and grad enabled) are counted.
 """
 
@@ -191,12 +201,21 @@ class _Arena:
         return cls(states, act, grad, tk)
 
 
+# Per-unit rows are sampled every 10th traced step unless asked otherwise: each sampled step
+# re-reads every selected activation (and its gradient and, for attribution, the activation
+# again), and writes units x 8 floats per module (5 MB per step for GPT-2 small), so every step
+# costs more than the default set itself (bench/RESULTS.md); every 10th keeps the maps'
+# resolution over a run at a tenth of that.
+UNITS_EVERY = 10
+
+
 @dataclass
 class UnitStats(Extension):
     """Per-unit statistics of the selected modules' outputs (see the module docstring).
 
     ``modules``: names (globs) among the tracer's modules to restrict to (default all that the
-    axis rule covers); ``every``: cadence (default the tracer's ``activations_every``);
+    axis rule covers); ``every``: cadence in steps (default ``UNITS_EVERY`` times the tracer's
+    ``activations_every``; 1 for every step);
     ``gradients``: ``unit_grad_rms``; ``attribution``: ``unit_attr*`` (holds the output until
     backward); ``topk``: inputs kept per unit (0: none); ``tanh`` / ``sigmoid``: thresholds."""
 
@@ -242,14 +261,14 @@ class UnitStats(Extension):
             pats = list(self.modules)
             mods = [(n, m) for n, m in mods if any(fnmatch.fnmatchcase(n, p) for p in pats)]
         self._plans = plan_units(tracer.model, mods)
-        every = self.every or tracer.activations_every
+        every = self._every(tracer)
         by_name = dict(mods)
         for name, plan in self._plans.items():
             hook = self._make_hook(tracer, plan, every)
             tracer.add_handle(by_name[name].register_forward_hook(tracer.guard(hook)))
 
     def on_step_end(self, tracer: Tracer) -> None:
-        every = self.every or tracer.activations_every
+        every = self._every(tracer)
         if not tracer.sampled(every):
             return
         self._sampled_steps += 1
@@ -277,6 +296,9 @@ class UnitStats(Extension):
         self._record_topk(tracer)
 
     # ---- internals ------------------------------------------------------------------------
+    def _every(self, tracer: Tracer) -> int:
+        return self.every or UNITS_EVERY * tracer.activations_every
+
     def _packed(self) -> _Arena | None:
         """The arena of all states, repacked when a module was first seen since."""
         if not self.states:
