@@ -25,7 +25,11 @@ def make_units_trace(path: Path, steps: int = 8) -> Path:
         m[0].bias[[1, 5, 9]] = -100.0
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     with dnntrace.enable(
-        m, path, host_buffers=64, units={"topk": 3, "topk_every": 2}, on_anomaly="record"
+        m,
+        path,
+        host_buffers=64,
+        units={"topk": 3, "topk_every": 2, "every": 1},  # every step (the default is sparser)
+        on_anomaly="record",
     ):
         for i in range(steps):
             if i == 5:

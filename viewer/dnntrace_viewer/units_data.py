@@ -73,7 +73,8 @@ def as_trace(store: Any) -> Trace:
         return load(store)
     run = getattr(store, "current", None)
     if run is not None and hasattr(run, "trace"):
-        return run.trace
+        trace: Trace = run.trace
+        return trace
     raise TypeError(f"expected a trace path, a Trace or a RunStore, got {type(store).__name__}")
 
 
@@ -105,16 +106,18 @@ def halve(a: np.ndarray, how: str = "mean") -> np.ndarray:
         a = p
     if how == "max":
         r = np.fmax(a[0::2], a[1::2])
-        return np.fmax(r[:, 0::2], r[:, 1::2])
+        out: np.ndarray = np.fmax(r[:, 0::2], r[:, 1::2])
+        return out
     fin = np.isfinite(a)
     z = np.where(fin, a, np.float32(0))
     zr = z[0::2] + z[1::2]
     del z
     fr = fin[0::2].view(np.uint8) + fin[1::2].view(np.uint8)
-    s = zr[:, 0::2] + zr[:, 1::2]
+    s: np.ndarray = zr[:, 0::2] + zr[:, 1::2]
     n = (fr[:, 0::2] + fr[:, 1::2]).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.divide(s, n, out=s)
+        np.divide(s, n, out=s)
+    return s
 
 
 def level_shapes(shape: tuple[int, int], min_side: int = MIN_SIDE) -> list[tuple[int, int]]:
@@ -644,7 +647,7 @@ class UnitData:
         frames = []
         for m in self.modules("unit_firing"):
             d = self._map_entry(m, "unit_firing", window, threshold)
-            row = {"module": m, "step": d.steps, "dead": d.stat}
+            row: dict[str, Any] = {"module": m, "step": d.steps, "dead": d.stat}
             if "unit_saturated" in self.trace.kinds:
                 s = self._map_entry(m, "unit_saturated", window, threshold)
                 same = s.steps.size == d.steps.size

@@ -190,7 +190,7 @@ def anomaly_view(data: UnitData) -> pn.viewable.Viewable:
 
 
 def attribution_view(data: UnitData) -> pn.viewable.Viewable:
-    kinds = [k for k in ("unit_attr_abs", "unit_attr") if k in data.kinds()]
+    kinds: list[str] = [k for k in ("unit_attr_abs", "unit_attr") if k in data.kinds()]
     heat = UnitHeatmap(_matrix_source(data), data.modules("unit_attr_abs"), kinds)
     tot = data.attribution_totals()
     return pn.Column(
