@@ -10,12 +10,12 @@ constexpr int kLanes = 8;
 // ---- rows: the unit loop is innermost and the loop vectoriser handles it --------------------
 
 template <typename T>
-DNNTRACE_INLINE void act_rows(const T* __restrict__ p, int64_t n, int64_t U, double lo, double hi,
-                              double* __restrict__ sum, double* __restrict__ sq,
-                              double* __restrict__ fire, double* __restrict__ sat,
-                              double* __restrict__ mx) {
+DNNTRACE_INLINE void act_rows(const T* __restrict__ p, int64_t n, int64_t U, int64_t stride,
+                              double lo, double hi, double* __restrict__ sum,
+                              double* __restrict__ sq, double* __restrict__ fire,
+                              double* __restrict__ sat, double* __restrict__ mx) {
   for (int64_t r = 0; r < n; ++r) {
-    const T* __restrict__ row = p + r * U;
+    const T* __restrict__ row = p + r * stride;
     for (int64_t u = 0; u < U; ++u) {
       const double v = static_cast<double>(row[u]);
       sum[u] += v;
@@ -29,10 +29,10 @@ DNNTRACE_INLINE void act_rows(const T* __restrict__ p, int64_t n, int64_t U, dou
 
 template <typename T>
 DNNTRACE_INLINE void grad_rows(const T* __restrict__ g, const T* __restrict__ x, int64_t n,
-                               int64_t U, double* __restrict__ g2, double* __restrict__ xg,
-                               double* __restrict__ axg) {
+                               int64_t U, int64_t stride, double* __restrict__ g2,
+                               double* __restrict__ xg, double* __restrict__ axg) {
   for (int64_t r = 0; r < n; ++r) {
-    const T* __restrict__ grow = g + r * U;
+    const T* __restrict__ grow = g + r * stride;
     if (x == nullptr) {
       for (int64_t u = 0; u < U; ++u) {
         const double gv = static_cast<double>(grow[u]);
@@ -40,7 +40,7 @@ DNNTRACE_INLINE void grad_rows(const T* __restrict__ g, const T* __restrict__ x,
       }
       continue;
     }
-    const T* __restrict__ xrow = x + r * U;
+    const T* __restrict__ xrow = x + r * stride;
     for (int64_t u = 0; u < U; ++u) {
       const double gv = static_cast<double>(grow[u]);
       const double pv = gv * static_cast<double>(xrow[u]);
@@ -252,21 +252,21 @@ __attribute__((target("arch=x86-64-v3"))) void act_spans_f32(const float* p, int
 
 }  // namespace
 
-DNNTRACE_CLONES void unit_act_rows_f32(const float* p, int64_t n, int64_t U, double lo, double hi,
-                                       const UnitActSoA& a) {
-  act_rows(p, n, U, lo, hi, a.sum, a.sq, a.fire, a.sat, a.mx);
+DNNTRACE_CLONES void unit_act_rows_f32(const float* p, int64_t n, int64_t U, int64_t stride,
+                                       double lo, double hi, const UnitActSoA& a) {
+  act_rows(p, n, U, stride, lo, hi, a.sum, a.sq, a.fire, a.sat, a.mx);
 }
-void unit_act_rows_f64(const double* p, int64_t n, int64_t U, double lo, double hi,
+void unit_act_rows_f64(const double* p, int64_t n, int64_t U, int64_t stride, double lo, double hi,
                        const UnitActSoA& a) {
-  act_rows(p, n, U, lo, hi, a.sum, a.sq, a.fire, a.sat, a.mx);
+  act_rows(p, n, U, stride, lo, hi, a.sum, a.sq, a.fire, a.sat, a.mx);
 }
 DNNTRACE_CLONES void unit_grad_rows_f32(const float* g, const float* x, int64_t n, int64_t U,
-                                        const UnitGradSoA& a) {
-  grad_rows(g, x, n, U, a.g2, a.xg, a.axg);
+                                        int64_t stride, const UnitGradSoA& a) {
+  grad_rows(g, x, n, U, stride, a.g2, a.xg, a.axg);
 }
-void unit_grad_rows_f64(const double* g, const double* x, int64_t n, int64_t U,
+void unit_grad_rows_f64(const double* g, const double* x, int64_t n, int64_t U, int64_t stride,
                         const UnitGradSoA& a) {
-  grad_rows(g, x, n, U, a.g2, a.xg, a.axg);
+  grad_rows(g, x, n, U, stride, a.g2, a.xg, a.axg);
 }
 
 void unit_act_spans_f32(const float* p, int64_t spans, int64_t stride, int64_t n, double lo,

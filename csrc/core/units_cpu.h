@@ -28,10 +28,10 @@ struct UnitGradSoA {
   double* axg;
 };
 
-// Adds rows [0, n) of p (row length U) into a.
-void unit_act_rows_f32(const float* p, int64_t n, int64_t U, double lo, double hi,
+// Adds n rows of U values, row r at p + r * stride, into a.
+void unit_act_rows_f32(const float* p, int64_t n, int64_t U, int64_t stride, double lo, double hi,
                        const UnitActSoA& a);
-void unit_act_rows_f64(const double* p, int64_t n, int64_t U, double lo, double hi,
+void unit_act_rows_f64(const double* p, int64_t n, int64_t U, int64_t stride, double lo, double hi,
                        const UnitActSoA& a);
 
 // Adds `spans` spans of n values, span r at p + r * stride, into out = {sum, sq, fire, sat} and
@@ -41,9 +41,10 @@ void unit_act_spans_f32(const float* p, int64_t spans, int64_t stride, int64_t n
 void unit_act_spans_f64(const double* p, int64_t spans, int64_t stride, int64_t n, double lo,
                         double hi, double* out);
 
-// Adds rows [0, n) of g (and x, same layout, or null) into a.
-void unit_grad_rows_f32(const float* g, const float* x, int64_t n, int64_t U, const UnitGradSoA& a);
-void unit_grad_rows_f64(const double* g, const double* x, int64_t n, int64_t U,
+// Adds n rows of g (and x at the same offsets, or null), as above, into a.
+void unit_grad_rows_f32(const float* g, const float* x, int64_t n, int64_t U, int64_t stride,
+                        const UnitGradSoA& a);
+void unit_grad_rows_f64(const double* g, const double* x, int64_t n, int64_t U, int64_t stride,
                         const UnitGradSoA& a);
 
 // Adds spans of g (and x at the same offsets, or null), as above, into out = {sum g^2, sum x*g,

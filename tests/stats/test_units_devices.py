@@ -103,6 +103,7 @@ def test_unit_grad_summary_every_dtype(
         ((2, 3, 1 << 18), 1),
         ((64, 33, 7, 7), 1),
         ((4, 4096, 50), -1),
+        ((96, 50257), -1),  # wide rows (vocabulary logits): split by units, bounded partials
     ],
 )
 def test_huge_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...], dim: int) -> None:

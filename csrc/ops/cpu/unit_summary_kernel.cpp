@@ -26,6 +26,16 @@ using core::kUnitActCols;
 using core::kUnitGradCols;
 constexpr int64_t kChunkElems = 1 << 16;  // elements per parallel task
 constexpr int64_t kWiden = 4096;          // float16/bfloat16 values widened at a time
+constexpr int64_t kWideRows = 4096;       // rows of this many units or more: split by units
+constexpr int64_t kUnitBlock = 1024;      // units per task then
+constexpr int64_t kMaxChunks = 64;        // row chunks otherwise (partials: chunks x U)
+
+// Row chunks of a (rows x U) input: about kChunkElems values each, at most kMaxChunks. Depends
+// on the shape only, so results do not depend on the thread count.
+int64_t row_chunks(int64_t rows, int64_t U) {
+  const int64_t want = (rows * U + kChunkElems - 1) / kChunkElems;
+  return std::clamp<int64_t>(want, 1, std::min(rows, kMaxChunks));
+}
 
 // Widens n values of a 16-bit float type into out (n <= kWiden).
 template <typename scalar_t>
@@ -38,27 +48,21 @@ void widen(const scalar_t* p, int64_t n, float* out) {
   }
 }
 
+// n rows of U values, row r at p + r * stride, into a.
 template <typename scalar_t>
-constexpr bool kNarrow =
-    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
-
-// rows [0, n) of p (row length U) into a.
-template <typename scalar_t>
-void act_rows(const scalar_t* p, int64_t n, int64_t U, double lo, double hi,
+void act_rows(const scalar_t* p, int64_t n, int64_t U, int64_t stride, double lo, double hi,
               const core::UnitActSoA& a, std::vector<float>& buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    core::unit_act_rows_f32(p, n, U, lo, hi, a);
+    core::unit_act_rows_f32(p, n, U, stride, lo, hi, a);
   } else if constexpr (std::is_same_v<scalar_t, double>) {
-    core::unit_act_rows_f64(p, n, U, lo, hi, a);
-  } else {
+    core::unit_act_rows_f64(p, n, U, stride, lo, hi, a);
+  } else {  // widened a few rows at a time, packed
     const int64_t step = std::max<int64_t>(1, kWiden / U);
     buf.resize(static_cast<size_t>(std::min(n, step) * U));
     for (int64_t r = 0; r < n; r += step) {
       const int64_t m = std::min(step, n - r);
-      for (int64_t i = 0; i < m * U; i += kWiden) {
-        widen(p + r * U + i, std::min(kWiden, m * U - i), buf.data() + i);
-      }
-      core::unit_act_rows_f32(buf.data(), m, U, lo, hi, a);
+      for (int64_t j = 0; j < m; ++j) widen(p + (r + j) * stride, U, buf.data() + j * U);
+      core::unit_act_rows_f32(buf.data(), m, U, U, lo, hi, a);
     }
   }
 }
@@ -93,12 +97,12 @@ void act_spans(const scalar_t* p, int64_t spans, int64_t stride, int64_t n, doub
 }
 
 template <typename scalar_t>
-void grad_rows(const scalar_t* g, const scalar_t* x, int64_t n, int64_t U,
+void grad_rows(const scalar_t* g, const scalar_t* x, int64_t n, int64_t U, int64_t stride,
                const core::UnitGradSoA& a, std::vector<float>& buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    core::unit_grad_rows_f32(g, x, n, U, a);
+    core::unit_grad_rows_f32(g, x, n, U, stride, a);
   } else if constexpr (std::is_same_v<scalar_t, double>) {
-    core::unit_grad_rows_f64(g, x, n, U, a);
+    core::unit_grad_rows_f64(g, x, n, U, stride, a);
   } else {
     const int64_t step = std::max<int64_t>(1, kWiden / U);
     const int64_t width = std::min(n, step) * U;
@@ -107,12 +111,11 @@ void grad_rows(const scalar_t* g, const scalar_t* x, int64_t n, int64_t U,
     float* xb = x == nullptr ? nullptr : buf.data() + width;
     for (int64_t r = 0; r < n; r += step) {
       const int64_t m = std::min(step, n - r);
-      for (int64_t i = 0; i < m * U; i += kWiden) {
-        const int64_t c = std::min(kWiden, m * U - i);
-        widen(g + r * U + i, c, gb + i);
-        if (xb != nullptr) widen(x + r * U + i, c, xb + i);
+      for (int64_t j = 0; j < m; ++j) {
+        widen(g + (r + j) * stride, U, gb + j * U);
+        if (xb != nullptr) widen(x + (r + j) * stride, U, xb + j * U);
       }
-      core::unit_grad_rows_f32(gb, xb, m, U, a);
+      core::unit_grad_rows_f32(gb, xb, m, U, U, a);
     }
   }
 }
@@ -155,9 +158,32 @@ template <typename scalar_t>
 void unit_summary_impl(const scalar_t* p, const UnitShape& s, double lo, double hi, double* acc) {
   const int64_t U = s.units;
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  if (s.inner == 1 && U >= kWideRows) {
+    // wide rows: blocks of units run in parallel, each over all rows, so partials stay O(U)
+    at::parallel_for(0, (U + kUnitBlock - 1) / kUnitBlock, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf;
+      std::vector<double> part(5 * kUnitBlock);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t u0 = b * kUnitBlock, ub = std::min(kUnitBlock, U - u0);
+        std::fill(part.begin(), part.begin() + 4 * ub, 0.0);
+        std::fill(part.begin() + 4 * ub, part.begin() + 5 * ub, kNegInf);
+        double* q = part.data();
+        const core::UnitActSoA a{q, q + ub, q + 2 * ub, q + 3 * ub, q + 4 * ub};
+        act_rows(p + u0, s.outer, ub, U, lo, hi, a, buf);
+        for (int64_t j = 0; j < ub; ++j) {
+          double* o = acc + (u0 + j) * kUnitActCols;
+          o[core::kUCount] += static_cast<double>(s.outer);
+          for (int c = 0; c < 4; ++c) o[1 + c] += q[c * ub + j];
+          o[core::kUMax] = core::unit_fold_max(o[core::kUMax], q[4 * ub + j]);
+        }
+      }
+    });
+    return;
+  }
   if (s.inner == 1) {
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / U);
-    const int64_t chunks = (s.outer + rows_per_chunk - 1) / rows_per_chunk;
+    // chunks of rows in parallel (at most kMaxChunks: partials are chunks x U), folded in order
+    const int64_t chunks = row_chunks(s.outer, U);
+    const int64_t rows_per_chunk = (s.outer + chunks - 1) / chunks;
     // [chunk][5][U]: sum, sq, fire, sat, max
     std::vector<double> parts(static_cast<size_t>(chunks * 5 * U), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -166,9 +192,9 @@ void unit_summary_impl(const scalar_t* p, const UnitShape& s, double lo, double 
         double* base = parts.data() + c * 5 * U;
         std::fill(base + 4 * U, base + 5 * U, kNegInf);
         const core::UnitActSoA a{base, base + U, base + 2 * U, base + 3 * U, base + 4 * U};
-        const int64_t r0 = c * rows_per_chunk;
+        const int64_t r0 = std::min(s.outer, c * rows_per_chunk);
         const int64_t r1 = std::min(s.outer, r0 + rows_per_chunk);
-        act_rows(p + r0 * U, r1 - r0, U, lo, hi, a, buf);
+        act_rows(p + r0 * U, r1 - r0, U, U, lo, hi, a, buf);
       }
     });
     at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
@@ -214,18 +240,38 @@ template <typename scalar_t>
 void unit_grad_impl(const scalar_t* g, const scalar_t* x, const UnitShape& s, int64_t rows,
                     double* acc) {
   const int64_t U = s.units;
+  if (s.inner == 1 && U >= kWideRows) {
+    at::parallel_for(0, (U + kUnitBlock - 1) / kUnitBlock, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf;
+      std::vector<double> part(3 * kUnitBlock);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t u0 = b * kUnitBlock, ub = std::min(kUnitBlock, U - u0);
+        std::fill(part.begin(), part.begin() + 3 * ub, 0.0);
+        double* q = part.data();
+        const core::UnitGradSoA a{q, q + ub, q + 2 * ub};
+        grad_rows(g + u0, x == nullptr ? nullptr : x + u0, s.outer, ub, U, a, buf);
+        for (int64_t j = 0; j < ub; ++j) {
+          double* o = acc + (u0 + j) * kUnitGradCols;
+          o[core::kGRows] += static_cast<double>(rows);
+          o[core::kGCount] += static_cast<double>(s.outer);
+          for (int c = 0; c < 3; ++c) o[2 + c] += q[c * ub + j];
+        }
+      }
+    });
+    return;
+  }
   if (s.inner == 1) {
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / U);
-    const int64_t chunks = (s.outer + rows_per_chunk - 1) / rows_per_chunk;
+    const int64_t chunks = row_chunks(s.outer, U);
+    const int64_t rows_per_chunk = (s.outer + chunks - 1) / chunks;
     std::vector<double> parts(static_cast<size_t>(chunks * 3 * U), 0.0);  // [chunk][3][U]
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> buf;
       for (int64_t c = c0; c < c1; ++c) {
         double* base = parts.data() + c * 3 * U;
         const core::UnitGradSoA a{base, base + U, base + 2 * U};
-        const int64_t r0 = c * rows_per_chunk;
+        const int64_t r0 = std::min(s.outer, c * rows_per_chunk);
         const int64_t r1 = std::min(s.outer, r0 + rows_per_chunk);
-        grad_rows(g + r0 * U, x == nullptr ? nullptr : x + r0 * U, r1 - r0, U, a, buf);
+        grad_rows(g + r0 * U, x == nullptr ? nullptr : x + r0 * U, r1 - r0, U, U, a, buf);
       }
     });
     at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
