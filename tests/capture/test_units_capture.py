@@ -205,3 +205,20 @@ def test_options(tmp_path: Path, units: dict) -> None:
     else:
         assert "unit_grad_rms" in kinds and "unit_attr" not in kinds
         assert "unit_topk_value" not in kinds
+
+
+def test_uncompressed_traces_for_large_unit_maps(tmp_path: Path) -> None:
+    m = nn.Sequential(nn.Linear(64, 256))
+    sizes = {}
+    for comp in ("zstd", None):
+        path = tmp_path / f"{comp}.arrow"
+        torch.manual_seed(0)
+        with dnntrace.enable(m, path, units={"every": 1}, compression=comp) as tr:
+            for _ in range(3):
+                m(torch.randn(8, 64)).sum().backward()
+                tr.step()
+        sizes[comp] = path.stat().st_size
+        assert sorted(_vectors(path, "unit_mean", "0")) == [0, 1, 2]
+    assert sizes[None] > sizes["zstd"]
+    with pytest.raises(ValueError, match="compression must be"):
+        dnntrace.enable(m, tmp_path / "bad.arrow", compression="gzip")

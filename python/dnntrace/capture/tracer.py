@@ -112,6 +112,7 @@ class Tracer:
         host_buffers: int | None = None,
         host_memory_mb: float = 256.0,
         fsync: bool = False,
+        compression: str | None = "zstd",
         log_lr: bool = True,
         extensions: Sequence[Extension] = (),
         units: bool | dict[str, Any] = False,
@@ -128,6 +129,10 @@ class Tracer:
                 "dnntrace.enable: this model was made by torch.compile; trace the original "
                 "module instead (dnntrace.enable(model) then torch.compile(model) records weights "
                 "and gradients; activation hooks are skipped inside compiled graphs)"
+            )
+        if compression not in ("zstd", "lz4", None):
+            raise ValueError(
+                f"dnntrace.enable: compression must be 'zstd', 'lz4' or None, got {compression!r}"
             )
         if not isinstance(host_memory_mb, int | float) or not host_memory_mb > 0:
             raise ValueError(f"dnntrace.enable: host_memory_mb must be > 0, got {host_memory_mb!r}")
@@ -263,7 +268,7 @@ class Tracer:
         self._pipe: Pipeline | None = None
         self._writer: TraceWriter | None = None
         try:
-            self._writer = TraceWriter(self.path, meta, fsync=fsync)
+            self._writer = TraceWriter(self.path, meta, fsync=fsync, compression=compression)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise ValueError(
@@ -743,7 +748,9 @@ def enable(
     ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
     ``strict`` (raise instead of disabling on internal errors), ``host_memory_mb`` (host memory
     for steps waiting for the writer, default 256 MB) or ``host_buffers`` (their number),
-    ``fsync``, ``units`` (per-unit statistics: True or ``UnitStats``
+    ``fsync``, ``compression`` (``"zstd"`` default, ``"lz4"``, or None: uncompressed batches are
+    memory-mapped by readers instead of decompressed at open, which traces of 10^9 per-unit
+    values need), ``units`` (per-unit statistics: True or ``UnitStats``
     options, ``capture.units``), ``on_anomaly`` (``"warn"``/``"raise"``/``"record"``: NaN/Inf
     origin, ``capture.anomaly``), ``merge_ranks`` / ``ddp_hook`` (under torch.distributed: merged
     cross-rank summaries / a DDP comm hook for gradient diversity and noise scale, True or options,
