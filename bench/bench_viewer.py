@@ -144,6 +144,25 @@ def browser(p: Any) -> Any:
     )
 
 
+def serve_local(make: Any) -> tuple[Any, int]:
+    """Serves ``make`` (a Panel app factory) on 127.0.0.1 in a thread: (server, port)."""
+    import panel as pn
+
+    from dnntrace_viewer.cli import free_port
+
+    port = free_port()
+    srv = pn.serve(
+        {"/": make},
+        port=port,
+        address="127.0.0.1",
+        show=False,
+        threaded=True,
+        start=True,
+        print_url=False,
+    )
+    return srv, port
+
+
 def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
     from dnntrace_viewer.cli import free_port
 
@@ -181,21 +200,11 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
     import panel as pn
 
     from dnntrace_viewer.app import SESSION_VIEWS, build_app
-    from dnntrace_viewer.cli import free_port
     from dnntrace_viewer.data_store import RunStore
 
     store = RunStore(paths=[path])
-    port = free_port()
     pn.state.cache[SESSION_VIEWS] = []
-    srv = pn.serve(
-        {"/": lambda: build_app(store.clone(), follow_ms=None)},
-        port=port,
-        address="127.0.0.1",
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
+    srv, port = serve_local(lambda: build_app(store.clone(), follow_ms=None))
     page = ctx.new_page()
     try:
         page.goto(f"http://127.0.0.1:{port}/")

@@ -153,12 +153,10 @@ def server_phase(path: str) -> dict[str, Any]:
 
 
 def browser_phase(path: str, events: int = 12) -> dict[str, float]:
-    import panel as pn
     from playwright.sync_api import sync_playwright
 
-    from bench_viewer import JS_COLOURS, JS_WATCH
+    from bench_viewer import JS_COLOURS, JS_WATCH, serve_local
     from bench_viewer import browser as launch
-    from dnntrace_viewer.cli import free_port
     from dnntrace_viewer.units_data import UnitData
     from dnntrace_viewer.views_units import UnitHeatmap, _matrix_source
 
@@ -172,16 +170,7 @@ def browser_phase(path: str, events: int = 12) -> dict[str, float]:
         sessions.append(heat)
         return heat.panel()
 
-    port = free_port()
-    srv = pn.serve(
-        {"/": make},
-        port=port,
-        address="127.0.0.1",
-        show=False,
-        threaded=True,
-        start=True,
-        print_url=False,
-    )
+    srv, port = serve_local(make)
     try:
         with sync_playwright() as p:
             ctx = launch(p)

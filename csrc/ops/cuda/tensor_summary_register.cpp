@@ -8,26 +8,11 @@
 #include <vector>
 
 #include "../summary_checks.h"
+#include "cuda_dtype.h"
 #include "tensor_summary_cuda.h"
 
 namespace dnntrace::ops {
 namespace {
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kF32;
-    case at::kDouble:
-      return cuda::DType::kF64;
-    case at::kHalf:
-      return cuda::DType::kF16;
-    case at::kBFloat16:
-      return cuda::DType::kBF16;
-    default:
-      TORCH_CHECK(false, "dnntrace: unsupported dtype ", t,
-                  " (float32, float64, float16 and bfloat16 are)");
-  }
-}
 
 void run(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& slots,
          const core::HistLayout& l, bool histogram, at::Tensor& counts, at::Tensor& moments) {

@@ -6,26 +6,11 @@
 #include <torch/library.h>
 
 #include "../unit_checks.h"
+#include "cuda_dtype.h"
 #include "unit_summary_cuda.h"
 
 namespace dnntrace::ops {
 namespace {
-
-cuda::DType unit_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kF32;
-    case at::kDouble:
-      return cuda::DType::kF64;
-    case at::kHalf:
-      return cuda::DType::kF16;
-    case at::kBFloat16:
-      return cuda::DType::kBF16;
-    default:
-      TORCH_CHECK(false, "dnntrace: unsupported dtype ", t,
-                  " (float32, float64, float16 and bfloat16 are)");
-  }
-}
 
 void unit_summary_cuda(const at::Tensor& x, int64_t dim, double lo, double hi, at::Tensor& acc) {
   check_unit_acc(acc, x, unit_shape(x, dim).units, core::kUnitActCols, "unit_summary_out");
@@ -33,7 +18,7 @@ void unit_summary_cuda(const at::Tensor& x, int64_t dim, double lo, double hi, a
   const c10::cuda::CUDAGuard guard(x.device());
   const UnitView v = unit_view(x, dim);
   const char* err = cuda::launch_unit_summary(
-      unit_dtype(v.t.scalar_type()), v.t.data_ptr(), v.s.outer, v.s.units, v.s.inner, lo, hi,
+      cuda_dtype(v.t.scalar_type()), v.t.data_ptr(), v.s.outer, v.s.units, v.s.inner, lo, hi,
       acc.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "dnntrace: CUDA unit_summary_out failed: ", err);
 }
@@ -47,7 +32,7 @@ void unit_grad_summary_cuda(const at::Tensor& g, const std::optional<at::Tensor>
   const UnitView v = unit_view(g, dim);
   const at::Tensor x = has_x ? same_layout(*x_opt, v, v.t.scalar_type()) : at::Tensor();
   const char* err = cuda::launch_unit_grad_summary(
-      unit_dtype(v.t.scalar_type()), v.t.data_ptr(), has_x ? x.data_ptr() : nullptr, v.s.outer,
+      cuda_dtype(v.t.scalar_type()), v.t.data_ptr(), has_x ? x.data_ptr() : nullptr, v.s.outer,
       v.s.units, v.s.inner, v.rows, acc.data_ptr<double>(),
       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "dnntrace: CUDA unit_grad_summary_out failed: ", err);
