@@ -325,7 +325,7 @@ class UnitStats(Extension):
                     )
 
     def _record_topk(self, tracer: Tracer) -> None:
-        arena = self._arena
+        arena = self._packed()  # at close, modules first seen since the last step join too
         if arena is None or arena.topk is None:
             return
         sts = arena.states
