@@ -96,6 +96,16 @@ DNNTRACE_HD uint64_t f64_bits(double v) {
 #endif
 }
 
+DNNTRACE_HD float f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
 // fp16 / bf16 bits to fp32, exact (shared with the CUDA kernel).
 DNNTRACE_HD float half_bits_to_float(uint16_t h) {
   const uint32_t s = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -111,24 +121,11 @@ DNNTRACE_HD float half_bits_to_float(uint16_t h) {
   } else {
     bits = s | ((e + 112u) << 23) | (m << 13);
   }
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+  return f32_from_bits(bits);
 }
 
 DNNTRACE_HD float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+  return f32_from_bits(static_cast<uint32_t>(h) << 16);
 }
 
 // Index into a slot's counts row for a value given by its fp32 bits. Written with selects only,

@@ -37,7 +37,7 @@ int64_t row_chunks(int64_t rows, int64_t U) {
   return std::clamp<int64_t>(want, 1, std::min(rows, kMaxChunks));
 }
 
-// Widens n values of a 16-bit float type into out (n <= kWiden).
+// Widens n values of a 16-bit float type into out.
 template <typename scalar_t>
 void widen(const scalar_t* p, int64_t n, float* out) {
   const auto* bits = reinterpret_cast<const uint16_t*>(p);
@@ -45,6 +45,27 @@ void widen(const scalar_t* p, int64_t n, float* out) {
     core::half_to_float(bits, static_cast<int>(n), out);
   } else {
     core::bf16_to_float(bits, static_cast<int>(n), out);
+  }
+}
+
+// float16/bfloat16 inputs: calls fn(pb, xb, m) for consecutive packets of m runs of `len`
+// values (run r at p + r * stride; x alike, or null), widened to float32 and packed (run j of a
+// packet at pb + j * len), about kWiden values and at least one run per packet.
+template <typename scalar_t, typename Fn>
+void widened_runs(const scalar_t* p, const scalar_t* x, int64_t runs, int64_t len, int64_t stride,
+                  std::vector<float>& buf, Fn&& fn) {
+  const int64_t per = std::max<int64_t>(1, kWiden / len);
+  const int64_t width = std::min(runs, per) * len;
+  buf.resize(static_cast<size_t>((x == nullptr ? 1 : 2) * width));
+  float* pb = buf.data();
+  float* xb = x == nullptr ? nullptr : buf.data() + width;
+  for (int64_t r = 0; r < runs; r += per) {
+    const int64_t m = std::min(per, runs - r);
+    for (int64_t j = 0; j < m; ++j) {
+      widen(p + (r + j) * stride, len, pb + j * len);
+      if (xb != nullptr) widen(x + (r + j) * stride, len, xb + j * len);
+    }
+    fn(pb, xb, m);
   }
 }
 
@@ -56,14 +77,11 @@ void act_rows(const scalar_t* p, int64_t n, int64_t U, int64_t stride, double lo
     core::unit_act_rows_f32(p, n, U, stride, lo, hi, a);
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     core::unit_act_rows_f64(p, n, U, stride, lo, hi, a);
-  } else {  // widened a few rows at a time, packed
-    const int64_t step = std::max<int64_t>(1, kWiden / U);
-    buf.resize(static_cast<size_t>(std::min(n, step) * U));
-    for (int64_t r = 0; r < n; r += step) {
-      const int64_t m = std::min(step, n - r);
-      for (int64_t j = 0; j < m; ++j) widen(p + (r + j) * stride, U, buf.data() + j * U);
-      core::unit_act_rows_f32(buf.data(), m, U, U, lo, hi, a);
-    }
+  } else {
+    widened_runs(p, static_cast<const scalar_t*>(nullptr), n, U, stride, buf,
+                 [&](const float* pb, const float*, int64_t m) {
+                   core::unit_act_rows_f32(pb, m, U, U, lo, hi, a);
+                 });
   }
 }
 
@@ -76,23 +94,10 @@ void act_spans(const scalar_t* p, int64_t spans, int64_t stride, int64_t n, doub
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     core::unit_act_spans_f64(p, spans, stride, n, lo, hi, out);
   } else {
-    buf.resize(kWiden);
-    if (n >= kWiden) {  // long runs: widened piece by piece
-      for (int64_t r = 0; r < spans; ++r) {
-        for (int64_t i = 0; i < n; i += kWiden) {
-          const int64_t m = std::min(kWiden, n - i);
-          widen(p + r * stride + i, m, buf.data());
-          core::unit_act_spans_f32(buf.data(), 1, m, m, lo, hi, out);
-        }
-      }
-      return;
-    }
-    const int64_t per = kWiden / n;  // runs widened together, packed
-    for (int64_t r = 0; r < spans; r += per) {
-      const int64_t c = std::min(per, spans - r);
-      for (int64_t j = 0; j < c; ++j) widen(p + (r + j) * stride, n, buf.data() + j * n);
-      core::unit_act_spans_f32(buf.data(), c, n, n, lo, hi, out);
-    }
+    widened_runs(p, static_cast<const scalar_t*>(nullptr), spans, n, stride, buf,
+                 [&](const float* pb, const float*, int64_t m) {
+                   core::unit_act_spans_f32(pb, m, n, n, lo, hi, out);
+                 });
   }
 }
 
@@ -104,19 +109,9 @@ void grad_rows(const scalar_t* g, const scalar_t* x, int64_t n, int64_t U, int64
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     core::unit_grad_rows_f64(g, x, n, U, stride, a);
   } else {
-    const int64_t step = std::max<int64_t>(1, kWiden / U);
-    const int64_t width = std::min(n, step) * U;
-    buf.resize(static_cast<size_t>(2 * width));
-    float* gb = buf.data();
-    float* xb = x == nullptr ? nullptr : buf.data() + width;
-    for (int64_t r = 0; r < n; r += step) {
-      const int64_t m = std::min(step, n - r);
-      for (int64_t j = 0; j < m; ++j) {
-        widen(g + (r + j) * stride, U, gb + j * U);
-        if (xb != nullptr) widen(x + (r + j) * stride, U, xb + j * U);
-      }
+    widened_runs(g, x, n, U, stride, buf, [&](const float* gb, const float* xb, int64_t m) {
       core::unit_grad_rows_f32(gb, xb, m, U, U, a);
-    }
+    });
   }
 }
 
@@ -128,29 +123,9 @@ void grad_spans(const scalar_t* g, const scalar_t* x, int64_t spans, int64_t str
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     core::unit_grad_spans_f64(g, x, spans, stride, n, out);
   } else {
-    buf.resize(2 * kWiden);
-    float* gb = buf.data();
-    float* xb = x == nullptr ? nullptr : buf.data() + kWiden;
-    if (n >= kWiden) {
-      for (int64_t r = 0; r < spans; ++r) {
-        for (int64_t i = 0; i < n; i += kWiden) {
-          const int64_t m = std::min(kWiden, n - i);
-          widen(g + r * stride + i, m, gb);
-          if (xb != nullptr) widen(x + r * stride + i, m, xb);
-          core::unit_grad_spans_f32(gb, xb, 1, m, m, out);
-        }
-      }
-      return;
-    }
-    const int64_t per = kWiden / n;
-    for (int64_t r = 0; r < spans; r += per) {
-      const int64_t c = std::min(per, spans - r);
-      for (int64_t j = 0; j < c; ++j) {
-        widen(g + (r + j) * stride, n, gb + j * n);
-        if (xb != nullptr) widen(x + (r + j) * stride, n, xb + j * n);
-      }
-      core::unit_grad_spans_f32(gb, xb, c, n, n, out);
-    }
+    widened_runs(g, x, spans, n, stride, buf, [&](const float* gb, const float* xb, int64_t m) {
+      core::unit_grad_spans_f32(gb, xb, m, n, n, out);
+    });
   }
 }
 
