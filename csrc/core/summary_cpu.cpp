@@ -480,12 +480,6 @@ template <Elem E>
 void v4_span(const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc) {
   constexpr int64_t esize = E == Elem::kF32 ? 4 : 2;
   const char* p = static_cast<const char*>(x);
-  if (!table) {
-    for (int64_t off = 0; off < n; off += kBlock)
-      v4_block<E, false>(p + off * esize, static_cast<int>(std::min<int64_t>(kBlock, n - off)), k,
-                         nullptr, acc, nullptr, nullptr, 0);
-    return;
-  }
   alignas(64) uint32_t ids[2][kBlock];
   int pending = 0;
   for (int64_t off = 0, b = 0; off < n; off += kBlock, ++b) {
@@ -495,6 +489,10 @@ void v4_span(const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc) {
     if (off + 2 * kBlock < n) {
       const char* next = p + (off + 2 * kBlock) * esize;
       for (int64_t c = 0; c < kBlock * esize; c += 64) __builtin_prefetch(next + c);
+    }
+    if (!table) {
+      v4_block<E, false>(p + off * esize, m, k, nullptr, acc, nullptr, nullptr, 0);
+      continue;
     }
     pending =
         v4_block<E, true>(p + off * esize, m, k, table, acc, ids[b & 1], ids[(b + 1) & 1], pending);

@@ -225,14 +225,12 @@ void summarize_span(Src src, const void* data, int64_t n, const HistLayout& l, b
   std::vector<BlockAcc> accs(nchunks);
   std::mutex mu;
   if (!histogram) {  // moments only, in parallel
+    const int64_t esize = static_cast<int64_t>(elem_size(src));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      float fbuf[kBlock];
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t end = std::min(n, (c + 1) * chunk);
-        for (int64_t off = c * chunk; off < end; off += kBlock) {
-          const int m = static_cast<int>(std::min<int64_t>(kBlock, end - off));
-          process_block(src, data, off, m, l, accs[c], nullptr, fbuf);
-        }
+        core::span_fused(elem_of(src), static_cast<const char*>(data) + c * chunk * esize,
+                         end - c * chunk, l.k, nullptr, accs[c]);
       }
     });
   } else if (nchunks == 1) {
