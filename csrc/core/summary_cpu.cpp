@@ -382,7 +382,13 @@ DNNTRACE_V4 int v4_block(const void* x, int n, int k, uint16_t* __restrict table
   const __m512i negzero = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
   int64_t neg = 0, zer = 0, nzer = 0;  // moments-only mode
   int i = 0;
+  const char* pf = static_cast<const char*>(x);
   for (; i + 16 <= n; i += 16) {
+    // One line prefetched per 16 values, 8 KB ahead into L1 and 32 KB ahead into L2: measured
+    // 1.0 -> 0.55 ns per fp32 value from memory (a burst of 64 prefetches per block, or none,
+    // leaves the loop waiting on memory; a prefetch never faults past the end).
+    _mm_prefetch(pf + i * (E == Elem::kF32 ? 4 : 2) + 8192, _MM_HINT_T0);
+    _mm_prefetch(pf + i * (E == Elem::kF32 ? 4 : 2) + 32768, _MM_HINT_T1);
     const __m512 v = v4_load16<E>(x, i);
     const __m512i u = _mm512_castps_si512(v);
     const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
@@ -484,12 +490,6 @@ void v4_span(const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc) {
   int pending = 0;
   for (int64_t off = 0, b = 0; off < n; off += kBlock, ++b) {
     const int m = static_cast<int>(std::min<int64_t>(kBlock, n - off));
-    // The moments wait on memory, the increments on the load/store ports: prefetching the block
-    // after next lets both run at once.
-    if (off + 2 * kBlock < n) {
-      const char* next = p + (off + 2 * kBlock) * esize;
-      for (int64_t c = 0; c < kBlock * esize; c += 64) __builtin_prefetch(next + c);
-    }
     if (!table) {
       v4_block<E, false>(p + off * esize, m, k, nullptr, acc, nullptr, nullptr, 0);
       continue;
