@@ -1,10 +1,11 @@
 // Torch-free CPU building blocks of the fused summary. Blocks of up to 1024 values (L1-resident)
-// go through: moments and special counts (explicit 8-wide vector lanes), then, for large inputs,
-// the raw bucket id of every value, which for fp32 is just `bits >> (23 - k)`, scattered into a
-// per-thread table of all 2^(9+k) ids. The table is folded into a slot's row (window,
-// underflow, overflow) once per thread, so the per-element histogram work is one shift and one
-// increment. Functions are compiled for x86-64-v3 (AVX2/FMA/F16C) and a baseline, picked at run
-// time.
+// go through one loop: moments (fp64 sums and squares, fp32 min/max, the smallest non-zero |x|)
+// and, for large inputs, the raw bucket id of every value, which for fp32 is just
+// `bits >> (23 - k)`, counted in a per-thread table of all 2^(9+k) ids with four interleaved
+// 16-bit sub-counters per id. Zeros and negatives are read from the table's ids when it is folded
+// into a slot's row (window, underflow, overflow), so the per-element histogram work is one
+// shift and one increment. The AVX-512 version (intrinsics, x86-64-v4) is picked at run time;
+// the baseline one (generic vectors, target clones) runs elsewhere.
 #pragma once
 
 #include <cstdint>

@@ -1,8 +1,10 @@
-// CPU kernel of the fused summary: one read of the data, blocks of 1024 values made into fp32 (or
-// kept fp64), moments by vectorised lane loops, histogram by scatter into four interleaved
-// 32-bit sub-histograms per thread (breaking store-to-load chains when values repeat, as the
-// zeros of ReLU outputs do). Deterministic: chunk boundaries do not depend on the thread count,
-// float partials are folded in chunk order, integers are order-free.
+// CPU kernel of the fused summary: one read of the data in blocks of 1024 values (fp16/bf16
+// widened to fp32 in registers, fp64 kept), moments in vector lanes, histogram by raw id into
+// four interleaved 16-bit sub-counters per id and thread (breaking store-to-load chains when
+// values repeat, as the zeros of ReLU outputs do), folded into 32-bit counters before they can
+// overflow and into the row once per thread (csrc/core/summary_cpu.h). Deterministic: chunk
+// boundaries do not depend on the thread count, float partials are folded in chunk order,
+// integers are order-free.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
