@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "../core/loglinear.h"
+#include "../core/summary_cpu.h"
 
 namespace py = pybind11;
 using namespace dnntrace::core;
@@ -147,4 +148,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("width"), "(counts [n, width], moments) of vector rows stored back to back.");
   m.def("half_bits_to_float", &half_bits_to_float_np, py::arg("bits"), py::arg("bf16") = false,
         "The shared host/device fp16/bf16 -> fp32 conversion.");
+  m.def("cpu_kernel_isa", &block_fused_isa,
+        "Which CPU summary kernel runs here: 'avx512' or 'baseline' (DNNTRACE_CPU_BASELINE=1).");
 }
