@@ -22,8 +22,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _strategies import exact_f64
+from _strategies import bit_arrays, exact_f64, layouts
 from _support import assert_counts_equal, assert_moments_close, fresh_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnntrace import _C, ops
 from dnntrace.storage.layout import Layout
@@ -85,6 +87,23 @@ def test_constant_tensors_past_the_sub_counter_range(dtype, n, threads):
                     assert abs(ss - want_m[SUMSQ]) <= 1e-12 * want_m[SUMSQ], (value, k, ss)
     finally:
         torch.set_num_threads(old)
+
+
+@settings(max_examples=15)
+@given(data=st.data(), layout=layouts(), histogram=st.booleans())
+def test_few_patterns_repeated_past_the_sub_counter_range(data, layout, histogram):
+    """One to three drawn bit patterns (±0, subnormals, NaN payloads, ±Inf, window edges, ...)
+    repeated past 4 * 65535 values, so each pattern's id takes more than a sub-counter holds."""
+    k, emin, octaves = layout
+    dtype = data.draw(st.sampled_from(LOW))
+    base = data.draw(bit_arrays(dtype, (data.draw(st.integers(1, 3)),), emin, octaves))
+    n = data.draw(st.sampled_from([SUB_RANGE + 1, 3 * SUB_RANGE + 17]))
+    x = base.repeat(-(-n // base.numel()))[:n]
+    values = exact_f64(x)
+    want_c, want_m = tensor_summary_ref(values, k, emin, octaves)
+    got_c, got_m = _summarize(x, k, emin, octaves, histogram)
+    assert_counts_equal(got_c, want_c, histogram=histogram)
+    assert_moments_close(got_m, want_m, values)
 
 
 def _zero_id_mix(dtype: torch.dtype, n: int) -> torch.Tensor:
