@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import errno
+import inspect
 import os
 import platform
 import threading
@@ -75,6 +77,31 @@ class Extension:
         return None
 
 
+def _kinds(
+    activations: Any,
+    gradients: Any,
+    weights: Any,
+    activation_grads: Any,
+    weight_grads: Any,
+) -> tuple[bool, bool]:
+    """(activation_grads, weight_grads): ``gradients`` is the shorthand for both; an explicit
+    ``activation_grads`` / ``weight_grads`` wins over it."""
+    for name, v in (
+        ("activations", activations),
+        ("weights", weights),
+        ("gradients", gradients),
+        ("activation_grads", activation_grads),
+        ("weight_grads", weight_grads),
+    ):
+        if not isinstance(v, bool) and not (v is None and name not in ("activations", "weights")):
+            raise ValueError(f"dnntrace.enable: {name} must be True or False, got {v!r}")
+    both = True if gradients is None else gradients
+    return (
+        both if activation_grads is None else activation_grads,
+        both if weight_grads is None else weight_grads,
+    )
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     # FSDP2 parameters and gradients are DTensors: each rank traces its own shard
     return t.to_local() if hasattr(t, "to_local") else t
@@ -100,8 +127,10 @@ class Tracer:
         *,
         every: int = 1,
         activations: bool = True,
-        gradients: bool = True,
+        gradients: bool | None = None,
         weights: bool = True,
+        activation_grads: bool | None = None,
+        weight_grads: bool | None = None,
         modules: ModuleSpec = None,
         k: int = 6,
         emin: int = DEFAULT_EMIN,
@@ -146,13 +175,18 @@ class Tracer:
                 f"dnntrace.enable: activations_every must be a positive int, got "
                 f"{activations_every!r}"
             )
+        activation_grads, weight_grads = _kinds(
+            activations, gradients, weights, activation_grads, weight_grads
+        )
         self.layout = Layout(k, emin, octaves)  # validates k / emin / octaves
         self.model = model
         self.path = os.fspath(path)
         self.every = every
         self.activations_every = activations_every or every
         self.trace_activations = activations
-        self.trace_gradients = gradients
+        self.trace_activation_grads = activation_grads
+        self.trace_weight_grads = weight_grads
+        self.trace_gradients = activation_grads or weight_grads  # either kind of gradient
         self.trace_weights = weights
         self.strict = strict
         self.log_lr = log_lr
@@ -225,8 +259,10 @@ class Tracer:
             "every": every,
             "activations_every": self.activations_every,
             "activations": activations,
-            "gradients": gradients,
+            "gradients": activation_grads and weight_grads,
+            "activation_grads": activation_grads,
             "weights": weights,
+            "weight_grads": weight_grads,
             "modules": None if modules is None else repr(modules),
             "k": k,
             "emin": emin,
@@ -317,11 +353,11 @@ class Tracer:
         )
         self._weight_slots: list[int] = []
         self._grad_slots: list[int] = []
-        if self.trace_weights or self.trace_gradients:
+        if self.trace_weights or self.trace_weight_grads:
             for mname, pname, _ in self._params:
                 if self.trace_weights:
                     self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
-                if self.trace_gradients:
+                if self.trace_weight_grads:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
         # rows of these slots to clear if an optimizer turns up after grads were recorded
         self._grad_slot_index = torch.tensor(self._grad_slots, dtype=torch.long, device=self.device)
@@ -397,12 +433,12 @@ class Tracer:
         return self.step_index % every == 0
 
     def _install_hooks(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if self.trace_activations or self.trace_gradients:
+        if self.trace_activations or self.trace_activation_grads:
             for name, mod in self._modules:
                 self._handles.append(
                     mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
                 )
-        if self.trace_gradients and optimizer is None:
+        if self.trace_weight_grads and optimizer is None:
             # Without an optimizer the gradient is summarised as it is accumulated.
             for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
                 if p.requires_grad:
@@ -433,7 +469,7 @@ class Tracer:
             for pos, t in iter_float_tensors(output):
                 if self.trace_activations:
                     self._accumulate((name, "activation", pos, phase), t)
-                if self.trace_gradients and t.requires_grad and torch.is_grad_enabled():
+                if self.trace_activation_grads and t.requires_grad and torch.is_grad_enabled():
                     label = (name, "activation_grad", pos, phase)
                     t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
 
@@ -502,7 +538,7 @@ class Tracer:
     def _pre_step(self, opt: torch.optim.Optimizer) -> None:
         for ext in self.extensions:
             ext.before_optimizer_step(self, opt)
-        if not self.trace_gradients or not self._sampling(self.every):
+        if not self.trace_weight_grads or not self._sampling(self.every):
             return
         xs, slots = [], []
         for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
@@ -743,7 +779,10 @@ def enable(
     """Starts tracing ``model`` into ``path`` and returns the ``Tracer``.
 
     Options: ``every`` (trace every n-th step), ``activations_every`` (activations and output
-    gradients on another cadence), ``activations``, ``gradients``, ``weights`` (bools),
+    gradients on another cadence); the kinds recorded, each a bool: ``activations`` (module
+    outputs), ``activation_grads`` (gradients w.r.t. them), ``weights``, ``weight_grads``
+    (``gradients`` sets both gradient kinds; ``activations=False, activation_grads=False`` records
+    what wandb.watch and TensorBoard do: weights and weight gradients only);
     ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
     ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
     ``strict`` (raise instead of disabling on internal errors), ``host_memory_mb`` (host memory
@@ -765,7 +804,18 @@ def enable(
             f"dnntrace.enable: this model is already traced into {old.path!r}; call "
             "dnntrace.disable(model) first"
         )
+    unknown = [k for k in options if k not in _OPTIONS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], _OPTIONS, n=1)
+        raise TypeError(
+            f"dnntrace.enable: unknown option {unknown[0]!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; options: {', '.join(sorted(_OPTIONS))}"
+        )
     return Tracer(model, path, **options)
+
+
+_OPTIONS = tuple(inspect.signature(Tracer.__init__).parameters)[3:]  # after self, model, path
 
 
 def disable(model: nn.Module) -> dict[str, Any] | None:
