@@ -29,6 +29,7 @@ from .._version import __version__
 from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.writer import TraceWriter
 from .pipeline import Pipeline, SlotLabel, VectorBlock
+from .readonce import ReadOnce
 from .selection import ModuleSpec, iter_float_tensors, select_modules
 
 _ACTIVE: dict[int, Tracer] = {}  # id(model) -> tracer
@@ -231,6 +232,7 @@ class Tracer:
         self._scalars: dict[str, Any] = {}
         self._vectors: list[VectorBlock] = []
         self._recorded = False
+        self._read_once = ReadOnce()
         self.extensions = list(extensions)
         if units:
             from .units import UnitStats
@@ -390,7 +392,7 @@ class Tracer:
             return  # another device than the bank's (model parallel): not traced
         slot = self._slot(label)
         self._note(slot, x)
-        self._pipe.bank.accumulate(x, slot)
+        self._read_once.accumulate(self._pipe.bank, x, slot)
         self._recorded = True
 
     # ---- hooks --------------------------------------------------------------------------
@@ -643,6 +645,8 @@ class Tracer:
         try:
             with self._lock:
                 if self.disabled_reason is None:
+                    if self._pipe is not None:
+                        self._read_once.apply(self._pipe.bank)
                     for ext in self.extensions:
                         ext.on_step_end(self)
                 self._flush()
@@ -668,6 +672,7 @@ class Tracer:
                 for i in idx:
                     self._note(self._weight_slots[i], xs[i])
                 self._recorded = True
+        self._read_once.end_step(self._pipe.bank)
         if not self._recorded and not self._scalars and not self._vectors:
             return
         if self._labels_snapshot is None:
@@ -690,6 +695,8 @@ class Tracer:
                 "memory_bytes": {},
                 "flush_us_median": 0.0,
                 "write_seconds": 0.0,
+                "reads_saved": 0,
+                "bytes_read_saved": 0,
                 "disabled": self.disabled_reason,
             }
         s = self._pipe.stats
@@ -703,6 +710,8 @@ class Tracer:
             "memory_bytes": self._pipe.memory_bytes(),
             "flush_us_median": flush[len(flush) // 2] if flush else 0.0,
             "write_seconds": s.write_seconds,
+            "reads_saved": self._read_once.reads_saved,
+            "bytes_read_saved": self._read_once.bytes_saved,
             "disabled": self.disabled_reason,
         }
 
