@@ -104,6 +104,8 @@ py::tuple vector_row_stats(py::array_t<float, py::array::c_style | py::array::fo
 
 }  // namespace
 
+void init_rows(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dnntrace native core";
   py::dict count_fields;
@@ -147,4 +149,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("width"), "(counts [n, width], moments) of vector rows stored back to back.");
   m.def("half_bits_to_float", &half_bits_to_float_np, py::arg("bits"), py::arg("bf16") = false,
         "The shared host/device fp16/bf16 -> fp32 conversion.");
+  init_rows(m);
 }

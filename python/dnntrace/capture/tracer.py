@@ -697,6 +697,10 @@ class Tracer:
                 "write_seconds": 0.0,
                 "reads_saved": 0,
                 "bytes_read_saved": 0,
+                "writer_cpu_seconds": 0.0,
+                "bytes_to_host": 0,
+                "bank_bytes": 0,
+                "batches": 0,
                 "disabled": self.disabled_reason,
             }
         s = self._pipe.stats
@@ -712,6 +716,10 @@ class Tracer:
             "write_seconds": s.write_seconds,
             "reads_saved": self._read_once.reads_saved,
             "bytes_read_saved": self._read_once.bytes_saved,
+            "writer_cpu_seconds": s.writer_cpu_seconds,
+            "bytes_to_host": s.bytes_to_host,
+            "bank_bytes": self._pipe.bank.bytes,
+            "batches": s.batches,
             "disabled": self.disabled_reason,
         }
 
