@@ -41,12 +41,13 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset) {
   int64_t* h = header.mutable_data();
   double* mout = mom.mutable_data();
   bool ok;
+  int64_t nonzero = 0;
   {
     py::gil_scoped_release release;
-    ok = compact_copy(c, mo, width, r, m, f, off, h, mout, v, reset);
+    ok = compact_copy(c, mo, width, r, m, f, off, h, mout, v, reset, &nonzero);
   }
   if (!ok) throw std::overflow_error("a histogram bucket exceeds 2**32 - 1 in one step");
-  return py::make_tuple(header, mom, first, offsets, values);
+  return py::make_tuple(header, mom, first, offsets, values, nonzero);
 }
 
 }  // namespace
@@ -55,6 +56,6 @@ void init_rows(py::module_& m) {
   m.def("compact_rows", &compact_rows, py::arg("counts"), py::arg("moments"), py::arg("rows"),
         py::arg("reset") = false,
         "(header int64[m,16], moments float64[m,8], hist_offset int32[m], offsets int64[m+1], "
-        "values uint32) of bank rows `rows`: each histogram's non-zero span; reset=True clears "
-        "the rows. OverflowError if a bucket exceeds 2**32 - 1.");
+        "values uint32, non-zero buckets) of bank rows `rows`: each histogram's non-zero span; "
+        "reset=True clears the rows. OverflowError if a bucket exceeds 2**32 - 1.");
 }

@@ -39,35 +39,33 @@ int64_t compact_bounds(const int64_t* counts, int64_t width, const int64_t* rows
 
 bool compact_copy(int64_t* counts, double* moments, int64_t width, const int64_t* rows, int64_t m,
                   const int32_t* first, const int64_t* offsets, int64_t* header,
-                  double* moments_out, uint32_t* values, bool reset) {
+                  double* moments_out, uint32_t* values, bool reset, int64_t* nonzero) {
   constexpr int64_t kMax32 = std::numeric_limits<uint32_t>::max();
-  int64_t big = 0;
+  int64_t nz = 0;
   for (int64_t i = 0; i < m; ++i) {
-    const int64_t* row = counts + rows[i] * width;
-    std::memcpy(header + i * kHeader, row, kHeader * sizeof(int64_t));
-    std::memcpy(moments_out + i * kNumMoments, moments + rows[i] * kNumMoments,
-                kNumMoments * sizeof(double));
-    const int64_t* h = row + kHeader + first[i];
+    int64_t* row = counts + rows[i] * width;
+    double* mo = moments + rows[i] * kNumMoments;
+    int64_t* h = row + kHeader + first[i];
     uint32_t* v = values + offsets[i];
     const int64_t len = offsets[i + 1] - offsets[i];
+    int64_t big = 0;
     for (int64_t j = 0; j < len; ++j) {
       big |= h[j] & ~kMax32;  // any bit above the low 32 (or a negative count)
+      nz += h[j] != 0;
       v[j] = static_cast<uint32_t>(h[j]);
     }
-  }
-  if (big != 0) return false;
-  if (reset) {
-    for (int64_t i = 0; i < m; ++i) {
-      int64_t* row = counts + rows[i] * width;
+    if (big != 0) return false;
+    std::memcpy(header + i * kHeader, row, kHeader * sizeof(int64_t));
+    std::memcpy(moments_out + i * kNumMoments, mo, kNumMoments * sizeof(double));
+    if (reset) {  // while the row is in cache; buckets outside the span are already zero
       std::fill(row, row + kHeader, int64_t{0});
-      std::fill(row + kHeader + first[i], row + kHeader + first[i] + offsets[i + 1] - offsets[i],
-                int64_t{0});
-      double* mo = moments + rows[i] * kNumMoments;
+      std::fill(h, h + len, int64_t{0});
       std::fill(mo, mo + kNumMoments, 0.0);
       mo[kMin] = std::numeric_limits<double>::infinity();
       mo[kMax] = -std::numeric_limits<double>::infinity();
     }
   }
+  *nonzero = nz;
   return true;
 }
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dnntrace import _C
-from dnntrace.stats.bank import StatBank
+from dnntrace.stats.bank import StatBank, spans_from_nonzero
 from dnntrace.storage import layout as L
 from dnntrace.storage.layout import Layout
 
@@ -53,18 +53,24 @@ def test_compact_rows_match_reference(seed: int, fill: list[int], scale: float) 
 
     # the device-op version (the CUDA writer's), run on the CPU
     idx = torch.from_numpy(rows)
-    header, mom, first, length, biggest = bank.compact_bounds(idx)
-    spans = bank.gather_spans(idx, first, length, int(length.sum()))
-    offsets = np.concatenate([[0], np.cumsum(length.numpy())])
+    header, mom, bounds, hist = bank.compact_bounds(idx)
+    first, length, nnz, biggest = bounds.numpy()
+    index, count = StatBank.gather_nonzero(hist, int(nnz.sum()))
+    offsets = np.concatenate([[0], np.cumsum(length)])
+    spans = spans_from_nonzero(first, nnz, offsets, index.numpy(), count.numpy())
     for i in range(len(rows)):
         np.testing.assert_array_equal(header[i].numpy(), want[0][i])
         np.testing.assert_array_equal(mom[i].numpy(), want[1][i])
-        assert int(first[i]) == want[2][i]
-        np.testing.assert_array_equal(spans[offsets[i] : offsets[i + 1]].numpy(), want[3][i])
-        assert int(biggest[i]) == (counts[rows[i], L.HEADER :].max())
+        assert first[i] == want[2][i]
+        np.testing.assert_array_equal(spans[offsets[i] : offsets[i + 1]], want[3][i])
+        assert biggest[i] == counts[rows[i], L.HEADER :].max()
+        assert nnz[i] == np.count_nonzero(want[3][i])
 
     # the native pass, resetting the rows
-    h, m, f, off, values = _C.compact_rows(bank.counts.numpy(), bank.moments.numpy(), rows, True)
+    h, m, f, off, values, nonzero = _C.compact_rows(
+        bank.counts.numpy(), bank.moments.numpy(), rows, True
+    )
+    assert nonzero == sum(np.count_nonzero(s) for s in want[3])
     for i in range(len(rows)):
         np.testing.assert_array_equal(h[i], want[0][i])
         np.testing.assert_array_equal(m[i], want[1][i])

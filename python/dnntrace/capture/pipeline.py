@@ -32,10 +32,11 @@ import pyarrow as pa
 import torch
 
 from .. import _C
-from ..stats.bank import StatBank
+from ..stats.bank import StatBank, spans_from_nonzero
 from ..storage import layout as L
 from ..storage.layout import Layout
 from ..storage.rows import label_columns, scalar_state, state_to_batch
+from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter
 
 SlotLabel = tuple[str, str, str, str]  # module, kind, tensor, phase
@@ -79,6 +80,16 @@ class _Compact(NamedTuple):
     vectors: np.ndarray | None  # float32, flat
 
 
+_TICK: Any = object()  # the coalescing window ended without a new step
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``t``, queued on the current stream (complete at its next event)."""
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    h.copy_(t, non_blocking=True)
+    return h
+
+
 @dataclass
 class PipelineStats:
     steps_written: int = 0
@@ -94,7 +105,11 @@ class PipelineStats:
 class Pipeline:
     """Owns the banks and the background writer of one tracer."""
 
-    max_coalesce = 64  # steps per record batch at most
+    max_coalesce = 256  # steps per record batch at most
+    # Steps are compacted as they arrive (their bank goes back to the pool at once) and written
+    # together at most this long after the first of them: one record batch, one compression
+    # and one disk write per window instead of per step. A kill -9 loses at most this window.
+    coalesce_s = 0.5
 
     def __init__(
         self,
@@ -262,45 +277,50 @@ class Pipeline:
             )
         except Exception:  # noqa: BLE001 - only a warm-up; real errors surface on real jobs
             pass
-        done = False
-        while not done:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs = [job]
-            while len(jobs) < self.max_coalesce:  # steps already waiting go in the same batch
-                try:
-                    nxt = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    done = True
-                    break
-                jobs.append(nxt)
-            c0, t0 = time.thread_time(), time.perf_counter()
-            parts: list[_Compact] = []
-            handed = 0  # jobs whose bank went back to the pool (_compact returns it, even failing)
-            written = 0
+        pending: list[_Compact] = []
+        since = 0.0  # when the oldest pending step was compacted
+        while True:
+            wait = None if not pending else max(0.0, since + self.coalesce_s - time.monotonic())
             try:
-                for j in jobs:
-                    handed += 1
+                job = self._jobs.get(timeout=wait)
+            except queue.Empty:
+                job = _TICK
+            c0, t0 = time.thread_time(), time.perf_counter()
+            if job is not None and job is not _TICK:
+                try:
                     if self._dead is None:
-                        parts.append(self._compact(j))
+                        pending.append(self._compact(job))  # returns the bank, even failing
+                        since = since if len(pending) > 1 else time.monotonic()
                     else:
-                        self._release(j.bank, j.rows)
-                if parts:
-                    self._write(parts)
-                    written = len(parts)
-            except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
-                for j in jobs[handed:]:
-                    self._release(j.bank, j.rows)
-                if self._dead is None:
-                    self._dead = e
-                    self._on_error(e)
-            self.stats.steps_written += written
-            self.stats.steps_dropped += len(jobs) - written
+                        self._release(job.bank, job.rows)
+                        self.stats.steps_dropped += 1
+                except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
+                    self._failed(e, 1)
+            if pending and (
+                job is None
+                or job is _TICK
+                or len(pending) >= self.max_coalesce
+                or time.monotonic() - since >= self.coalesce_s
+            ):
+                try:
+                    if self._dead is None:
+                        self._write(pending)
+                        self.stats.steps_written += len(pending)
+                    else:
+                        self.stats.steps_dropped += len(pending)
+                except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
+                    self._failed(e, len(pending))
+                pending = []
             self.stats.write_seconds += time.perf_counter() - t0
             self.stats.writer_cpu_seconds += time.thread_time() - c0
+            if job is None:
+                return
+
+    def _failed(self, e: BaseException, steps: int) -> None:
+        self.stats.steps_dropped += steps
+        if self._dead is None:
+            self._dead = e
+            self._on_error(e)
 
     def _release(self, bank: StatBank, rows: np.ndarray) -> None:
         """Resets the used rows of a handed-over bank and returns it to the pool."""
@@ -326,7 +346,7 @@ class Pipeline:
         bank = job.bank
         if not self._cuda:
             try:
-                header, moments, first, offsets, values = _C.compact_rows(
+                header, moments, first, offsets, values, nonzero = _C.compact_rows(
                     bank.counts.numpy(), bank.moments.numpy(), job.rows, True
                 )
             except BaseException:
@@ -336,63 +356,60 @@ class Pipeline:
             self._free_banks.put(bank)
             st = job.scalar_tensor.numpy() if job.scalar_tensor is not None else None
             vt = job.vector_tensor.numpy() if job.vector_tensor is not None else None
-            self.stats.bytes_to_host += header.nbytes + moments.nbytes + values.nbytes
+            # what the CUDA path moves for these rows: header, moments, 4 bounds per row and 6
+            # bytes per non-zero bucket
+            self.stats.bytes_to_host += len(job.rows) * (L.HEADER + L.NUM_MOMENTS + 4) * 8
+            self.stats.bytes_to_host += 6 * nonzero + (vt.nbytes if vt is not None else 0)
             return _Compact(job, header, moments, first, offsets, values, st, vt)
         return self._compact_cuda(job)
 
     def _compact_cuda(self, job: _Job) -> _Compact:
+        """Two rounds on the side stream, each ended by a polled event: (1) the rows' headers,
+        moments and span bounds; (2) their non-zero buckets as (uint16 index, uint32 count), now
+        that their number is known here. The dense spans of the file are rebuilt on the host."""
         assert self._side is not None
         bank, side = job.bank, self._side
         self._wait(job.event)
         m = len(job.rows)
+        moved = 0
         try:
             with torch.cuda.stream(side):
                 idx = self._index(job.rows)
-                header, moments, first, length, biggest = bank.compact_bounds(idx)
-                small = torch.cat([first, length, biggest])
-                h_small = torch.empty(small.shape, dtype=small.dtype, pin_memory=True)
-                h_header = torch.empty(header.shape, dtype=header.dtype, pin_memory=True)
-                h_moments = torch.empty(moments.shape, dtype=moments.dtype, pin_memory=True)
-                h_small.copy_(small, non_blocking=True)
-                h_header.copy_(header, non_blocking=True)
-                h_moments.copy_(moments, non_blocking=True)
+                header, moments, bounds, hist = bank.compact_bounds(idx)
+                small = [_to_host(t) for t in (header, moments, bounds)]
                 extra = []
                 for t in (job.scalar_tensor, job.vector_tensor):
-                    if t is None:
-                        extra.append(None)
-                        continue
-                    t.record_stream(side)
-                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    h.copy_(t, non_blocking=True)
-                    extra.append(h)
+                    if t is not None:
+                        t.record_stream(side)
+                    extra.append(_to_host(t) if t is not None else None)
                 ev = torch.cuda.Event()
                 ev.record(side)
             self._wait(ev)
-            hs = h_small.numpy()
-            first_np, length_np, biggest_np = hs[:m], hs[m : 2 * m], hs[2 * m :]
-            if m and biggest_np.max() > np.iinfo(np.uint32).max:
+            h_header, h_moments, h_bounds = (t.numpy() for t in small)
+            first, length, nnz, biggest = h_bounds
+            if m and biggest.max() > np.iinfo(np.uint32).max:
                 raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
-            offsets = np.zeros(m + 1, np.int64)
-            np.cumsum(length_np, out=offsets[1:])
-            total = int(offsets[-1])
+            total = int(nnz.sum())
             with torch.cuda.stream(side):
-                spans = bank.gather_spans(idx, first, length, total)
-                h_spans = torch.empty(spans.shape, dtype=spans.dtype, pin_memory=True)
-                h_spans.copy_(spans, non_blocking=True)
+                index, count = StatBank.gather_nonzero(hist, total)
+                pairs = (_to_host(index), _to_host(count))
                 ev = torch.cuda.Event()
                 ev.record(side)
             self._wait(ev)
         finally:
             self._release(bank, job.rows)
-        values = h_spans.numpy().view(np.uint32)
-        self.stats.bytes_to_host += (
-            h_small.numpy().nbytes + h_header.numpy().nbytes + h_moments.numpy().nbytes
-        ) + values.nbytes
+        offsets = np.zeros(m + 1, np.int64)
+        np.cumsum(length, out=offsets[1:])
+        values = spans_from_nonzero(first, nnz, offsets, pairs[0].numpy(), pairs[1].numpy())
+        for t in (*small, *pairs, *extra):
+            if t is not None:
+                moved += t.numpy().nbytes
+        self.stats.bytes_to_host += moved
         return _Compact(
             job,
-            h_header.numpy(),
-            h_moments.numpy(),
-            first_np.astype(np.int32),
+            h_header,
+            h_moments,
+            first.astype(np.int32),
             offsets,
             values,
             extra[0].numpy() if extra[0] is not None else None,
@@ -400,40 +417,86 @@ class Pipeline:
         )
 
     def _write(self, parts: Sequence[_Compact]) -> None:
-        batches = [b for b in (self._batch(p) for p in parts) if b is not None]
-        if not batches:
+        """The steps of ``parts`` as one record batch: their rows concatenated, one conversion."""
+        pieces = [p for p in (self._rows(part) for part in parts) if p is not None]
+        if not pieces:
             return
-        if len(batches) == 1:
-            batch = batches[0]
-        else:  # one record batch for the steps that waited together (dictionaries unified)
-            batch = pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+        counts = np.concatenate([p["counts"] for p in pieces])
+        moments = np.concatenate([p["moments"] for p in pieces])
+        first = np.concatenate([p["first"] for p in pieces])
+        lengths = np.concatenate([p["lengths"] for p in pieces])
+        values = np.concatenate([p["values"] for p in pieces])
+        list_offsets = np.zeros(len(lengths) + 1, np.int32)
+        np.cumsum(lengths, out=list_offsets[1:])
+        n_rows = [len(p["lengths"]) for p in pieces]
+        step = np.repeat([p["step"] for p in pieces], n_rows)
+        wall = np.repeat([p["wall"] for p in pieces], n_rows)
+        if len(pieces) == 1:
+            cols = pieces[0]["cols"]
+        else:  # dictionaries unified where the steps' label sets differ
+            cols = {
+                k: pa.chunked_array([p["cols"][k] for p in pieces]).combine_chunks()
+                for k in pieces[0]["cols"]
+            }
+        vectors = None
+        if any(p["vectors"] for p in pieces):
+            vectors = [v for p in pieces for v in (p["vectors"] or [None] * len(p["lengths"]))]
+        batch = state_to_batch(
+            counts,
+            moments,
+            self.layout,
+            step=step,
+            rank=self.rank,
+            wall_time_s=wall,
+            values=vectors,
+            hist=(first, pa.ListArray.from_arrays(pa.array(list_offsets), pa.array(values))),
+            columns=cols,
+        )
         self.writer.write(batch)
         self.stats.rows += batch.num_rows
         self.stats.batches += 1
 
-    def _labels(self, job: _Job, rows: np.ndarray) -> dict[str, pa.Array]:
-        """Label columns of the tensor rows, cached: the same rows are used step after step. The
-        entry keeps the label tuples alive, so their ids in the key are not reused."""
-        key = (id(job.labels), id(job.meta), rows.tobytes())
+    def _labels(
+        self,
+        job: _Job,
+        rows: np.ndarray,
+        extra: Sequence[SlotLabel],
+        extra_meta: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> dict[str, pa.Array]:
+        """Label columns of the rows (tensor rows, then scalar and vector rows), in the schema's
+        types, cached: the same rows are used step after step. The entry keeps the label tuples
+        alive, so their ids in the key are not reused."""
+        key = (id(job.labels), id(job.meta), rows.tobytes(), tuple(extra), tuple(extra_meta))
         hit = self._label_cache.get(key)
         if hit is not None and hit[0] is job.labels and hit[1] is job.meta:
             return hit[2]
         if len(self._label_cache) > 64:
             self._label_cache.clear()
-        cols = label_columns([job.labels[i] for i in rows], [job.meta[i] for i in rows])
+        cols = label_columns(
+            [job.labels[i] for i in rows] + list(extra),
+            [job.meta[i] for i in rows] + list(extra_meta),
+        )
+        for name, v in cols.items():
+            ftype = BASE_SCHEMA.field(name).type
+            if pa.types.is_dictionary(ftype):
+                v = v.dictionary_encode()
+            cols[name] = v.cast(ftype)
         self._label_cache[key] = (job.labels, job.meta, cols)
         return cols
 
-    def _batch(self, part: _Compact) -> pa.RecordBatch | None:
+    def _rows(self, part: _Compact) -> dict[str, Any] | None:
+        """A step's rows: tensor rows with calls, then scalar rows, then vector rows."""
         job = part.job
         n = min(len(job.labels), job.bank.slots)
         header, moments, first, offsets = part.header, part.moments, part.first, part.offsets
         keep = (header[:, L.CALLS] > 0) & (job.rows < n)
         rows = job.rows
+        lengths = np.diff(offsets)
+        values = part.values
         if not keep.all():
             sel = np.flatnonzero(keep)
-            lengths = np.diff(offsets)[sel]
             starts = offsets[:-1][sel]
+            lengths = lengths[sel]
             values = (
                 np.concatenate(
                     [part.values[a : a + b] for a, b in zip(starts, lengths, strict=True)]
@@ -441,11 +504,7 @@ class Pipeline:
                 if len(sel)
                 else np.zeros(0, np.uint32)
             )
-            offsets = np.zeros(len(sel) + 1, np.int64)
-            np.cumsum(lengths, out=offsets[1:])
             header, moments, first, rows = header[sel], moments[sel], first[sel], rows[sel]
-        else:
-            values = part.values
         labels: list[SlotLabel] = []
         meta: list[tuple[str, tuple[int, ...]]] = []
         extra_c: list[np.ndarray] = [header]
@@ -465,36 +524,24 @@ class Pipeline:
         if part.vectors is not None:  # vector rows too
             flat = part.vectors
             vecs = np.split(flat, np.cumsum(job.vector_lengths)[:-1])
-            lengths = np.asarray(job.vector_lengths, np.int64)
-            vc, vm = _C.vector_row_stats(flat, lengths, L.HEADER)  # = vector_state, one pass
+            vlen = np.asarray(job.vector_lengths, np.int64)
+            vc, vm = _C.vector_row_stats(flat, vlen, L.HEADER)  # = vector_state, one pass
             extra_c.append(vc)
             extra_m.append(vm)
             labels += list(job.vector_labels)
             meta += [("float32", (int(k),)) for k in job.vector_lengths]
-        n_tensor = len(rows)
-        total = n_tensor + len(labels)
-        if total == 0:
+        if len(rows) + len(labels) == 0:
             return None
-        counts = np.concatenate(extra_c) if len(extra_c) > 1 else header
-        moments = np.concatenate(extra_m) if len(extra_m) > 1 else moments
-        list_offsets = np.concatenate([offsets, np.full(len(labels), offsets[-1])]).astype(np.int32)
-        hist = (
-            np.concatenate([first, np.zeros(len(labels), np.int32)]),
-            pa.ListArray.from_arrays(pa.array(list_offsets), pa.array(values, pa.uint32())),
-        )
-        cols = self._labels(job, rows)
-        if labels:
-            more = label_columns(labels, meta)
-            cols = {k: pa.concat_arrays([v, more[k]]) for k, v in cols.items()}
-        values_col = [None] * n_tensor + [None] * (len(labels) - len(vecs)) + list(vecs)
-        return state_to_batch(
-            counts,
-            moments,
-            self.layout,
-            step=job.step,
-            rank=self.rank,
-            wall_time_s=job.wall_time_s,
-            values=values_col if vecs else None,
-            hist=hist,
-            columns=cols,
-        )
+        return {
+            "counts": np.concatenate(extra_c) if len(extra_c) > 1 else header,
+            "moments": np.concatenate(extra_m) if len(extra_m) > 1 else moments,
+            "first": np.concatenate([first, np.zeros(len(labels), np.int32)]),
+            "lengths": np.concatenate([lengths, np.zeros(len(labels), lengths.dtype)]),
+            "values": values,
+            "step": job.step,
+            "wall": job.wall_time_s,
+            "cols": self._labels(job, rows, labels, meta),
+            "vectors": [None] * (len(rows) + len(labels) - len(vecs)) + list(vecs)
+            if vecs
+            else None,
+        }

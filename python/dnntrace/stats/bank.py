@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -99,35 +100,53 @@ class StatBank:
             histogram=histogram,
         )
 
-    def compact_bounds(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Device-side first half of ``_C.compact_rows`` (torch ops, no sync): (header int64[m,16],
-        moments float64[m,8], hist_offset int64[m], span length int64[m], largest bucket int64[m])
-        of the rows ``rows``, each histogram reduced to the span holding its non-zero buckets."""
+    def compact_bounds(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Device-side first half of the compaction the CUDA writer does (torch ops, no sync):
+        (header int64[m,16], moments float64[m,8], bounds int64[4, m], hist) of the rows
+        ``rows``; ``bounds`` holds each histogram's first non-zero bucket, its span length up to
+        the last non-zero one, its number of non-zero buckets and its largest bucket."""
         counts = self.counts.index_select(0, rows)
         hist = counts[:, L.HEADER :]
         nz = (hist != 0).to(torch.int8)
         bins = hist.shape[1]
         first = nz.argmax(1)
         last = bins - 1 - nz.flip(1).argmax(1)
-        has = nz.amax(1) > 0
-        first = torch.where(has, first, 0)
-        length = torch.where(has, last - first + 1, 0)
-        biggest = hist.amax(1) if bins else torch.zeros_like(first)
-        return counts[:, : L.HEADER], self.moments.index_select(0, rows), first, length, biggest
+        nnz = nz.sum(1)
+        first = torch.where(nnz > 0, first, 0)
+        length = torch.where(nnz > 0, last - first + 1, 0)
+        bounds = torch.stack([first, length, nnz, hist.amax(1)])
+        return counts[:, : L.HEADER], self.moments.index_select(0, rows), bounds, hist
 
-    def gather_spans(self, rows: Tensor, first: Tensor, length: Tensor, total: int) -> Tensor:
-        """Second half: the spans back to back as int32 (the uint32 bits), ``total`` the sum of
-        ``length`` (known on the host from the first half, so no sync)."""
-        if total == 0:
-            return torch.zeros(0, dtype=torch.int32, device=self.device)
-        starts = torch.cumsum(length, 0) - length
-        owner = torch.repeat_interleave(
-            torch.arange(rows.numel(), device=self.device), length, output_size=total
-        )
-        pos = torch.arange(total, device=self.device) - starts[owner] + first[owner] + L.HEADER
-        return self.counts[rows[owner], pos].to(torch.int32)
+    @staticmethod
+    def gather_nonzero(hist: Tensor, total: int) -> tuple[Tensor, Tensor]:
+        """Second half: the non-zero buckets of ``hist`` (the rows from ``compact_bounds``) in
+        row-major order as (bucket index within the row, int16 bits of a uint16; count, int32
+        bits of a uint32); ``total`` = their number, known on the host from the first half, so
+        no sync (no ``nonzero``: each non-zero bucket is scattered to its rank)."""
+        flat = hist.reshape(-1)
+        mask = flat != 0
+        dest = torch.where(mask, torch.cumsum(mask, 0) - 1, total)
+        col = torch.arange(flat.numel(), device=flat.device) % max(hist.shape[1], 1)
+        index = torch.zeros(total + 1, dtype=torch.int32, device=flat.device)
+        index.scatter_(0, dest, col.to(torch.int32))
+        count = torch.zeros(total + 1, dtype=torch.int32, device=flat.device)
+        count.scatter_(0, dest, flat.to(torch.int32))
+        return index[:total].to(torch.int16), count[:total]
 
     def summary(self, slot: int) -> Summary:
         return Summary(
             self.counts[slot].cpu().numpy(), self.moments[slot].cpu().numpy(), self.layout
         )
+
+
+def spans_from_nonzero(
+    first: np.ndarray, nnz: np.ndarray, offsets: np.ndarray, index: np.ndarray, count: np.ndarray
+) -> np.ndarray:
+    """The dense spans (uint32, back to back at ``offsets``) from ``gather_nonzero``'s output:
+    row ``i`` holds ``nnz[i]`` of the (index, count) pairs, its span starts at bucket
+    ``first[i]``."""
+    values = np.zeros(int(offsets[-1]), np.uint32)
+    row = np.repeat(np.arange(len(nnz)), nnz)
+    col = index.view(np.uint16).astype(np.int64)
+    values[offsets[:-1][row] + col - first[row]] = count.view(np.uint32)
+    return values
