@@ -233,6 +233,7 @@ class Tracer:
         self._vectors: list[VectorBlock] = []
         self._recorded = False
         self._read_once = ReadOnce()
+        self._grad_hooks: dict[SlotLabel, Callable[[torch.Tensor], None]] = {}
         self.extensions = list(extensions)
         if units:
             from .units import UnitStats
@@ -473,7 +474,12 @@ class Tracer:
                     self._accumulate((name, "activation", pos, phase), t)
                 if self.trace_activation_grads and t.requires_grad and torch.is_grad_enabled():
                     label = (name, "activation_grad", pos, phase)
-                    t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
+                    fn = self._grad_hooks.get(label)
+                    if fn is None:  # one guarded hook per label, made once
+                        fn = self._grad_hooks[label] = self._guard(
+                            self._make_tensor_grad_hook(label)
+                        )
+                    t.register_hook(fn)
 
         return hook
 
