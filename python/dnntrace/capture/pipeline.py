@@ -19,6 +19,7 @@ dropped and counted; training never blocks.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -85,6 +86,8 @@ _TICK: Any = object()  # the coalescing window ended without a new step
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of ``t``, queued on the current stream (complete at its next event)."""
+    if not t.is_cuda:
+        return t.clone()
     h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     h.copy_(t, non_blocking=True)
     return h
@@ -110,6 +113,8 @@ class Pipeline:
     # together at most this long after the first of them: one record batch, one compression
     # and one disk write per window instead of per step. A kill -9 loses at most this window.
     coalesce_s = 0.5
+    # CPU banks compacted by the device-op path CUDA uses (tests check it against the native one)
+    device_ops = False
 
     def __init__(
         self,
@@ -344,7 +349,7 @@ class Pipeline:
         """The used rows of the job's bank as compact host arrays; the bank is reset and returned
         to the pool (also when this fails)."""
         bank = job.bank
-        if not self._cuda:
+        if not self._cuda and not self.device_ops:
             try:
                 header, moments, first, offsets, values, nonzero = _C.compact_rows(
                     bank.counts.numpy(), bank.moments.numpy(), job.rows, True
@@ -361,41 +366,47 @@ class Pipeline:
             self.stats.bytes_to_host += len(job.rows) * (L.HEADER + L.NUM_MOMENTS + 4) * 8
             self.stats.bytes_to_host += 6 * nonzero + (vt.nbytes if vt is not None else 0)
             return _Compact(job, header, moments, first, offsets, values, st, vt)
-        return self._compact_cuda(job)
+        return self._compact_device(job)
 
-    def _compact_cuda(self, job: _Job) -> _Compact:
+    def _stream(self) -> Any:
+        return torch.cuda.stream(self._side) if self._cuda else contextlib.nullcontext()
+
+    def _done(self) -> None:
+        """Waits (polling an event) for the work queued on the side stream."""
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(self._side)
+            self._wait(ev)
+
+    def _compact_device(self, job: _Job) -> _Compact:
         """Two rounds on the side stream, each ended by a polled event: (1) the rows' headers,
         moments and span bounds; (2) their non-zero buckets as (uint16 index, uint32 count), now
         that their number is known here. The dense spans of the file are rebuilt on the host."""
-        assert self._side is not None
-        bank, side = job.bank, self._side
-        self._wait(job.event)
+        bank = job.bank
+        if job.event is not None:
+            self._wait(job.event)
         m = len(job.rows)
         moved = 0
         try:
-            with torch.cuda.stream(side):
+            with self._stream():
                 idx = self._index(job.rows)
                 header, moments, bounds, hist = bank.compact_bounds(idx)
                 small = [_to_host(t) for t in (header, moments, bounds)]
                 extra = []
                 for t in (job.scalar_tensor, job.vector_tensor):
-                    if t is not None:
-                        t.record_stream(side)
+                    if t is not None and t.is_cuda:
+                        t.record_stream(self._side)
                     extra.append(_to_host(t) if t is not None else None)
-                ev = torch.cuda.Event()
-                ev.record(side)
-            self._wait(ev)
+            self._done()
             h_header, h_moments, h_bounds = (t.numpy() for t in small)
             first, length, nnz, biggest = h_bounds
             if m and biggest.max() > np.iinfo(np.uint32).max:
                 raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
             total = int(nnz.sum())
-            with torch.cuda.stream(side):
+            with self._stream():
                 index, count = StatBank.gather_nonzero(hist, total)
                 pairs = (_to_host(index), _to_host(count))
-                ev = torch.cuda.Event()
-                ev.record(side)
-            self._wait(ev)
+            self._done()
         finally:
             self._release(bank, job.rows)
         offsets = np.zeros(m + 1, np.int64)
