@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         f"dnntrace {dnntrace.__version__} ({os.path.dirname(dnntrace.__file__)}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu}); "
         f"{args.steps} steps x {args.rounds} rounds; "
-        f"{'process CPU time' if CPU_TIME else 'wall time'} per step; traces in {workdir}"
+        f"{'training + writer thread CPU time' if CPU_TIME else 'wall time'} per step; "
+        f"traces in {workdir}"
     )
     bw = memory_bandwidth()
     print(f"memory bandwidth (torch.sum over 400 MB fp32): {bw / 1e9:.1f} GB/s")
@@ -549,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                 sts = res.stats[cfg]
                 written = sum(s["steps_written"] for s in sts) or 1
                 traced = written + sum(s["steps_dropped"] for s in sts)
-                saved = sum(s.get("bytes_read_saved", 0) for s in sts) / traced
+                # duplicates merged instead of read (none to subtract when the ops are stubbed)
+                saved = sum(s.get("bytes_read_saved", 0) for s in sts) / traced * (cfg != "h")
                 # every=10 traces one step in ten: its per-step floor is a tenth
                 per_step = (res.read_bytes[cfg] - saved) / (10 if cfg == "c" else 1)
                 floor = per_step / bw
