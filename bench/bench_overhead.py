@@ -19,7 +19,9 @@ read are not counted), the floor (bytes / torch.sum bandwidth measured in this r
 floor, bytes on disk per tensor-step, the bytes taken from the stat bank per step (on CUDA: moved
 to the host) against the whole bank (what was moved before compaction), the writer thread's CPU
 time per step, the flush cost on the training thread, steps dropped, and for (h) the training
-thread's cost per traced tensor. Last, weights+grads (g) against TensorBoard (d) and wandb (e).
+thread's added time per traced tensor (all of it, the per-step flush and optimizer hooks
+included, divided by the tensors the hooks trace per step). Last, weights+grads (g) against
+TensorBoard (d) and wandb (e).
 
     python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
     python bench/bench_overhead.py --quick         # smoke test
@@ -569,7 +571,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cpu * 1e3:.2f}",
                     f"{statistics.median(s['flush_us_median'] for s in sts):.0f}",
                     str(sum(s["steps_dropped"] for s in sts)),
-                    f"{added / hooked * 1e6:.1f}" if cfg == "h" and hooked else "-",
+                    # the training thread's share: the writer's CPU is counted in --cpu-time steps
+                    f"{(added - (cpu if CPU_TIME else 0.0)) / hooked * 1e6:.1f}"
+                    if cfg == "h" and hooked
+                    else "-",
                 ]
             else:
                 row += ["-"] * 10
