@@ -198,6 +198,7 @@ class Pipeline:
             self.stats.steps_dropped += 1  # the step is lost, and counted
             self._note_flush(t0)
             return False
+        assert fresh is not None
         t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
         job = _Job(
             bank,
@@ -394,7 +395,7 @@ class Pipeline:
                 small = [_to_host(t) for t in (header, moments, bounds)]
                 extra = []
                 for t in (job.scalar_tensor, job.vector_tensor):
-                    if t is not None and t.is_cuda:
+                    if t is not None and self._side is not None:
                         t.record_stream(self._side)
                     extra.append(_to_host(t) if t is not None else None)
             self._done()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class StatBank:
         self.counts = torch.zeros((slots, self.layout.width), dtype=torch.int64, device=self.device)
         self.moments = torch.zeros((slots, L.NUM_MOMENTS), dtype=torch.float64, device=self.device)
         self.touched: set[int] = set()  # rows added to since the last reset (host-side record)
-        self.ready: object = None  # CUDA: event after which the bank is reset (set by the writer)
+        self.ready: Any = None  # CUDA: event after which the bank is reset (set by the writer)
         self.reset()
 
     @property
