@@ -105,6 +105,8 @@ py::tuple vector_row_stats(py::array_t<float, py::array::c_style | py::array::fo
 
 }  // namespace
 
+void init_rows(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dnntrace native core";
   py::dict count_fields;
@@ -150,4 +152,5 @@ PYBIND11_MODULE(_C, m) {
         "The shared host/device fp16/bf16 -> fp32 conversion.");
   m.def("cpu_kernel_isa", &block_fused_isa,
         "Which CPU summary kernel runs here: 'avx512' or 'baseline' (DNNTRACE_CPU_BASELINE=1).");
+  init_rows(m);
 }
