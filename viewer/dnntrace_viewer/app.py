@@ -8,6 +8,8 @@ import panel as pn
 from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import FIXED_SIZING_MODE
 
+from dnntrace.storage import kinds as K
+
 from . import data_store as ds
 from .data_store import RunStore
 from .views import (
@@ -30,16 +32,9 @@ sum of squares unchanged at every step. Select a row to open the module."""
 SESSION_VIEWS = "dnntrace_views"
 TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
 
-_UNIT_KINDS = {"unit_mean", "unit_firing", "unit_saturated", "anomaly", "unit_attr"}
-_SPECTRAL_KINDS = {
-    "sigma_max",
-    "stable_rank",
-    "spectrum",
-    "update_ratio",
-    "trajectory",
-    "rankme",
-    "fd_eigs",
-}
+# which rows open which tab: the registry of row kinds (dnntrace.storage.kinds)
+_UNIT_TAB_KINDS = {*K.UNIT_KINDS, "anomaly"}
+_SPECTRAL_TAB_KINDS = set(K.SPECTRAL_KINDS) - {"filter_norm", "trajectory_pca"}
 
 
 def extra_tabs(store: RunStore, scheduler: str | None = None) -> list[tuple[str, Any]]:
@@ -49,11 +44,14 @@ def extra_tabs(store: RunStore, scheduler: str | None = None) -> list[tuple[str,
     col = run.trace.table.column("kind")
     kinds = set(col.cast("string").unique().to_pylist()) if run.trace.table.num_rows else set()
     out: list[tuple[str, Any]] = []
-    if kinds & _UNIT_KINDS:
+    if kinds & _UNIT_TAB_KINDS:
         from .views_units import panels as unit_panels
 
         out.append(("Units", lambda: unit_panels(run.trace)))
-    if kinds & _SPECTRAL_KINDS or any(k.startswith(("gns", "hessian")) for k in kinds):
+    scalars = set(run.scalars()["name"]) if K.SCALAR_KIND in kinds else set()
+    if kinds & _SPECTRAL_TAB_KINDS or any(
+        n.startswith(K.SPECTRAL_SCALAR_PREFIXES) for n in scalars
+    ):
         from .views_spectral import panels as spectral_panels
 
         out.append(("Spectra & dynamics", lambda: spectral_panels(run.path)))

@@ -29,6 +29,7 @@ import panel as pn
 import param
 
 from dnntrace.storage import Trace, TraceError, load
+from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
 
 from .lod import SeriesLOD, YMap, choose_linthresh, open_lods
 
@@ -40,7 +41,7 @@ FROZEN_RTOL = 1e-12
 TANH_LIKE = {"Tanh", "Hardtanh", "Softsign"}
 SIGMOID_LIKE = {"Sigmoid", "Hardsigmoid"}
 QUANTILES = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
-KINDS = ("activation", "activation_grad", "weight", "weight_grad")
+KINDS = TENSOR_KINDS
 STATS = ("rms", "mean", "std", "absmax", "l2", "zero_frac", "nan_count", "inf_count", "min", "max")
 _COLUMNS = [
     "step",
@@ -170,11 +171,13 @@ class Run:
         """One row per (module, kind, step) of train rows, tensors merged: counts, mean, std,
         rms, l2, absmax, min, max, zero_frac, nan_count, inf_count."""
         if "stats" not in self._cache:
-            t = self.trace.table.select(_COLUMNS)
+            # the model's tensors only: a derived row (a spectrum's NaN power-law fit, a
+            # per-unit statistic) never raises a model flag (dnntrace.storage.kinds)
+            t = tensor_rows(self.trace.table).select(_COLUMNS)
             df = t.to_pandas()
             for c in ("module", "kind", "phase"):
                 df[c] = df[c].astype(str)
-            df = df[(df["kind"] != "scalar") & (df["phase"] != "eval")]
+            df = df[df["phase"] != "eval"]
             df["inf_count"] = df["posinf_count"] + df["neginf_count"]
             g = df.groupby(["module", "kind", "step"], sort=True, observed=True)
             out = g.agg(

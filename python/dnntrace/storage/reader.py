@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import layout as L
+from .kinds import nonfinite_mask, tensor_rows
 from .layout import Layout
 from .rows import HEADER_COLUMNS
-from .schema import BASE_SCHEMA, COUNT_COLUMNS, TENSOR_KINDS, TraceError, read_metadata
+from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
 from .summary import Summary
 
 
@@ -175,21 +176,10 @@ class Trace:
         """First step with NaN or Inf per tensor kind (activation, activation_grad, weight,
         weight_grad), and the first module (model order) at it. Vector rows (spectra, per-unit
         statistics) and scalars are not tensors of the model and are left out."""
-        t = self.table
+        t = tensor_rows(self.table)  # derived rows (spectra, units) never flag: kinds.py
         if t.num_rows == 0:
             return []
-        kind_col = t.column("kind")
-        if pa.types.is_dictionary(kind_col.type):
-            kind_col = kind_col.cast(pa.string())
-        t = t.filter(pc.is_in(kind_col, pa.array(list(TENSOR_KINDS))))
-        if t.num_rows == 0:
-            return []
-        bad = pc.greater(
-            pc.add(
-                pc.add(t.column("nan_count"), t.column("posinf_count")), t.column("neginf_count")
-            ),
-            0,
-        )
+        bad = nonfinite_mask(t)
         bad_rows = t.filter(bad)
         if bad_rows.num_rows == 0:
             return []
