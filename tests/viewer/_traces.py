@@ -18,7 +18,8 @@ def vector_rows(
     trace_path: str | os.PathLike[str],
     rows: Sequence[tuple[int, str, str, str, Sequence[float]]],
 ) -> pa.RecordBatch:
-    """A batch of vector rows ``(step, module, kind, tensor, values)`` in ``trace_path``'s layout."""
+    """A batch of vector rows ``(step, module, kind, tensor, values)`` (``trace_path``'s
+    layout)."""
     lay = load(trace_path).layout
     values = [np.asarray(v, np.float64) for *_, v in rows]
     counts, moments = vector_state(values, lay)

@@ -23,6 +23,7 @@ from bokeh.plotting import figure
 
 from .data_store import QUANTILES, STATS, RunStore
 from .lod import YMap
+from .safe import js_literal, md_escape, module_label
 
 hv.extension("bokeh", logo=False)
 
@@ -234,10 +235,10 @@ class LayerStrips(param.Parameterized):
             strips.append(np.vstack([np.full((2, self.width), np.nan), np.flipud(img)]))
         data = np.vstack(strips).astype(np.float32)  # row 0 = top = first module
         n = len(mods)
-        names = ", ".join(repr(m or "<root>") for m in mods)
+        names = js_literal([module_label(m) for m in mods])
         band = fy[1] - fy[0]
         code = (
-            f"const n = [{names}]; const i = Math.floor({n} - value);"
+            f"const n = {names}; const i = Math.floor({n} - value);"
             "return (i >= 0 && i < n.length) ? n[i] : '';"
         )
         vcode = (
@@ -319,7 +320,7 @@ class Heatmap(param.Parameterized):
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(z > 0, np.log10(z), np.nan)
         label = f"log10 {s.stat}" if positive else s.stat
-        names = ", ".join(repr(m or "<root>") for m in mods)
+        names = js_literal([module_label(m) for m in mods])
         self._last = {"mods": mods, "label": label, "names": names}
         return hv.QuadMesh((xe, ye, z), kdims=["step", "layer"], vdims=[label])
 
@@ -327,7 +328,7 @@ class Heatmap(param.Parameterized):
         s = self.store
         mods, label, names = (self._last[k] for k in ("mods", "label", "names"))
         layer_fmt = CustomJSHover(
-            code=f"const n = [{names}]; const i = Math.round(value);"
+            code=f"const n = {names}; const i = Math.round(value);"
             "return (i >= 0 && i < n.length) ? n[i] : '';"
         )
         return el.opts(
@@ -517,10 +518,10 @@ def describe(store: RunStore, run: str, version: int) -> str:
     t = r.trace
     steps = r.steps
     lines = [
-        f"### {r.name}",
+        f"### {md_escape(r.name)}",
         f"{t.table.num_rows:,} rows · {steps.size:,} steps "
         f"({int(steps[0]) if steps.size else '-'} … {int(steps[-1]) if steps.size else '-'})"
-        f" · {len(r.modules)} modules · kinds: {', '.join(r.kinds)}",
+        f" · {len(r.modules)} modules · kinds: {md_escape(', '.join(r.kinds))}",
     ]
     pts = sum(float(lod.sat[-1, -1]) for lod in r.lods.values())
     lines.append(f"{pts:,.0f} (step, value) points in the histograms")
@@ -530,9 +531,10 @@ def describe(store: RunStore, run: str, version: int) -> str:
         )
     bad = r.first_nonfinite()
     if bad is not None:
+        where = md_escape(module_label(bad["module"]))
         lines.append(
-            f"⚠ **first NaN/Inf: step {bad['step']}, module `{bad['module']}` "
-            f"({bad['kind']}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**"
+            f"⚠ **first NaN/Inf: step {bad['step']}, module {where} "
+            f"({md_escape(bad['kind'])}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**"
         )
     return "\n\n".join(lines)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
+from .safe import md_escape
 from .spectral_data import SpectralData, Spectrum
 
 hv.extension("bokeh", logo=False)
@@ -269,14 +270,16 @@ class LandscapeView:
         g = self.data.grid
         if g is None:
             note = (
-                "No landscape file beside the trace (`dnntrace landscape ... --out "
-                f"{os.path.splitext(os.path.basename(self.data.path))[0]}-landscape.arrow`): "
-                "the trajectory alone."
+                "No landscape file beside the trace (dnntrace landscape … \\-\\-out "
+                + md_escape(
+                    f"{os.path.splitext(os.path.basename(self.data.path))[0]}-landscape.arrow"
+                )
+                + "): the trajectory alone."
             )
         else:
             note = (
                 f"Loss on a {g.loss.shape[1]}×{g.loss.shape[0]} grid along "
-                f"`{g.info.get('tensor', '?')}` directions (Li et al. 2018), with the "
+                f"{md_escape(g.info.get('tensor', '?'))} directions (Li et al. 2018), with the "
                 "training trajectory projected on them."
             )
         plot = (self.base * self.point).opts(width=700, height=600, show_legend=False)

@@ -20,6 +20,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from .safe import md_escape, module_label
 from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
 from .views import _prompt_ranges
 
@@ -147,7 +148,7 @@ def dead_view(data: UnitData) -> pn.viewable.Viewable:
             return ""
         d = data.dead_units(m)
         more = f"[{', '.join(map(str, d[:50]))}, …] ({len(d)} in all)" if len(d) > 50 else d
-        return f"dead units of `{m}` at the last step: {more}"
+        return f"dead units of {md_escape(module_label(m))} at the last step: {md_escape(more)}"
 
     dead_list = pn.pane.Markdown(pn.bind(dead_text, heat.param.module))
     return pn.Column(
@@ -177,7 +178,9 @@ def anomaly_view(data: UnitData) -> pn.viewable.Viewable:
         )
         plot = curve * marks
         text = "; ".join(
-            f"step {r.step}: **{r.module}** ({r.direction}, {r.source})" for r in an.itertuples()
+            f"step {r.step}: **{md_escape(module_label(r.module))}** "
+            f"({md_escape(r.direction)}, {md_escape(r.source)})"
+            for r in an.itertuples()
         )
     else:
         plot, text = curve, "no NaN or Inf recorded"
