@@ -205,7 +205,7 @@ def build_app(
     overlay = linked_choice(
         store,
         "overlay",
-        pn.widgets.MultiChoice(name="layers overlaid", width=600, css_classes=["dnt-overlay"]),
+        pn.widgets.MultiChoice(label="layers overlaid", width=600, css_classes=["dnt-overlay"]),
         lambda: _module_options(store, html=True),
     )
     tabs.extend(
@@ -239,19 +239,19 @@ def build_app(
         linked_choice(
             store,
             "run",
-            pn.widgets.Select(name="Run", width=220, css_classes=["dnt-run"]),
+            pn.widgets.Select(label="Run", width=220, css_classes=["dnt-run"]),
             lambda: {n: n for n in store.runs},
         ),
         linked_choice(
             store,
             "compare",
-            pn.widgets.Select(name="compare run", width=220),
+            pn.widgets.Select(label="compare run", width=220),
             lambda: {"(none)": None, **{n: n for n in store.runs}},
         ),
         linked_choice(
             store,
             "module",
-            pn.widgets.Select(name="Module", width=220, css_classes=["dnt-module"]),
+            pn.widgets.Select(label="Module", width=220, css_classes=["dnt-module"]),
             lambda: _module_options(store, html=False),
         ),
         pn.widgets.Select.from_param(store.param.kind, width=220),

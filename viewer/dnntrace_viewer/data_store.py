@@ -272,9 +272,9 @@ class Run:
         first_bad = bad.groupby("module")["step"].min().to_dict() if len(bad) else {}
         grad_ratio = self._grad_ratios()
         frozen = self._frozen()
-        for m in self.trace.module_tree or [
-            {"name": n, "type": "", "depth": 1} for n in self.modules
-        ]:
+        by_name = {m["name"]: m for m in self.trace.module_tree}
+        tree = [by_name[n] for n in self.trace.execution_order if n in by_name]  # run order
+        for m in tree or [{"name": n, "type": "", "depth": 1} for n in self.modules]:
             name = m["name"]
             flags: list[str] = []
             zf = sat = math.nan

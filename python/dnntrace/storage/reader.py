@@ -77,11 +77,64 @@ class Trace:
 
     @cached_property
     def modules(self) -> list[str]:
-        """Module paths with rows, in model order (metadata), then any others by first row."""
+        """Module paths with rows, in execution order (``execution_order``), then any others
+        in model order and by first row."""
         present = self._unique("module")
-        order = [m["name"] for m in self.module_tree if m["name"] in present]
+        have = set(present)
+        order = [m for m in self.execution_order if m in have]
         seen = set(order)
-        return order + [m for m in present if m not in seen]
+        tree = [m["name"] for m in self.module_tree if m["name"] in have and m["name"] not in seen]
+        seen.update(tree)
+        return order + tree + [m for m in present if m not in seen]
+
+    @cached_property
+    def execution_order(self) -> list[str]:
+        """The modules of the tree (metadata), ordered as the forward pass ran them: each by
+        the first time its forward hook (or a descendant's) fired, a parent just before its
+        first child, the root first; modules that never ran keep their model order, last.
+
+        The order comes from the anomaly tracer's ``exec_order`` row when there is one, else
+        from the order of the ``activation`` rows: the tracer allocates a row slot the first
+        time a module's forward hook fires, and writes rows in slot order. A module that never
+        ran but whose ancestor did follows that ancestor."""
+        tree = [m["name"] for m in self.module_tree]
+        fired: list[str] = []
+        t = self.table
+        if t.num_rows:
+            kind = t.column("kind").cast(pa.string())
+            ex = t.filter(
+                pc.and_(
+                    pc.equal(kind, "exec_order"),
+                    pc.equal(t.column("tensor").cast(pa.string()), "forward"),
+                )
+            )
+            if ex.num_rows and tree:
+                idx = ex.column("values")[0].as_py() or []
+                fired = [tree[int(i)] for i in idx if 0 <= int(i) < len(tree)]
+            else:
+                act = t.filter(pc.equal(kind, "activation")).column("module").cast(pa.string())
+                fired = [m for m in pc.unique(act).to_pylist() if m is not None]
+        if not tree:
+            return fired
+        first: dict[str, int] = {}
+        for i, m in enumerate(fired):
+            parts = m.split(".") if m else []
+            for k in range(len(parts) + 1):  # the module and every ancestor, root included
+                a = ".".join(parts[:k])
+                if a not in first:
+                    first[a] = i
+        pos = {m: i for i, m in enumerate(tree)}
+        never = len(fired) + 1
+
+        def key(m: str) -> tuple[int, int, int]:
+            depth = m.count(".") + (m != "")
+            a = m
+            while a not in first and a:  # never ran (weights used functionally): after the
+                a = a.rpartition(".")[0]  # nearest ancestor that ran
+            ran = m in first or (a != "" and a in first)  # under the root alone: never ran
+            return (first[a], depth, pos[m]) if ran else (never, 0, pos[m])
+
+        return sorted(tree, key=key)
 
     @cached_property
     def steps(self) -> np.ndarray:
