@@ -16,10 +16,18 @@ PAYLOADS = (IMG, SCRIPT, MDLINK, SVG, QUOTE)
 FILE_NAME = "<img src=x id=pwned onerror=__pwned(6)>.arrow"
 
 
-def make_hostile_trace(folder: Path, steps: int = 24, nan_step: int | None = 14) -> Path:
+def make_hostile_trace(
+    folder: Path,
+    steps: int = 24,
+    nan_step: int | None = 14,
+    names: tuple[str, ...] = PAYLOADS,
+    file_name: str = FILE_NAME,
+    scalar: str = SVG,
+) -> Path:
     """An MLP of layers named by the payloads, traced with per-unit statistics, anomaly
     origins, spectra and dynamics, a scalar with a hostile name, and a NaN planted in the
-    payload-named layer at ``nan_step`` (so the NaN banners name it)."""
+    payload-named layer at ``nan_step`` (so the NaN banners name it). ``names``, ``file_name``
+    and ``scalar`` make the same trace with ordinary names (layout tests)."""
     import torch
     from torch import nn
 
@@ -28,14 +36,14 @@ def make_hostile_trace(folder: Path, steps: int = 24, nan_step: int | None = 14)
     torch.manual_seed(0)
     model = nn.Sequential()
     widths = [16, 48, 40, 32, 24, 8]
-    for i, name in enumerate(PAYLOADS):
+    for i, name in enumerate(names):
         model.add_module(name, nn.Linear(widths[i], widths[i + 1]))
-        if i < len(PAYLOADS) - 1:
+        if i < len(names) - 1:
             model.add_module(f"{name} act", nn.Tanh())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 16, generator=g), torch.randint(0, 8, (128,), generator=g)
-    path = folder / FILE_NAME
+    path = folder / file_name
     extras = {
         "units": True,
         "on_anomaly": "record",
@@ -47,11 +55,11 @@ def make_hostile_trace(folder: Path, steps: int = 24, nan_step: int | None = 14)
         for step in range(steps):
             if nan_step is not None and step == nan_step:
                 with torch.no_grad():
-                    getattr(model, IMG).weight[0, 0] = float("nan")
+                    getattr(model, names[0]).weight[0, 0] = float("nan")
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
-            tr.log_scalar(SVG, loss.detach())
+            tr.log_scalar(scalar, loss.detach())
             tr.log_scalar("loss", loss.detach())
             opt.step()
     return path

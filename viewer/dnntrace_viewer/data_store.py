@@ -430,18 +430,20 @@ class RunStore(pn.viewable.Viewer):
             if self.kind not in kinds:
                 self.kind = kinds[0]
             if self.module not in mods:
-                self.module = self._default_module(r)
+                self.module = self._default_module(r, self.kind)
             self.overlay = [m for m in self.overlay if m in mods] or mods[-3:]
             self.steps = (lo, hi)
             self.step = lo if self.step < lo or self.step > hi else self.step
         self.version += 1
 
     @staticmethod
-    def _default_module(r: Run) -> str | None:
+    def _default_module(r: Run, kind: str | None = None) -> str | None:
+        """The module of the first NaN/Inf, else the first with histograms of ``kind``."""
         bad = r.first_nonfinite()
         if bad is not None and bad["module"] in r.modules:
             return bad["module"]
-        return r.modules[0] if r.modules else None
+        with_rows = [m for m in r.modules if kind is None or r.lod(m, kind) is not None]
+        return (with_rows or r.modules or [None])[0]
 
     def clone(self) -> RunStore:
         """A store over the same opened runs with the same selection (one per browser

@@ -23,7 +23,7 @@ from bokeh.plotting import figure
 
 from .data_store import QUANTILES, STATS, RunStore
 from .lod import YMap
-from .safe import js_literal, md_escape, module_label
+from .safe import js_literal, md_escape, module_label, short_labels
 
 hv.extension("bokeh", logo=False)
 
@@ -130,6 +130,8 @@ class HistogramOverTime(param.Parameterized):
         top = float(img.max()) if img.size else 0.0  # render() never returns NaN
         # bilinear spreading leaves tiny fractions far below one value: not data, drop them
         img = np.where(img > max(top * 1e-6, 1e-3), img, np.nan).astype(np.float32)
+        if lod is None:  # no rows of this kind: an empty plot, not an all-NaN image HoloViews
+            img[0, 0] = 0.0  # cannot take the range of (numpy warns "All-NaN slice")
         bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
         title = self.title or f"{module or '<root>'} · {kind}"
         if lod is None:
@@ -264,7 +266,8 @@ class LayerStrips(param.Parameterized):
             framewise=True,
             xlabel="step",
             ylabel="",
-            yticks=[(n - i - 0.5, m or "<root>") for i, m in enumerate(mods)],
+            # long names folded (common prefix) on the axis; the hover names them in full
+            yticks=[(n - i - 0.5, lab) for i, lab in enumerate(short_labels(mods))],
             title=f"{kind} of every layer, input at the top (value axis: {ymap.scale}, "
             f"{run.value_range(kind)[0]:.3g} … {run.value_range(kind)[1]:.3g})",
             tools=["hover", "xwheel_zoom", "xpan"],
@@ -336,7 +339,7 @@ class Heatmap(param.Parameterized):
             colorbar=True,
             frame_width=self.width,
             frame_height=self.height,
-            yticks=[(i, m or "<root>") for i, m in enumerate(mods)],
+            yticks=list(enumerate(short_labels(mods))),  # full names in the hover
             invert_yaxis=True,
             title=f"{s.kind} · {label} by layer (input at top) and step",
             framewise=True,
@@ -372,6 +375,7 @@ class Distribution(param.Parameterized):
             interval=200,
             show_loop_controls=True,
             width=420,
+            height=110,  # room for the loop controls: without it the plot covered them
             value_align="start",
         )
         self.speed = pn.widgets.IntSlider(
@@ -380,7 +384,7 @@ class Distribution(param.Parameterized):
         self.speed.link(self.player, value="interval")
         self.label = pn.pane.HTML("", css_classes=["dnt-step"], width=220)
         self.fig = figure(
-            width=820,
+            width=1000,
             height=340,
             toolbar_location="right",
             tools="pan,wheel_zoom,box_zoom,reset,save",
@@ -404,8 +408,9 @@ class Distribution(param.Parameterized):
             self.sources.append(src)
         for item in self.fig.legend[0].items:
             item.visible = False
-        self.fig.legend.location = "top_left"
         self.fig.legend.click_policy = "hide"
+        # beside the plot, not over it: inside it covered the peaks
+        self.fig.add_layout(self.fig.legend[0], "right")
         self.fig.add_tools(
             HoverTool(
                 tooltips=[("series", "$name"), ("value", "@v{0.000e}"), ("fraction", "@y{0.0000}")]
@@ -482,7 +487,7 @@ class Distribution(param.Parameterized):
         self.frames += 1
 
     def panel(self) -> pn.viewable.Viewable:
-        return pn.Column(pn.Row(self.player, self.speed, self.label), self.pane)
+        return pn.Column(pn.Row(self.player, self.speed, self.label, height=120), self.pane)
 
 
 def scalar_curves(store: RunStore, run: str, version: int) -> pn.viewable.Viewable:
