@@ -140,7 +140,7 @@ def test_follow_updates_every_plot(growing: Growing, browser: Any) -> None:
         final = load(growing.writer.path)
         last = int(final.steps[-1])
         last_scalar = int(final.select(kind="scalar").column("step").to_numpy().max())
-        wait_until(lambda: int(s.current.steps[-1]) == last, timeout=30)
+        wait_until(lambda: int(s.current.steps[-1]) == last, timeout=90)  # a loaded CI box
         wait_until(lambda: scalar_steps(views) == last_scalar, timeout=30)
         pg.wait_for_timeout(2000)
         shot(pg, "follow-end")
