@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from bokeh.plotting import figure
 
 from .data_store import RunStore
@@ -66,6 +66,11 @@ class ScalarCurves:
                 tools="pan,wheel_zoom,reset,save",
             )
             src = ColumnDataSource(self._data(g))
+            if pos.size and pos.min() == pos.max() and pos[0] != 0:
+                # a constant (a fixed learning rate): Bokeh's automatic range would be ±1 around
+                # it, drawing 1e-3 as 0; show a band around the value instead
+                v0 = float(pos[0])
+                f.y_range = Range1d(v0 - 0.5 * abs(v0), v0 + 0.5 * abs(v0))
             f.line("step", "value", source=src, line_width=1.5)
             f.add_tools(HoverTool(tooltips=[("step", "@step"), (n, "@value{0.0000e}")]))
             self._sources[n] = src
