@@ -1,5 +1,5 @@
 """``dnntrace-view trace.arrow [more | a folder] [--port N] [--host H] [--no-browser]
-[--export out.png|out.html|out.gif|out.mp4]``.
+[--basic-auth-file PATH] [--export out.png|out.html|out.gif|out.mp4 [--fps F]]``.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -7,6 +7,7 @@ Bad input ends in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .data_store import RunStore
@@ -45,10 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--module", help="module to select first")
     p.add_argument("--kind", help="tensor kind to select first (activation, activation_grad, ...)")
     p.add_argument(
+        "--basic-auth-file",
+        metavar="PATH",
+        help="file whose first line is the password required to open the page (or a JSON "
+        '{"user": "password"} object); a password is mandatory with a non-loopback --host. '
+        "Or set the environment variable DNNTRACE_VIEW_PASSWORD",
+    )
+    p.add_argument(
         "--basic-auth",
-        metavar="PASSWORD_OR_FILE",
-        help="password (or a JSON file of user: password) required to open the page; "
-        "mandatory with a non-loopback --host",
+        metavar="PASSWORD",
+        help="the password itself (visible to every local user in `ps`: prefer --basic-auth-file "
+        "or DNNTRACE_VIEW_PASSWORD)",
     )
     p.add_argument(
         "--allow-origin",
@@ -56,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST[:PORT]",
         help="extra websocket origin to allow (with a non-loopback --host)",
+    )
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=5.0,
+        help="frames per second of a .gif or .mp4 export (default 5)",
     )
     p.add_argument("--follow", action="store_true", help="follow the files while a run writes")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the LOD cache")
@@ -106,12 +120,25 @@ class _Progress:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     prog = "dnntrace-view"
-    if not _is_loopback(args.host) and not args.basic_auth:
+    from .auth import PASSWORD_ENV, AuthError, load_credentials
+
+    try:
+        credentials = load_credentials(
+            password=args.basic_auth, password_file=args.basic_auth_file, env=os.environ
+        )
+    except AuthError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not _is_loopback(args.host) and not credentials:
         print(
-            f"{prog}: error: --host {args.host} is not loopback: add --basic-auth PASSWORD "
+            f"{prog}: error: --host {args.host} is not loopback: set a password with "
+            f"--basic-auth-file PATH or {PASSWORD_ENV} "
             "(anyone who can reach the port could read the trace)",
             file=sys.stderr,
         )
+        return EXIT_BAD_INPUT
+    if not args.fps > 0 or args.fps > 100:
+        print(f"{prog}: error: --fps must be in (0, 100], got {args.fps:g}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from dnntrace.storage import TraceError
 
@@ -145,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .export import export
 
         try:
-            out = export(store, args.export, view=args.view)
+            out = export(store, args.export, view=args.view, fps=args.fps)
         except (ValueError, OSError) as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -156,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         show=not args.no_browser,
-        basic_auth=args.basic_auth,
+        credentials=credentials,
         origins=args.allow_origin,
         follow_ms=1000,
         scheduler=args.dask_scheduler,
@@ -169,27 +196,21 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     show: bool = True,
-    basic_auth: str | None = None,
+    credentials: dict[str, str] | None = None,
     origins: Sequence[str] = (),
     follow_ms: int | None = 1000,
     scheduler: str | None = None,
 ) -> int:
-    import panel as pn
-
-    from .app import build_app
-
-    port = port or free_port(host)
-    url_host = f"[{host}]" if ":" in host else host
-    kwargs: dict[str, object] = {}
-    allowed = [f"{h}:{port}" for h in ("localhost", "127.0.0.1")] + list(origins)
-    if not _is_loopback(host):
-        allowed.append(f"{host}:{port}")
-        kwargs["basic_auth"] = basic_auth
-        kwargs["cookie_secret"] = secrets.token_hex(32)
-    elif basic_auth:
-        kwargs["basic_auth"] = basic_auth
-        kwargs["cookie_secret"] = secrets.token_hex(32)
-    url = f"http://{url_host}:{port}/"
+    server = make_server(
+        store,
+        host=host,
+        port=port,
+        show=show,
+        credentials=credentials,
+        origins=origins,
+        follow_ms=follow_ms,
+        scheduler=scheduler,
+    )
 
     def warm() -> None:
         from .views import warm_up
@@ -197,16 +218,54 @@ def serve(
         warm_up()
 
     threading.Timer(3.0, warm).start()  # after the first page is served
-    print(f"dnntrace-view: serving {url}  (Ctrl-C to stop)", flush=True)
-    pn.serve(
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"dnntrace-view: serving http://{url_host}:{server.port}/  (Ctrl-C to stop)", flush=True)
+    server.start()
+    with contextlib.suppress(RuntimeError, KeyboardInterrupt):
+        server.io_loop.start()
+    return 0
+
+
+def make_server(
+    store: RunStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    show: bool = False,
+    credentials: dict[str, str] | None = None,
+    origins: Sequence[str] = (),
+    follow_ms: int | None = 1000,
+    scheduler: str | None = None,
+) -> Any:
+    """The viewer's Bokeh server, not started: every route but the login page behind the
+    password when there is one (``auth.gate``), Panel's and Bokeh's assets served by the
+    server itself (no CDN)."""
+    os.environ.setdefault("BOKEH_RESOURCES", "server")  # Bokeh's JS from this server
+    import panel as pn
+
+    from .app import build_app
+    from .auth import PasswordAuth, gate
+
+    pn.config.inline = True  # Panel's extensions' JS and CSS in the page, not from a CDN
+    port = port or free_port(host)
+    allowed = [f"{h}:{port}" for h in ("localhost", "127.0.0.1")] + list(origins)
+    if not _is_loopback(host):
+        allowed.append(f"{host}:{port}")
+    kwargs: dict[str, object] = {}
+    provider = PasswordAuth(credentials) if credentials else None
+    if provider is not None:
+        kwargs["auth_provider"] = provider
+        kwargs["cookie_secret"] = secrets.token_hex(32)
+    server = pn.serve(
         {"/": lambda: build_app(store.clone(), follow_ms=follow_ms, scheduler=scheduler)},
         port=port,
         address=host,
         websocket_origin=allowed,
         show=show,
         title="dnntrace",
-        start=True,
+        start=False,
         print_url=False,
         **kwargs,
     )
-    return 0
+    gate(server, provider)
+    return server

@@ -29,6 +29,7 @@ import panel as pn
 import param
 
 from dnntrace.storage import Trace, TraceError, load
+from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
 
 from .lod import SeriesLOD, YMap, choose_linthresh, open_lods
 
@@ -40,7 +41,7 @@ FROZEN_RTOL = 1e-12
 TANH_LIKE = {"Tanh", "Hardtanh", "Softsign"}
 SIGMOID_LIKE = {"Sigmoid", "Hardsigmoid"}
 QUANTILES = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
-KINDS = ("activation", "activation_grad", "weight", "weight_grad")
+KINDS = TENSOR_KINDS
 STATS = ("rms", "mean", "std", "absmax", "l2", "zero_frac", "nan_count", "inf_count", "min", "max")
 _COLUMNS = [
     "step",
@@ -170,11 +171,13 @@ class Run:
         """One row per (module, kind, step) of train rows, tensors merged: counts, mean, std,
         rms, l2, absmax, min, max, zero_frac, nan_count, inf_count."""
         if "stats" not in self._cache:
-            t = self.trace.table.select(_COLUMNS)
+            # the model's tensors only: a derived row (a spectrum's NaN power-law fit, a
+            # per-unit statistic) never raises a model flag (dnntrace.storage.kinds)
+            t = tensor_rows(self.trace.table).select(_COLUMNS)
             df = t.to_pandas()
             for c in ("module", "kind", "phase"):
                 df[c] = df[c].astype(str)
-            df = df[(df["kind"] != "scalar") & (df["phase"] != "eval")]
+            df = df[df["phase"] != "eval"]
             df["inf_count"] = df["posinf_count"] + df["neginf_count"]
             g = df.groupby(["module", "kind", "step"], sort=True, observed=True)
             out = g.agg(
@@ -269,9 +272,9 @@ class Run:
         first_bad = bad.groupby("module")["step"].min().to_dict() if len(bad) else {}
         grad_ratio = self._grad_ratios()
         frozen = self._frozen()
-        for m in self.trace.module_tree or [
-            {"name": n, "type": "", "depth": 1} for n in self.modules
-        ]:
+        by_name = {m["name"]: m for m in self.trace.module_tree}
+        tree = [by_name[n] for n in self.trace.execution_order if n in by_name]  # run order
+        for m in tree or [{"name": n, "type": "", "depth": 1} for n in self.modules]:
             name = m["name"]
             flags: list[str] = []
             zf = sat = math.nan
@@ -427,18 +430,20 @@ class RunStore(pn.viewable.Viewer):
             if self.kind not in kinds:
                 self.kind = kinds[0]
             if self.module not in mods:
-                self.module = self._default_module(r)
+                self.module = self._default_module(r, self.kind)
             self.overlay = [m for m in self.overlay if m in mods] or mods[-3:]
             self.steps = (lo, hi)
             self.step = lo if self.step < lo or self.step > hi else self.step
         self.version += 1
 
     @staticmethod
-    def _default_module(r: Run) -> str | None:
+    def _default_module(r: Run, kind: str | None = None) -> str | None:
+        """The module of the first NaN/Inf, else the first with histograms of ``kind``."""
         bad = r.first_nonfinite()
         if bad is not None and bad["module"] in r.modules:
             return bad["module"]
-        return r.modules[0] if r.modules else None
+        with_rows = [m for m in r.modules if kind is None or r.lod(m, kind) is not None]
+        return (with_rows or r.modules or [None])[0]
 
     def clone(self) -> RunStore:
         """A store over the same opened runs with the same selection (one per browser

@@ -43,18 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dnntrace.storage import Trace, load
+from dnntrace.storage.kinds import UNIT_KINDS, tensor_rows
 from dnntrace.storage.schema import ANOMALY_FIELDS
 
-UNIT_KINDS = (
-    "unit_mean",
-    "unit_sq_mean",
-    "unit_firing",
-    "unit_saturated",
-    "unit_max",
-    "unit_grad_rms",
-    "unit_attr",
-    "unit_attr_abs",
-)
 DEAD_WINDOW = 5
 SATURATED_THRESHOLD = 0.99
 CACHE_VERSION = 1
@@ -703,9 +694,7 @@ class UnitData:
                 }
             )
         if not rows:
-            for a in self.trace.anomalies():
-                if a["kind"] in ("anomaly", "exec_order") or a["kind"].startswith("unit_"):
-                    continue
+            for a in self.trace.anomalies():  # tensor kinds only (dnntrace.storage.kinds)
                 rows.append(
                     {
                         "step": a["step"],
@@ -720,17 +709,9 @@ class UnitData:
 
     def nonfinite_timeline(self) -> pd.DataFrame:
         """Per step: rows and elements with NaN/±Inf (tensor rows only)."""
-        t = self.trace.table
+        t = tensor_rows(self.trace.table)  # the same rows dnntrace info counts
         if t.num_rows == 0:
             return pd.DataFrame(columns=["step", "bad_rows", "bad_values"])
-        kind = t.column("kind").cast(pa.string())
-        keep = pc.invert(
-            pc.or_(
-                pc.starts_with(kind, "unit_"),
-                pc.is_in(kind, pa.array(["anomaly", "exec_order", "scalar"])),
-            )
-        )
-        t = t.filter(keep)
         bad = (
             t.column("nan_count").to_numpy()
             + t.column("posinf_count").to_numpy()

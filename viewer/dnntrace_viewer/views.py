@@ -23,6 +23,7 @@ from bokeh.plotting import figure
 
 from .data_store import QUANTILES, STATS, RunStore
 from .lod import YMap
+from .safe import js_literal, md_escape, module_label, short_labels
 
 hv.extension("bokeh", logo=False)
 
@@ -129,6 +130,8 @@ class HistogramOverTime(param.Parameterized):
         top = float(img.max()) if img.size else 0.0  # render() never returns NaN
         # bilinear spreading leaves tiny fractions far below one value: not data, drop them
         img = np.where(img > max(top * 1e-6, 1e-3), img, np.nan).astype(np.float32)
+        if lod is None:  # no rows of this kind: an empty plot, not an all-NaN image HoloViews
+            img[0, 0] = 0.0  # cannot take the range of (numpy warns "All-NaN slice")
         bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
         title = self.title or f"{module or '<root>'} · {kind}"
         if lod is None:
@@ -234,10 +237,10 @@ class LayerStrips(param.Parameterized):
             strips.append(np.vstack([np.full((2, self.width), np.nan), np.flipud(img)]))
         data = np.vstack(strips).astype(np.float32)  # row 0 = top = first module
         n = len(mods)
-        names = ", ".join(repr(m or "<root>") for m in mods)
+        names = js_literal([module_label(m) for m in mods])
         band = fy[1] - fy[0]
         code = (
-            f"const n = [{names}]; const i = Math.floor({n} - value);"
+            f"const n = {names}; const i = Math.floor({n} - value);"
             "return (i >= 0 && i < n.length) ? n[i] : '';"
         )
         vcode = (
@@ -263,7 +266,8 @@ class LayerStrips(param.Parameterized):
             framewise=True,
             xlabel="step",
             ylabel="",
-            yticks=[(n - i - 0.5, m or "<root>") for i, m in enumerate(mods)],
+            # long names folded (common prefix) on the axis; the hover names them in full
+            yticks=[(n - i - 0.5, lab) for i, lab in enumerate(short_labels(mods))],
             title=f"{kind} of every layer, input at the top (value axis: {ymap.scale}, "
             f"{run.value_range(kind)[0]:.3g} … {run.value_range(kind)[1]:.3g})",
             tools=["hover", "xwheel_zoom", "xpan"],
@@ -319,7 +323,7 @@ class Heatmap(param.Parameterized):
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(z > 0, np.log10(z), np.nan)
         label = f"log10 {s.stat}" if positive else s.stat
-        names = ", ".join(repr(m or "<root>") for m in mods)
+        names = js_literal([module_label(m) for m in mods])
         self._last = {"mods": mods, "label": label, "names": names}
         return hv.QuadMesh((xe, ye, z), kdims=["step", "layer"], vdims=[label])
 
@@ -327,7 +331,7 @@ class Heatmap(param.Parameterized):
         s = self.store
         mods, label, names = (self._last[k] for k in ("mods", "label", "names"))
         layer_fmt = CustomJSHover(
-            code=f"const n = [{names}]; const i = Math.round(value);"
+            code=f"const n = {names}; const i = Math.round(value);"
             "return (i >= 0 && i < n.length) ? n[i] : '';"
         )
         return el.opts(
@@ -335,7 +339,7 @@ class Heatmap(param.Parameterized):
             colorbar=True,
             frame_width=self.width,
             frame_height=self.height,
-            yticks=[(i, m or "<root>") for i, m in enumerate(mods)],
+            yticks=list(enumerate(short_labels(mods))),  # full names in the hover
             invert_yaxis=True,
             title=f"{s.kind} · {label} by layer (input at top) and step",
             framewise=True,
@@ -371,6 +375,7 @@ class Distribution(param.Parameterized):
             interval=200,
             show_loop_controls=True,
             width=420,
+            height=110,  # room for the loop controls: without it the plot covered them
             value_align="start",
         )
         self.speed = pn.widgets.IntSlider(
@@ -379,7 +384,7 @@ class Distribution(param.Parameterized):
         self.speed.link(self.player, value="interval")
         self.label = pn.pane.HTML("", css_classes=["dnt-step"], width=220)
         self.fig = figure(
-            width=820,
+            width=1000,
             height=340,
             toolbar_location="right",
             tools="pan,wheel_zoom,box_zoom,reset,save",
@@ -403,8 +408,9 @@ class Distribution(param.Parameterized):
             self.sources.append(src)
         for item in self.fig.legend[0].items:
             item.visible = False
-        self.fig.legend.location = "top_left"
         self.fig.legend.click_policy = "hide"
+        # beside the plot, not over it: inside it covered the peaks
+        self.fig.add_layout(self.fig.legend[0], "right")
         self.fig.add_tools(
             HoverTool(
                 tooltips=[("series", "$name"), ("value", "@v{0.000e}"), ("fraction", "@y{0.0000}")]
@@ -481,7 +487,7 @@ class Distribution(param.Parameterized):
         self.frames += 1
 
     def panel(self) -> pn.viewable.Viewable:
-        return pn.Column(pn.Row(self.player, self.speed, self.label), self.pane)
+        return pn.Column(pn.Row(self.player, self.speed, self.label, height=120), self.pane)
 
 
 def scalar_curves(store: RunStore, run: str, version: int) -> pn.viewable.Viewable:
@@ -517,10 +523,10 @@ def describe(store: RunStore, run: str, version: int) -> str:
     t = r.trace
     steps = r.steps
     lines = [
-        f"### {r.name}",
+        f"### {md_escape(r.name)}",
         f"{t.table.num_rows:,} rows · {steps.size:,} steps "
         f"({int(steps[0]) if steps.size else '-'} … {int(steps[-1]) if steps.size else '-'})"
-        f" · {len(r.modules)} modules · kinds: {', '.join(r.kinds)}",
+        f" · {len(r.modules)} modules · kinds: {md_escape(', '.join(r.kinds))}",
     ]
     pts = sum(float(lod.sat[-1, -1]) for lod in r.lods.values())
     lines.append(f"{pts:,.0f} (step, value) points in the histograms")
@@ -530,9 +536,10 @@ def describe(store: RunStore, run: str, version: int) -> str:
         )
     bad = r.first_nonfinite()
     if bad is not None:
+        where = md_escape(module_label(bad["module"]))
         lines.append(
-            f"⚠ **first NaN/Inf: step {bad['step']}, module `{bad['module']}` "
-            f"({bad['kind']}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**"
+            f"⚠ **first NaN/Inf: step {bad['step']}, module {where} "
+            f"({md_escape(bad['kind'])}: {bad['nan_count']} NaN, {bad['inf_count']} Inf)**"
         )
     return "\n\n".join(lines)
 

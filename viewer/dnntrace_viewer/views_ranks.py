@@ -20,6 +20,7 @@ import panel as pn
 from dnntrace.storage.runs import RunSet, open_runs
 
 from . import ranks_data as R
+from .safe import md_escape, module_label
 
 hv.extension("bokeh", logo=False)
 
@@ -119,8 +120,9 @@ class RanksViews:
         bad = [b for b in self.runs.first_nonfinite() if b["run"] == self.run.value]
         if bad:
             b = bad[0]
+            where = md_escape(module_label(b["module"]))
             nan_md = (f"**First NaN/Inf:** rank {b['rank']} at step {b['step']}, module "
-                      f"`{b['module'] or '(root)'}` ({b['kind']})")  # fmt: skip
+                      f"{where} ({md_escape(b['kind'])})")  # fmt: skip
         else:
             nan_md = "**No NaN or Inf** in any rank's rows."
         table = pd.DataFrame(

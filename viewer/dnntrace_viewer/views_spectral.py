@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
+from .safe import md_escape
 from .spectral_data import SpectralData, Spectrum
 
 hv.extension("bokeh", logo=False)
@@ -67,10 +68,16 @@ def esd_plot(z: Spectrum) -> hv.Overlay:
             )
         )
         parts.append(hv.VLine(z.xmin).opts(color="#999", line_dash="dashed"))
-    title = (
-        f"{z.layer} at step {z.source_step}: α = {z.alpha:.2f}, KS = {z.ks_distance:.3f}, "
-        f"{z.n_tail}/{lam.size} eigenvalues in the tail"
-    )
+    if np.isfinite(z.alpha):
+        title = (
+            f"{z.layer} at step {z.source_step}: α = {z.alpha:.2f}, KS = {z.ks_distance:.3f}, "
+            f"{z.n_tail}/{lam.size} eigenvalues in the tail"
+        )
+    else:  # the fit needs a tail of enough eigenvalues (Clauset et al. 2009)
+        title = (
+            f"{z.layer} at step {z.source_step}: no power-law fit "
+            f"({z.n_tail}/{lam.size} eigenvalues in the tail: too few)"
+        )
     # framewise: the axes follow each spectrum as the layer or the step changes
     return hv.Overlay(parts).opts(
         hv.opts.Scatter(framewise=True),
@@ -97,13 +104,20 @@ class SpectraView:
             by_layer.setdefault(z.layer, []).append(z)
         self.by_layer = by_layer
         layers = list(by_layer)
-        self.layer = pn.widgets.Select(label="layer", options=layers, value=layers[0], width=260)
+        # open on a spectrum that has a power-law fit: the first layer with one, its last one
+        fitted = [m for m in layers if any(np.isfinite(z.alpha) for z in by_layer[m])]
+        first = fitted[0] if fitted else layers[0]
+        last = max(
+            (i for i, z in enumerate(by_layer[first]) if np.isfinite(z.alpha)),
+            default=len(by_layer[first]) - 1,
+        )
+        self.layer = pn.widgets.Select(label="layer", options=layers, value=first, width=260)
         n = max(len(v) for v in by_layer.values())
         self.player = pn.widgets.Player(
             label="spectrum",
             start=0,
             end=max(n - 1, 0),
-            value=n - 1,
+            value=last,
             interval=700,
             loop_policy="loop",
             width=400,
@@ -125,7 +139,9 @@ class SpectraView:
                 "**Power-law α of each layer's ESD** (Martin & Mahoney: 2-6 is "
                 "typical of trained layers)"
             ),
-            pn.pane.HoloViews(alpha.opts(title="alpha over time"), name="alpha"),
+            pn.pane.HoloViews(alpha.opts(title="alpha over time"), name="alpha")
+            if np.isfinite(esd["alpha"]).any()
+            else _note("No power-law fit yet: every spectrum has too few eigenvalues in its tail."),
             pn.pane.HoloViews(
                 _curves(sr, "layer", "stable rank").opts(title="stable rank ‖W‖F²/σ₁²")
                 if len(sr)
@@ -180,10 +196,27 @@ def update_ratio_panel(data: SpectralData, max_steps: int = 400) -> pn.viewable.
     )
     band = hv.HSpan(*UPDATE_BAND).opts(color="#2ca02c", alpha=0.15)
     curves = _curves(df, "layer", "‖ΔW‖/‖W‖", logy=True)
+    # the first update (from an initialisation near zero, or Adam's first step) can be 10^20
+    # times the rest: the axis spans the 1st-99th percentile, widened to whole decades
+    v = df["value"].to_numpy(dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    ylim = (
+        (
+            10.0 ** np.floor(np.log10(min(np.percentile(v, 1), UPDATE_BAND[0]))),
+            10.0 ** np.ceil(np.log10(max(np.percentile(v, 99), UPDATE_BAND[1]))),
+        )
+        if v.size
+        else (1e-5, 1e-1)
+    )
     return pn.Column(
         pn.pane.HoloViews(heat, name="update_heatmap"),
         pn.pane.HoloViews(
-            (band * curves).opts(title="update ratio (green band: 1e-3 rule of thumb, ±½ decade)"),
+            (band * curves).opts(
+                title="update ratio (green band: 1e-3 rule of thumb, ±½ decade)",
+                xlabel="step",
+                ylabel="‖ΔW‖/‖W‖",
+                ylim=ylim,
+            ),
             name="update_curves",
         ),
     )
@@ -269,14 +302,16 @@ class LandscapeView:
         g = self.data.grid
         if g is None:
             note = (
-                "No landscape file beside the trace (`dnntrace landscape ... --out "
-                f"{os.path.splitext(os.path.basename(self.data.path))[0]}-landscape.arrow`): "
-                "the trajectory alone."
+                "No landscape file beside the trace (dnntrace landscape … \\-\\-out "
+                + md_escape(
+                    f"{os.path.splitext(os.path.basename(self.data.path))[0]}-landscape.arrow"
+                )
+                + "): the trajectory alone."
             )
         else:
             note = (
                 f"Loss on a {g.loss.shape[1]}×{g.loss.shape[0]} grid along "
-                f"`{g.info.get('tensor', '?')}` directions (Li et al. 2018), with the "
+                f"{md_escape(g.info.get('tensor', '?'))} directions (Li et al. 2018), with the "
                 "training trajectory projected on them."
             )
         plot = (self.base * self.point).opts(width=700, height=600, show_legend=False)

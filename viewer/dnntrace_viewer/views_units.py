@@ -20,6 +20,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from .safe import md_escape, module_label
 from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
 from .views import _prompt_ranges
 
@@ -36,6 +37,11 @@ class UnitHeatmap(param.Parameterized):
     width = param.Integer(default=800)
     height = param.Integer(default=400)
     renders = param.Integer(default=0, doc="count of renders (tests)")
+    binary = param.Boolean(
+        default=False,
+        doc="0/1 maps (dead, saturated): a fixed 0..1 colour scale, so an all-zero map is drawn "
+        "as zeros, not as a single saturated colour with a '-0' colour bar",
+    )
 
     def __init__(self, source: Source, modules: list[str], kinds: list[str], **params: Any):
         super().__init__(**params)
@@ -96,7 +102,8 @@ class UnitHeatmap(param.Parameterized):
             tools=["hover"],
             active_tools=["wheel_zoom"],
             hooks=[_prompt_ranges],  # re-render at the first repaint, not after Bokeh's LOD delay
-            cnorm="eq_hist",
+            cnorm="linear" if self.binary else "eq_hist",
+            clim=(0.0, 1.0) if self.binary else (np.nan, np.nan),
             framewise=True,
         )
         return pn.Column(
@@ -124,7 +131,11 @@ def _curves(df: pd.DataFrame, y: str, label: str) -> hv.Overlay | hv.Curve:
         hv.Curve(g, "step", y, label=m).opts(tools=["hover"])
         for m, g in df.groupby("module", sort=False)
     ]
-    return hv.Overlay(curves).opts(width=800, height=260, legend_position="right", title=label)
+    # tall enough for its legend (one row per layer), so a legend never spills onto the next plot
+    height = max(260, 22 * len(curves) + 70)
+    return hv.Overlay(curves).opts(
+        width=800, height=height, legend_position="right", title=label, show_legend=True
+    )
 
 
 def units_view(data: UnitData) -> pn.viewable.Viewable:
@@ -140,14 +151,16 @@ def dead_view(data: UnitData) -> pn.viewable.Viewable:
         f"recorded steps; **saturated** when ≥ {SATURATED_THRESHOLD:.0%} of its outputs were "
         "saturated at each of them."
     )
-    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_firing"), ["dead", "saturated"])
+    heat = UnitHeatmap(
+        _matrix_source(data), data.modules("unit_firing"), ["dead", "saturated"], binary=True
+    )
 
     def dead_text(m: str | None) -> str:
         if not m:
             return ""
         d = data.dead_units(m)
         more = f"[{', '.join(map(str, d[:50]))}, …] ({len(d)} in all)" if len(d) > 50 else d
-        return f"dead units of `{m}` at the last step: {more}"
+        return f"dead units of {md_escape(module_label(m))} at the last step: {md_escape(more)}"
 
     dead_list = pn.pane.Markdown(pn.bind(dead_text, heat.param.module))
     return pn.Column(
@@ -177,7 +190,9 @@ def anomaly_view(data: UnitData) -> pn.viewable.Viewable:
         )
         plot = curve * marks
         text = "; ".join(
-            f"step {r.step}: **{r.module}** ({r.direction}, {r.source})" for r in an.itertuples()
+            f"step {r.step}: **{md_escape(module_label(r.module))}** "
+            f"({md_escape(r.direction)}, {md_escape(r.source)})"
+            for r in an.itertuples()
         )
     else:
         plot, text = curve, "no NaN or Inf recorded"

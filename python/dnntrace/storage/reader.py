@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import layout as L
+from .kinds import nonfinite_mask, tensor_rows
 from .layout import Layout
 from .rows import HEADER_COLUMNS
-from .schema import BASE_SCHEMA, COUNT_COLUMNS, TENSOR_KINDS, TraceError, read_metadata
+from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
 from .summary import Summary
 
 
@@ -76,11 +77,64 @@ class Trace:
 
     @cached_property
     def modules(self) -> list[str]:
-        """Module paths with rows, in model order (metadata), then any others by first row."""
+        """Module paths with rows, in execution order (``execution_order``), then any others
+        in model order and by first row."""
         present = self._unique("module")
-        order = [m["name"] for m in self.module_tree if m["name"] in present]
+        have = set(present)
+        order = [m for m in self.execution_order if m in have]
         seen = set(order)
-        return order + [m for m in present if m not in seen]
+        tree = [m["name"] for m in self.module_tree if m["name"] in have and m["name"] not in seen]
+        seen.update(tree)
+        return order + tree + [m for m in present if m not in seen]
+
+    @cached_property
+    def execution_order(self) -> list[str]:
+        """The modules of the tree (metadata), ordered as the forward pass ran them: each by
+        the first time its forward hook (or a descendant's) fired, a parent just before its
+        first child, the root first; modules that never ran keep their model order, last.
+
+        The order comes from the anomaly tracer's ``exec_order`` row when there is one, else
+        from the order of the ``activation`` rows: the tracer allocates a row slot the first
+        time a module's forward hook fires, and writes rows in slot order. A module that never
+        ran but whose ancestor did follows that ancestor."""
+        tree = [m["name"] for m in self.module_tree]
+        fired: list[str] = []
+        t = self.table
+        if t.num_rows:
+            kind = t.column("kind").cast(pa.string())
+            ex = t.filter(
+                pc.and_(
+                    pc.equal(kind, "exec_order"),
+                    pc.equal(t.column("tensor").cast(pa.string()), "forward"),
+                )
+            )
+            if ex.num_rows and tree:
+                idx = ex.column("values")[0].as_py() or []
+                fired = [tree[int(i)] for i in idx if 0 <= int(i) < len(tree)]
+            else:
+                act = t.filter(pc.equal(kind, "activation")).column("module").cast(pa.string())
+                fired = [m for m in pc.unique(act).to_pylist() if m is not None]
+        if not tree:
+            return fired
+        first: dict[str, int] = {}
+        for i, m in enumerate(fired):
+            parts = m.split(".") if m else []
+            for k in range(len(parts) + 1):  # the module and every ancestor, root included
+                a = ".".join(parts[:k])
+                if a not in first:
+                    first[a] = i
+        pos = {m: i for i, m in enumerate(tree)}
+        never = len(fired) + 1
+
+        def key(m: str) -> tuple[int, int, int]:
+            depth = m.count(".") + (m != "")
+            a = m
+            while a not in first and a:  # never ran (weights used functionally): after the
+                a = a.rpartition(".")[0]  # nearest ancestor that ran
+            ran = m in first or (a != "" and a in first)  # under the root alone: never ran
+            return (first[a], depth, pos[m]) if ran else (never, 0, pos[m])
+
+        return sorted(tree, key=key)
 
     @cached_property
     def steps(self) -> np.ndarray:
@@ -175,21 +229,10 @@ class Trace:
         """First step with NaN or Inf per tensor kind (activation, activation_grad, weight,
         weight_grad), and the first module (model order) at it. Vector rows (spectra, per-unit
         statistics) and scalars are not tensors of the model and are left out."""
-        t = self.table
+        t = tensor_rows(self.table)  # derived rows (spectra, units) never flag: kinds.py
         if t.num_rows == 0:
             return []
-        kind_col = t.column("kind")
-        if pa.types.is_dictionary(kind_col.type):
-            kind_col = kind_col.cast(pa.string())
-        t = t.filter(pc.is_in(kind_col, pa.array(list(TENSOR_KINDS))))
-        if t.num_rows == 0:
-            return []
-        bad = pc.greater(
-            pc.add(
-                pc.add(t.column("nan_count"), t.column("posinf_count")), t.column("neginf_count")
-            ),
-            0,
-        )
+        bad = nonfinite_mask(t)
         bad_rows = t.filter(bad)
         if bad_rows.num_rows == 0:
             return []

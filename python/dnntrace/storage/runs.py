@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .kinds import nonfinite_mask, tensor_rows
 from .reader import _merge, read_table, rows_to_summaries
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
@@ -262,12 +263,8 @@ class RunSet:
     def first_nonfinite(self) -> list[dict[str, Any]]:
         """Per (run, rank): the first step with a NaN or Inf row, its first module (model order),
         the kind and the wall time; sorted so the first entry is the rank that went bad first."""
-        t = self._rank_rows()
-        bad = pc.greater(
-            pc.add(pc.add(t.column("nan_count"), t.column("posinf_count")),
-                   t.column("neginf_count")), 0,
-        )  # fmt: skip
-        t = t.filter(bad)
+        t = tensor_rows(self._rank_rows())  # the model's tensors only (kinds.py)
+        t = t.filter(nonfinite_mask(t))
         if t.num_rows == 0:
             return []
         order = {m: i for i, m in enumerate(self.modules)}

@@ -7,11 +7,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from .kinds import SCALAR_KIND, TENSOR_KINDS
+
 SCHEMA_VERSION = 1
 METADATA_KEY = b"dnntrace"
 
-KINDS = ("activation", "activation_grad", "weight", "weight_grad", "scalar")
-TENSOR_KINDS = ("activation", "activation_grad", "weight", "weight_grad")
+KINDS = (*TENSOR_KINDS, SCALAR_KIND)  # the histogram kinds; vector kinds: see kinds.py
 
 # The values of an ``anomaly`` vector row, in order (capture.anomaly writes them, viewers read).
 ANOMALY_FIELDS = (

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+# screenshots the UI tests save for a person to look at (not compared to stored images)
+SHOTS = os.environ.get("DNNTRACE_UI_SHOTS") or os.path.join(tempfile.gettempdir(), "dnntrace-ui")
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -73,6 +76,14 @@ def served(make: Callable[[], Any]) -> Iterator[str]:
             srv.join(timeout=30)
         with contextlib.suppress(RuntimeError):
             pn.state.reset()
+
+
+def shot(pg: Any, name: str) -> str:
+    """Saves a screenshot of the page as ``SHOTS/name.png``; returns the path."""
+    os.makedirs(SHOTS, exist_ok=True)
+    path = os.path.join(SHOTS, f"{name}.png")
+    pg.screenshot(path=path)
+    return path
 
 
 def page_pixels(pg: Any) -> np.ndarray:
