@@ -88,13 +88,23 @@ JS_WATCH = (
     "(cls) => {"
     + JS_FIND
     + """
+  if (!window.__dntListening) {  // the time of the gesture's last input event, page clock
+    window.__dntListening = true;
+    const mark = (e) => {
+      if (e.type !== 'pointermove' || e.buttons) window.__dntInput = performance.now();
+    };
+    for (const t of ['wheel', 'pointerdown', 'pointermove', 'pointerup'])
+      window.addEventListener(t, mark, {capture: true, passive: true});
+  }
+  window.__dntInput = null;
   window.__dnt = new Promise((resolve) => {
     const c = findCanvas(cls); const t0 = performance.now();
     let last = t0, prev = hashOf(c); window.__dntChanges = [];
     const tick = () => {
       const now = performance.now(); const h = hashOf(c);
       if (h !== prev) { prev = h; last = now; window.__dntChanges.push(Math.round(now - t0)); }
-      if (now - t0 < 1500) requestAnimationFrame(tick); else resolve(last - t0);
+      if (now - t0 < 2500) requestAnimationFrame(tick);
+      else resolve(last - (window.__dntInput === null ? t0 : Math.min(window.__dntInput, last)));
     };
     requestAnimationFrame(tick);
   });
@@ -196,7 +206,7 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
         proc.wait(10)
 
 
-def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
+def interactive(ctx: Any, path: str, n: int, shots: str | None = None) -> dict[str, float]:
     import panel as pn
 
     from dnntrace_viewer.app import SESSION_VIEWS, build_app
@@ -219,6 +229,7 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         box = page.locator(".dnt-detail").bounding_box()
         cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
         e2e: list[float] = []
+        e2e_level: list[float] = []  # events after which the server sent a new level
         timings = detail.render_times
         n0 = len(timings)
         for i in range(n):
@@ -233,11 +244,14 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
                 page.mouse.move(cx + 60, cy + 10, steps=4)
                 page.mouse.up()
             page.mouse.move(5, 5)  # away from the plot: no hover drawing
-            e2e.append(page.evaluate("() => window.__dnt") / 1000)
+            t = page.evaluate("() => window.__dnt") / 1000
             if os.environ.get("DNT_BENCH_DEBUG"):
                 print("changes (ms):", page.evaluate("() => window.__dntChanges"))
-            if detail.renders == before:
-                e2e.pop()  # the event did not reach the server: no re-render to time
+            e2e.append(t)
+            if detail.renders > before:
+                e2e_level.append(t)
+            if shots and i in (0, 2, n - 1):
+                page.locator(".dnt-detail").screenshot(path=f"{shots}-zoom{i}.png")
         server = timings[n0:]
         page.get_by_text("Distribution at a step", exact=True).click()
         while "dist" not in views:
@@ -256,6 +270,11 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         fps = (len(seen) - 1) / 6.0
         return {
             "zoom_e2e_median_s": statistics.median(e2e) if e2e else float("nan"),
+            "zoom_e2e_max_s": max(e2e) if e2e else float("nan"),
+            "zoom_new_level_median_s": (
+                statistics.median(e2e_level) if e2e_level else float("nan")
+            ),
+            "zoom_new_levels": len(e2e_level),
             "zoom_server_median_s": statistics.median(server) if server else float("nan"),
             "zoom_events": len(e2e),
             "animation_fps": fps,
