@@ -24,9 +24,9 @@ from bokeh.models import (
     CustomJSHover,
     CustomJSTicker,
     CustomJSTickFormatter,
-    EqHistColorMapper,
     FixedTicker,
     HoverTool,
+    LinearColorMapper,
     Range1d,
 )
 from bokeh.palettes import Category10_10
@@ -58,6 +58,8 @@ def warm_up() -> None:
 DENSITY_CMAP = cc.fire
 HEAT_CMAP = cc.bmy
 BG = "#111111"
+_LUT = tiles.palette_rgba(DENSITY_CMAP)
+_BG_RGBA = int(tiles.palette_rgba([BG])[0])
 
 
 def value_formatter(ymap: YMap) -> CustomJSHover:
@@ -161,11 +163,13 @@ class _Tiled(param.Parameterized):
         self.render_times: list[float] = []  # seconds per level rendered (bench)
         self._pending = False
         self._quiet = False
+        # "image": the level shaded on the server (eq_hist, as cnorm="eq_hist" did in the
+        # page), "count": its values, for the hover
         self.source = ColumnDataSource(
-            {"image": [np.full((1, 1), np.nan, np.float32)], "x": [0.0], "y": [0.0]}
-            | {"dw": [1.0], "dh": [1.0]}
+            {"image": [np.zeros((1, 1), np.uint32)], "count": [np.zeros((1, 1), np.float32)]}
+            | {"x": [0.0], "y": [0.0], "dw": [1.0], "dh": [1.0]}
         )
-        self.mapper = EqHistColorMapper(palette=DENSITY_CMAP, nan_color=BG)
+        self.bar_mapper = LinearColorMapper(palette=DENSITY_CMAP, low=0.0, high=1.0)
         self.x_range = Range1d(0.0, 1.0)
         self.y_range = Range1d(0.0, 1.0)
         for r in (self.x_range, self.y_range):
@@ -225,9 +229,12 @@ class _Tiled(param.Parameterized):
         t0 = time.perf_counter()
         level = tiles.plan(vx, vy, fx, fy, w, h, fixed_y=self.fixed_y, finest_x=self._finest_x())
         img = self._draw(level)
+        rgba, values = tiles.shade(img, _LUT, _BG_RGBA)
         self.level = level
+        self.bar_values = values
         self.source.data = {
-            "image": [img],
+            "image": [rgba],
+            "count": [img],
             "x": [level.x[0]],
             "y": [level.y[0]],
             "dw": [level.x[1] - level.x[0]],
@@ -235,7 +242,22 @@ class _Tiled(param.Parameterized):
         }
         self.render_times.append(time.perf_counter() - t0)
         self.renders += 1
+        self._on_level()
         return True
+
+    def _on_level(self) -> None:
+        """Hook: a new level was sent (the colour bar's labels)."""
+
+    def zoom_to(self, x: tuple[float, float], y: tuple[float, float]) -> bool:
+        """Set both ranges as one change, as a wheel or drag in the page does (the server looks
+        once per batch of range events); True if a new level was rendered."""
+        self._quiet = True
+        try:
+            self.x_range.update(start=x[0], end=x[1])
+            self.y_range.update(start=y[0], end=y[1])
+        finally:
+            self._quiet = False
+        return self.refresh()
 
     def _set_view(self, x: tuple[float, float], y: tuple[float, float]) -> None:
         self._quiet = True
@@ -272,20 +294,14 @@ class HistogramOverTime(_Tiled):
             lod_threshold=None,
         )
         fig.grid.visible = False
-        self.image = fig.image(
-            image="image",
-            x="x",
-            y="y",
-            dw="dw",
-            dh="dh",
-            source=self.source,
-            color_mapper=self.mapper,
+        self.image = fig.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
         )
         self.hover_value = CustomJSHover(args={"c": 1.0}, code="")
         fig.add_tools(
             HoverTool(
                 renderers=[self.image],
-                tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@image")],
+                tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@count{0,0.0}")],
                 formatters={"$y": self.hover_value},
             )
         )
@@ -312,8 +328,15 @@ class HistogramOverTime(_Tiled):
                 tooltips=[("quantile", "@q"), ("step", "@step"), ("value", "@value")],
             )
         )
+        self.bar: ColorBar | None = None
         if self.module is None:
-            fig.add_layout(ColorBar(color_mapper=self.mapper, width=12), "right")
+            self.bar = ColorBar(
+                color_mapper=self.bar_mapper,
+                width=12,
+                ticker=FixedTicker(ticks=list(np.linspace(0.0, 1.0, 5))),
+                title="count",
+            )
+            fig.add_layout(self.bar, "right")
         self.fig = fig
         self._scale: str | None = None
         watch = ["run", "yscale", "version"]
@@ -323,6 +346,13 @@ class HistogramOverTime(_Tiled):
             watch.append("kind")
         self.store.param.watch(lambda *_: self._soon(self._reset), watch)
         self._reset()
+
+    def _on_level(self) -> None:
+        if self.bar is not None:  # eq_hist: the counts at 0, 1/4, ... of the colour scale
+            self.bar.major_label_overrides = {
+                float(t): f"{v:.3g}"
+                for t, v in zip(np.linspace(0.0, 1.0, 5), self.bar_values, strict=True)
+            }
 
     def _selection(self) -> tuple[str | None, str]:
         return (
@@ -421,14 +451,8 @@ class LayerStrips(_Tiled):
             lod_threshold=None,
         )
         fig.grid.visible = False
-        self.image = fig.image(
-            image="image",
-            x="x",
-            y="y",
-            dw="dw",
-            dh="dh",
-            source=self.source,
-            color_mapper=self.mapper,
+        self.image = fig.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
         )
         fig.add_tools(
             HoverTool(
@@ -437,7 +461,7 @@ class LayerStrips(_Tiled):
                     ("layer", "$y{layer}"),
                     ("step", "$x{0}"),
                     ("value", "$y{value}"),
-                    ("count", "@image"),
+                    ("count", "@count{0,0.0}"),
                 ],
                 formatters={"$y{layer}": self.names, "$y{value}": self.values},
             )
