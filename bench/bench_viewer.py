@@ -1,20 +1,27 @@
 """Viewer timings in headless Chromium: first paint (with and without the LOD cache), zoom/pan
-re-render, animation frame rate; for a >= 10**9-point synthetic trace and a demo-size one.
+end to end, animation frame rate; for a >= 10**9-point synthetic trace and a demo-size one.
 
     PYTHONPATH=python:viewer .venv/bin/python bench/bench_viewer.py [--out DIR] [--quick]
+        [--compare CHECKOUT]   # e.g. `git archive <before> python viewer | tar -x -C CHECKOUT`
 
 First paint: from starting ``python -m dnntrace_viewer TRACE --no-browser --port N`` to the layer
 strips drawn in an already running browser (the browser's own start is not counted).
-Zoom/pan: wheel or drag on the histogram-over-time plot, until its pixels stop changing (the last
-change within 1.5 s, timed in the page with requestAnimationFrame): end to end, server render
-included. Also the server-side render alone (LOD lookups + HoloViews), median of the same events.
+Zoom/pan: 16 gestures on the histogram-over-time plot (wheel in, drag, wheel out, drag, ...);
+end to end = from the gesture's last input event (the wheel, the drag's last move), timed in the
+page, to its last pixel change (requestAnimationFrame polling of the canvas), waiting until the
+page and the server have both been idle for 1 s (at most 12 s), server round trips included.
+Reported: the median and the maximum over all gestures, and the median over the gestures after
+which the server sent a new image (a new level, or any re-render for a viewer without levels);
+server time = the median render on the server.
 Animation: the Player asked for 20 frames/s (50 ms) on the distribution view; frames/s = distinct
 step labels drawn in the page per second over 6 s.
+With --compare, each case runs once per checkout, alternating, in this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -26,7 +33,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# DNT_BENCH_ROOT: a checkout whose viewer to measure (--compare runs this file once per checkout)
+ROOT = os.environ.get("DNT_BENCH_ROOT") or os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__))
+)
 sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
 
 from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
@@ -96,20 +106,41 @@ JS_WATCH = (
     for (const t of ['wheel', 'pointerdown', 'pointermove', 'pointerup'])
       window.addEventListener(t, mark, {capture: true, passive: true});
   }
-  window.__dntInput = null;
+  window.__dntInput = null; window.__dntStop = false;
   window.__dnt = new Promise((resolve) => {
     const c = findCanvas(cls); const t0 = performance.now();
-    let last = t0, prev = hashOf(c); window.__dntChanges = [];
+    let last = t0, prev = hashOf(c); window.__dntChanges = []; window.__dntLast = t0;
     const tick = () => {
       const now = performance.now(); const h = hashOf(c);
-      if (h !== prev) { prev = h; last = now; window.__dntChanges.push(Math.round(now - t0)); }
-      if (now - t0 < 2500) requestAnimationFrame(tick);
+      if (h !== prev) {
+        prev = h; last = now; window.__dntLast = now;
+        window.__dntChanges.push(Math.round(now - t0));
+      }
+      if (!window.__dntStop) requestAnimationFrame(tick);
       else resolve(last - (window.__dntInput === null ? t0 : Math.min(window.__dntInput, last)));
     };
     requestAnimationFrame(tick);
   });
 }"""
 )
+
+
+def settle(page: Any, view: Any, quiet: float = 1.0, limit: float = 12.0) -> float:
+    """Waits until neither the page's pixels nor the server's render count have changed for
+    ``quiet`` seconds (at most ``limit``), then ends the page's watch: seconds from the
+    gesture's last input event to the last pixel change."""
+    t0 = time.perf_counter()
+    renders, since = view.renders, t0
+    while time.perf_counter() - t0 < limit:
+        time.sleep(0.1)
+        if view.renders != renders:
+            renders, since = view.renders, time.perf_counter()
+        idle_page = page.evaluate("() => performance.now() - window.__dntLast") / 1000
+        if idle_page >= quiet and time.perf_counter() - since >= quiet:
+            break
+    page.evaluate("() => { window.__dntStop = true; }")
+    return page.evaluate("() => window.__dnt") / 1000
+
 
 JS_COLOURS = (
     "(cls) => {"
@@ -244,7 +275,7 @@ def interactive(ctx: Any, path: str, n: int, shots: str | None = None) -> dict[s
                 page.mouse.move(cx + 60, cy + 10, steps=4)
                 page.mouse.up()
             page.mouse.move(5, 5)  # away from the plot: no hover drawing
-            t = page.evaluate("() => window.__dnt") / 1000
+            t = settle(page, detail)
             if os.environ.get("DNT_BENCH_DEBUG"):
                 print("changes (ms):", page.evaluate("() => window.__dntChanges"))
             e2e.append(t)
@@ -285,81 +316,103 @@ def interactive(ctx: Any, path: str, n: int, shots: str | None = None) -> dict[s
         srv.stop()
 
 
+def measure(name: str, out: str) -> dict[str, Any]:
+    """Every timing of one case, with the viewer found on sys.path."""
+    from playwright.sync_api import sync_playwright
+
+    path = os.path.join(out, f"{name}.arrow")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        info = write_synthetic(path, CASES[name])
+        print(
+            f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
+            f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
+    from dnntrace.storage import load
+    from dnntrace_viewer import lod as LD
+
+    tr = load(path)
+    points = float(
+        np.sum(tr.table.column("count").to_numpy() - tr.table.column("nan_count").to_numpy())
+    )
+    shutil.rmtree(path + ".lod", ignore_errors=True)
+    t = time.perf_counter()
+    LD.open_lods(tr)
+    build = time.perf_counter() - t
+    with sync_playwright() as p:
+        ctx = browser(p)
+        try:
+            cold = first_paint(ctx, path, cached=False)
+            warm = statistics.median(first_paint(ctx, path, cached=True) for _ in range(3))
+            shots = os.path.join(out, f"{name}-{os.path.basename(ROOT.rstrip('/'))}")
+            inter = interactive(ctx, path, 16, shots)
+        finally:
+            ctx.close()
+    return {
+        "trace": name,
+        "points": points,
+        "rows": tr.table.num_rows,
+        "mb": os.path.getsize(path) / 1e6,
+        "lod_build_s": build,
+        "first_paint_no_cache_s": cold,
+        "first_paint_cached_s": warm,
+        **inter,
+    }
+
+
+COLS = [
+    "viewer",
+    "trace",
+    "lod_build_s",
+    "first_paint_no_cache_s",
+    "first_paint_cached_s",
+    "zoom_e2e_median_s",
+    "zoom_e2e_max_s",
+    "zoom_events",
+    "zoom_new_levels",
+    "zoom_new_level_median_s",
+    "zoom_server_median_s",
+    "animation_fps",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "dnntrace-bench"))
     ap.add_argument("--quick", action="store_true", help="demo trace only")
+    ap.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        help="also measure the viewer of another checkout (e.g. `git archive` of the commit "
+        "before), alternating with this one case by case, in this run",
+    )
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # one case, JSON on stdout (--compare)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    from playwright.sync_api import sync_playwright
-
+    if args.case:
+        print("RESULT " + json.dumps(measure(args.case, args.out)), flush=True)
+        return
+    names = [n for n in CASES if not (args.quick and n != "demo")]
+    roots = [args.compare, ROOT] if args.compare else [ROOT]
     rows = []
-    for name, spec in CASES.items():
-        if args.quick and name != "demo":
-            continue
-        path = os.path.join(args.out, f"{name}.arrow")
-        if not os.path.exists(path):
-            t = time.perf_counter()
-            info = write_synthetic(path, spec)
-            print(
-                f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
-                f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
-                flush=True,
-            )
-        from dnntrace.storage import load
-        from dnntrace_viewer import lod as LD
-
-        tr = load(path)
-        points = float(
-            np.sum(tr.table.column("count").to_numpy() - tr.table.column("nan_count").to_numpy())
-        )
-        shutil.rmtree(path + ".lod", ignore_errors=True)
-        t = time.perf_counter()
-        LD.open_lods(tr)
-        build = time.perf_counter() - t
-        with sync_playwright() as p:
-            ctx = browser(p)
-            try:
-                cold = first_paint(ctx, path, cached=False)
-                warm = statistics.median(first_paint(ctx, path, cached=True) for _ in range(3))
-                inter = interactive(ctx, path, 16)
-            finally:
-                ctx.close()
-        rows.append(
-            {
-                "trace": name,
-                "points": points,
-                "rows": tr.table.num_rows,
-                "mb": os.path.getsize(path) / 1e6,
-                "lod_build_s": build,
-                "first_paint_no_cache_s": cold,
-                "first_paint_cached_s": warm,
-                **inter,
-            }
-        )
-        print(rows[-1], flush=True)
-    cols = [
-        "trace",
-        "points",
-        "rows",
-        "mb",
-        "lod_build_s",
-        "first_paint_no_cache_s",
-        "first_paint_cached_s",
-        "zoom_e2e_median_s",
-        "zoom_server_median_s",
-        "zoom_events",
-        "animation_fps",
-        "server_frames_per_s",
-    ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    for name in names:
+        for root in roots:
+            env = {**os.environ, "DNT_BENCH_ROOT": root}
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--out", args.out]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{name} with {root} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            row = {"viewer": root, **json.loads(line[-1][7:])}
+            rows.append(row)
+            print(row, flush=True)
+    print(f"load average after the run: {os.getloadavg()}")
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS))
     for r in rows:
-        print(
-            "| "
-            + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-            + " |"
-        )
+        cells = [f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in COLS]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
