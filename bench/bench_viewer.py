@@ -38,6 +38,12 @@ ROOT = os.environ.get("DNT_BENCH_ROOT") or os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))
 )
 sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
+# an editable install's import hook would load this checkout's packages whatever sys.path says
+NO_EDITABLE = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path"
+    " if not type(f).__module__.startswith('_editable')]"
+)
+exec(NO_EDITABLE)
 
 from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 
@@ -214,7 +220,16 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
     page = ctx.new_page()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dnntrace_viewer", path, "--no-browser", "--port", str(port)],
+        [
+            sys.executable,
+            "-c",
+            NO_EDITABLE
+            + "; import runpy; runpy.run_module('dnntrace_viewer', run_name='__main__')",
+            path,
+            "--no-browser",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -351,6 +366,7 @@ def measure(name: str, out: str) -> dict[str, Any]:
             ctx.close()
     return {
         "trace": name,
+        "viewer_file": LD.__file__,
         "points": points,
         "rows": tr.table.num_rows,
         "mb": os.path.getsize(path) / 1e6,
@@ -387,6 +403,7 @@ def main() -> None:
         help="also measure the viewer of another checkout (e.g. `git archive` of the commit "
         "before), alternating with this one case by case, in this run",
     )
+    ap.add_argument("--trace", choices=list(CASES), help="this case only")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # one case, JSON on stdout (--compare)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -394,6 +411,8 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.case, args.out)), flush=True)
         return
     names = [n for n in CASES if not (args.quick and n != "demo")]
+    if args.trace:
+        names = [args.trace]
     roots = [args.compare, ROOT] if args.compare else [ROOT]
     rows = []
     for name in names:
@@ -405,6 +424,7 @@ def main() -> None:
             if not line:
                 sys.exit(f"{name} with {root} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
             row = {"viewer": root, **json.loads(line[-1][7:])}
+            assert row.pop("viewer_file").startswith(root), "measured another checkout's viewer"
             rows.append(row)
             print(row, flush=True)
     print(f"load average after the run: {os.getloadavg()}")
