@@ -60,7 +60,7 @@ def test_level_counts_match_datashader(demo_trace: str, view) -> None:
         assert v.zoom_to(*view)
     lv = v.level
     data = v.source.data
-    count = np.nan_to_num(data["count"][0])
+    count = np.nan_to_num(data["count"][0]) / v.level_scale  # per pixel -> per level cell
     assert count.shape == (lv.ny, lv.nx)
     assert (data["x"][0], data["y"][0]) == (lv.x[0], lv.y[0])
     assert data["dw"][0] == pytest.approx(lv.x[1] - lv.x[0])

@@ -1,9 +1,11 @@
 """The plots. Each view reads a ``RunStore`` and redraws when its selection changes.
 
-Histograms over time are drawn from the LOD tables (``lod.py``): every zoom or pan re-renders the
-window at screen resolution by table lookups. The layer x step heatmap goes through Datashader
-(``rasterize``). Hover shows exact values: the step, the value (the symlog axis inverted in the
-browser), the count or statistic under the cursor.
+Histograms over time (the detail view and the layer strips) are plain Bokeh images of a level of
+detail (``tiles.py``) rendered from the LOD tables (``lod.py``): Bokeh zooms and pans them in the
+page and the server sends a new level only when the view needs more detail than the one in the
+page holds. The layer x step heatmap goes through Datashader (``rasterize``). Hover shows exact
+values: the step, the value (the symlog axis inverted in the browser), the count or statistic
+under the cursor.
 """
 
 from __future__ import annotations
@@ -95,11 +97,6 @@ def _prompt_ranges(plot: Any, element: Any) -> None:
     plot.state.lod_timeout = 0
 
 
-def _round_range(r: tuple[float, float] | None) -> tuple[float, float] | None:
-    # HoloViews re-sends ranges as 5.999999999999999: round before comparing or caching
-    return None if r is None else (round(float(r[0]), 9), round(float(r[1]), 9))
-
-
 # symlog ticks and labels computed in the page, so a zoom or pan needs no server round trip for
 # its axis (the same rule as YMap.ticks: 0 and ±powers of ten, thinned to ~12, else 5 even ticks)
 _SYMLOG_TICKS = """
@@ -160,6 +157,7 @@ class _Tiled(param.Parameterized):
 
     def _init_tiles(self) -> None:
         self.level: tiles.Level | None = None
+        self.level_scale = 1.0  # screen pixels per level cell (area) when the level was made
         self.render_times: list[float] = []  # seconds per level rendered (bench)
         self._pending = False
         self._quiet = False
@@ -230,11 +228,17 @@ class _Tiled(param.Parameterized):
         level = tiles.plan(vx, vy, fx, fy, w, h, fixed_y=self.fixed_y, finest_x=self._finest_x())
         img = self._draw(level)
         rgba, values = tiles.shade(img, _LUT, _BG_RGBA)
+        # a level cell is a fraction of a screen pixel: hover and colour bar show counts per
+        # screen pixel at the zoom the level was made for, as a render of the view would
+        cw, ch = level.cell
+        self.level_scale = float(
+            ((vx[1] - vx[0]) / w / cw) * (1.0 if self.fixed_y else (vy[1] - vy[0]) / h / ch)
+        )
         self.level = level
-        self.bar_values = values
+        self.bar_values = values * self.level_scale
         self.source.data = {
             "image": [rgba],
-            "count": [img],
+            "count": [img * np.float32(self.level_scale)],
             "x": [level.x[0]],
             "y": [level.y[0]],
             "dw": [level.x[1] - level.x[0]],
@@ -301,7 +305,11 @@ class HistogramOverTime(_Tiled):
         fig.add_tools(
             HoverTool(
                 renderers=[self.image],
-                tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@count{0,0.0}")],
+                tooltips=[
+                    ("step", "$x{0}"),
+                    ("value", "$y{custom}"),
+                    ("count per pixel", "@count{0,0.0}"),
+                ],
                 formatters={"$y": self.hover_value},
             )
         )
@@ -334,7 +342,7 @@ class HistogramOverTime(_Tiled):
                 color_mapper=self.bar_mapper,
                 width=12,
                 ticker=FixedTicker(ticks=list(np.linspace(0.0, 1.0, 5))),
-                title="count",
+                title="count per pixel",
             )
             fig.add_layout(self.bar, "right")
         self.fig = fig
@@ -461,7 +469,7 @@ class LayerStrips(_Tiled):
                     ("layer", "$y{layer}"),
                     ("step", "$x{0}"),
                     ("value", "$y{value}"),
-                    ("count", "@count{0,0.0}"),
+                    ("count per pixel", "@count{0,0.0}"),
                 ],
                 formatters={"$y{layer}": self.names, "$y{value}": self.values},
             )
