@@ -1,20 +1,27 @@
 """Viewer timings in headless Chromium: first paint (with and without the LOD cache), zoom/pan
-re-render, animation frame rate; for a >= 10**9-point synthetic trace and a demo-size one.
+end to end, animation frame rate; for a >= 10**9-point synthetic trace and a demo-size one.
 
     PYTHONPATH=python:viewer .venv/bin/python bench/bench_viewer.py [--out DIR] [--quick]
+        [--compare CHECKOUT]   # e.g. `git archive <before> python viewer | tar -x -C CHECKOUT`
 
 First paint: from starting ``python -m dnntrace_viewer TRACE --no-browser --port N`` to the layer
 strips drawn in an already running browser (the browser's own start is not counted).
-Zoom/pan: wheel or drag on the histogram-over-time plot, until its pixels stop changing (the last
-change within 1.5 s, timed in the page with requestAnimationFrame): end to end, server render
-included. Also the server-side render alone (LOD lookups + HoloViews), median of the same events.
+Zoom/pan: 16 gestures on the histogram-over-time plot (wheel in, drag, wheel out, drag, ...);
+end to end = from the gesture's last input event (the wheel, the drag's last move), timed in the
+page, to its last pixel change (requestAnimationFrame polling of the canvas), waiting until the
+page and the server have both been idle for 1 s (at most 12 s), server round trips included.
+Reported: the median and the maximum over all gestures, and the median over the gestures after
+which the server sent a new image (a new level, or any re-render for a viewer without levels);
+server time = the median render on the server.
 Animation: the Player asked for 20 frames/s (50 ms) on the distribution view; frames/s = distinct
 step labels drawn in the page per second over 6 s.
+With --compare, each case runs once per checkout, alternating, in this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -26,8 +33,17 @@ from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# DNT_BENCH_ROOT: a checkout whose viewer to measure (--compare runs this file once per checkout)
+ROOT = os.environ.get("DNT_BENCH_ROOT") or os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__))
+)
 sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
+# an editable install's import hook would load this checkout's packages whatever sys.path says
+NO_EDITABLE = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path"
+    " if not type(f).__module__.startswith('_editable')]"
+)
+exec(NO_EDITABLE)
 
 from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 
@@ -88,18 +104,49 @@ JS_WATCH = (
     "(cls) => {"
     + JS_FIND
     + """
+  if (!window.__dntListening) {  // the time of the gesture's last input event, page clock
+    window.__dntListening = true;
+    const mark = (e) => {
+      if (e.type !== 'pointermove' || e.buttons) window.__dntInput = performance.now();
+    };
+    for (const t of ['wheel', 'pointerdown', 'pointermove', 'pointerup'])
+      window.addEventListener(t, mark, {capture: true, passive: true});
+  }
+  window.__dntInput = null; window.__dntStop = false;
   window.__dnt = new Promise((resolve) => {
     const c = findCanvas(cls); const t0 = performance.now();
-    let last = t0, prev = hashOf(c); window.__dntChanges = [];
+    let last = t0, prev = hashOf(c); window.__dntChanges = []; window.__dntLast = t0;
     const tick = () => {
       const now = performance.now(); const h = hashOf(c);
-      if (h !== prev) { prev = h; last = now; window.__dntChanges.push(Math.round(now - t0)); }
-      if (now - t0 < 1500) requestAnimationFrame(tick); else resolve(last - t0);
+      if (h !== prev) {
+        prev = h; last = now; window.__dntLast = now;
+        window.__dntChanges.push(Math.round(now - t0));
+      }
+      if (!window.__dntStop) requestAnimationFrame(tick);
+      else resolve(last - (window.__dntInput === null ? t0 : Math.min(window.__dntInput, last)));
     };
     requestAnimationFrame(tick);
   });
 }"""
 )
+
+
+def settle(page: Any, view: Any, quiet: float = 1.0, limit: float = 12.0) -> float:
+    """Waits until neither the page's pixels nor the server's render count have changed for
+    ``quiet`` seconds (at most ``limit``), then ends the page's watch: seconds from the
+    gesture's last input event to the last pixel change."""
+    t0 = time.perf_counter()
+    renders, since = view.renders, t0
+    while time.perf_counter() - t0 < limit:
+        time.sleep(0.1)
+        if view.renders != renders:
+            renders, since = view.renders, time.perf_counter()
+        idle_page = page.evaluate("() => performance.now() - window.__dntLast") / 1000
+        if idle_page >= quiet and time.perf_counter() - since >= quiet:
+            break
+    page.evaluate("() => { window.__dntStop = true; }")
+    return page.evaluate("() => window.__dnt") / 1000
+
 
 JS_COLOURS = (
     "(cls) => {"
@@ -173,7 +220,16 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
     page = ctx.new_page()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dnntrace_viewer", path, "--no-browser", "--port", str(port)],
+        [
+            sys.executable,
+            "-c",
+            NO_EDITABLE
+            + "; import runpy; runpy.run_module('dnntrace_viewer', run_name='__main__')",
+            path,
+            "--no-browser",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -196,7 +252,7 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
         proc.wait(10)
 
 
-def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
+def interactive(ctx: Any, path: str, n: int, shots: str | None = None) -> dict[str, float]:
     import panel as pn
 
     from dnntrace_viewer.app import SESSION_VIEWS, build_app
@@ -219,6 +275,7 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         box = page.locator(".dnt-detail").bounding_box()
         cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
         e2e: list[float] = []
+        e2e_level: list[float] = []  # events after which the server sent a new level
         timings = detail.render_times
         n0 = len(timings)
         for i in range(n):
@@ -233,11 +290,14 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
                 page.mouse.move(cx + 60, cy + 10, steps=4)
                 page.mouse.up()
             page.mouse.move(5, 5)  # away from the plot: no hover drawing
-            e2e.append(page.evaluate("() => window.__dnt") / 1000)
+            t = settle(page, detail)
             if os.environ.get("DNT_BENCH_DEBUG"):
                 print("changes (ms):", page.evaluate("() => window.__dntChanges"))
-            if detail.renders == before:
-                e2e.pop()  # the event did not reach the server: no re-render to time
+            e2e.append(t)
+            if detail.renders > before:
+                e2e_level.append(t)
+            if shots and i in (0, 2, n - 1):
+                page.locator(".dnt-detail").screenshot(path=f"{shots}-zoom{i}.png")
         server = timings[n0:]
         page.get_by_text("Distribution at a step", exact=True).click()
         while "dist" not in views:
@@ -256,6 +316,11 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         fps = (len(seen) - 1) / 6.0
         return {
             "zoom_e2e_median_s": statistics.median(e2e) if e2e else float("nan"),
+            "zoom_e2e_max_s": max(e2e) if e2e else float("nan"),
+            "zoom_new_level_median_s": (
+                statistics.median(e2e_level) if e2e_level else float("nan")
+            ),
+            "zoom_new_levels": len(e2e_level),
             "zoom_server_median_s": statistics.median(server) if server else float("nan"),
             "zoom_events": len(e2e),
             "animation_fps": fps,
@@ -266,81 +331,108 @@ def interactive(ctx: Any, path: str, n: int) -> dict[str, float]:
         srv.stop()
 
 
+def measure(name: str, out: str) -> dict[str, Any]:
+    """Every timing of one case, with the viewer found on sys.path."""
+    from playwright.sync_api import sync_playwright
+
+    path = os.path.join(out, f"{name}.arrow")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        info = write_synthetic(path, CASES[name])
+        print(
+            f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
+            f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
+    from dnntrace.storage import load
+    from dnntrace_viewer import lod as LD
+
+    tr = load(path)
+    points = float(
+        np.sum(tr.table.column("count").to_numpy() - tr.table.column("nan_count").to_numpy())
+    )
+    shutil.rmtree(path + ".lod", ignore_errors=True)
+    t = time.perf_counter()
+    LD.open_lods(tr)
+    build = time.perf_counter() - t
+    with sync_playwright() as p:
+        ctx = browser(p)
+        try:
+            cold = first_paint(ctx, path, cached=False)
+            warm = statistics.median(first_paint(ctx, path, cached=True) for _ in range(3))
+            shots = os.path.join(out, f"{name}-{os.path.basename(ROOT.rstrip('/'))}")
+            inter = interactive(ctx, path, 16, shots)
+        finally:
+            ctx.close()
+    return {
+        "trace": name,
+        "viewer_file": LD.__file__,
+        "points": points,
+        "rows": tr.table.num_rows,
+        "mb": os.path.getsize(path) / 1e6,
+        "lod_build_s": build,
+        "first_paint_no_cache_s": cold,
+        "first_paint_cached_s": warm,
+        **inter,
+    }
+
+
+COLS = [
+    "viewer",
+    "trace",
+    "lod_build_s",
+    "first_paint_no_cache_s",
+    "first_paint_cached_s",
+    "zoom_e2e_median_s",
+    "zoom_e2e_max_s",
+    "zoom_events",
+    "zoom_new_levels",
+    "zoom_new_level_median_s",
+    "zoom_server_median_s",
+    "animation_fps",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "dnntrace-bench"))
     ap.add_argument("--quick", action="store_true", help="demo trace only")
+    ap.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        help="also measure the viewer of another checkout (e.g. `git archive` of the commit "
+        "before), alternating with this one case by case, in this run",
+    )
+    ap.add_argument("--trace", choices=list(CASES), help="this case only")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # one case, JSON on stdout (--compare)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    from playwright.sync_api import sync_playwright
-
+    if args.case:
+        print("RESULT " + json.dumps(measure(args.case, args.out)), flush=True)
+        return
+    names = [n for n in CASES if not (args.quick and n != "demo")]
+    if args.trace:
+        names = [args.trace]
+    roots = [args.compare, ROOT] if args.compare else [ROOT]
     rows = []
-    for name, spec in CASES.items():
-        if args.quick and name != "demo":
-            continue
-        path = os.path.join(args.out, f"{name}.arrow")
-        if not os.path.exists(path):
-            t = time.perf_counter()
-            info = write_synthetic(path, spec)
-            print(
-                f"{name}: wrote {info['points']:.3g} points, {info['rows']} rows, "
-                f"{info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
-                flush=True,
-            )
-        from dnntrace.storage import load
-        from dnntrace_viewer import lod as LD
-
-        tr = load(path)
-        points = float(
-            np.sum(tr.table.column("count").to_numpy() - tr.table.column("nan_count").to_numpy())
-        )
-        shutil.rmtree(path + ".lod", ignore_errors=True)
-        t = time.perf_counter()
-        LD.open_lods(tr)
-        build = time.perf_counter() - t
-        with sync_playwright() as p:
-            ctx = browser(p)
-            try:
-                cold = first_paint(ctx, path, cached=False)
-                warm = statistics.median(first_paint(ctx, path, cached=True) for _ in range(3))
-                inter = interactive(ctx, path, 16)
-            finally:
-                ctx.close()
-        rows.append(
-            {
-                "trace": name,
-                "points": points,
-                "rows": tr.table.num_rows,
-                "mb": os.path.getsize(path) / 1e6,
-                "lod_build_s": build,
-                "first_paint_no_cache_s": cold,
-                "first_paint_cached_s": warm,
-                **inter,
-            }
-        )
-        print(rows[-1], flush=True)
-    cols = [
-        "trace",
-        "points",
-        "rows",
-        "mb",
-        "lod_build_s",
-        "first_paint_no_cache_s",
-        "first_paint_cached_s",
-        "zoom_e2e_median_s",
-        "zoom_server_median_s",
-        "zoom_events",
-        "animation_fps",
-        "server_frames_per_s",
-    ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    for name in names:
+        for root in roots:
+            env = {**os.environ, "DNT_BENCH_ROOT": root}
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--out", args.out]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{name} with {root} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            row = {"viewer": root, **json.loads(line[-1][7:])}
+            assert row.pop("viewer_file").startswith(root), "measured another checkout's viewer"
+            rows.append(row)
+            print(row, flush=True)
+    print(f"load average after the run: {os.getloadavg()}")
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS))
     for r in rows:
-        print(
-            "| "
-            + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-            + " |"
-        )
+        cells = [f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in COLS]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -154,5 +154,6 @@ def test_all_nan_trace_still_renders(tmp_path) -> None:
     assert "nan" in h.set_index("path").loc["a", "flags"]
     from dnntrace_viewer.views import HistogramOverTime
 
-    overlay = HistogramOverTime(store=store)._render()
-    assert overlay is not None
+    view = HistogramOverTime(store=store)
+    assert view.renders == 1
+    assert view.source.data["image"][0].shape == (view.level.ny, view.level.nx)

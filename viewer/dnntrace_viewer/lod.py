@@ -129,14 +129,16 @@ class SeriesLOD:
         yq = np.linspace(y_range[0], y_range[1], height + 1)
         ix, fx = _frac_index(self.step_edges, xq)
         iy, fy = _frac_index(ymap.fwd(self.edges), yq)
+        # bilinear interpolation is separable: interpolate along the axis that shrinks the table
+        # most first (half the gathers of the four-corner form for large images)
         sat = self.sat
-        a = sat[np.ix_(ix, iy)]
-        b = sat[np.ix_(ix + 1, iy)]
-        c = sat[np.ix_(ix, iy + 1)]
-        d = sat[np.ix_(ix + 1, iy + 1)]
-        fx = fx[:, None]
-        fy = fy[None, :]
-        g = (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+        n1, m1 = sat.shape
+        if (width + 1) * m1 <= n1 * (height + 1):
+            rows = sat[ix] * (1 - fx)[:, None] + sat[ix + 1] * fx[:, None]  # (W+1, m+1)
+            g = rows[:, iy] * (1 - fy) + rows[:, iy + 1] * fy
+        else:
+            cols = sat[:, iy] * (1 - fy) + sat[:, iy + 1] * fy  # (n+1, H+1)
+            g = cols[ix] * (1 - fx)[:, None] + cols[ix + 1] * fx[:, None]
         img = np.diff(np.diff(g, axis=0), axis=1)  # (width, height)
         return np.maximum(img, 0.0).T
 

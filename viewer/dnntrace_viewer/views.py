@@ -1,9 +1,11 @@
 """The plots. Each view reads a ``RunStore`` and redraws when its selection changes.
 
-Histograms over time are drawn from the LOD tables (``lod.py``): every zoom or pan re-renders the
-window at screen resolution by table lookups. The layer x step heatmap goes through Datashader
-(``rasterize``). Hover shows exact values: the step, the value (the symlog axis inverted in the
-browser), the count or statistic under the cursor.
+Histograms over time (the detail view and the layer strips) are plain Bokeh images of a level of
+detail (``tiles.py``) rendered from the LOD tables (``lod.py``): Bokeh zooms and pans them in the
+page and the server sends a new level only when the view needs more detail than the one in the
+page holds. The layer x step heatmap goes through Datashader (``rasterize``). Hover shows exact
+values: the step, the value (the symlog axis inverted in the browser), the count or statistic
+under the cursor.
 """
 
 from __future__ import annotations
@@ -13,23 +15,43 @@ import time
 from typing import Any
 
 import colorcet as cc
-import holoviews as hv
 import numpy as np
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource, CustomJSHover, FixedTicker, HoverTool, Range1d
+from bokeh.models import (
+    BasicTicker,
+    BasicTickFormatter,
+    ColorBar,
+    ColumnDataSource,
+    CustomJSHover,
+    CustomJSTicker,
+    CustomJSTickFormatter,
+    FixedTicker,
+    HoverTool,
+    LinearColorMapper,
+    Range1d,
+)
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
+from . import tiles
 from .data_store import QUANTILES, STATS, RunStore
 from .lod import YMap
 from .safe import js_literal, md_escape, module_label, short_labels
 
-hv.extension("bokeh", logo=False)
+
+def _hv() -> Any:
+    """HoloViews with its Bokeh backend, imported on first use: the first page (strips and
+    histogram over time, plain Bokeh) does not need its ~1 s of imports."""
+    import holoviews as hv
+
+    hv.extension("bokeh", logo=False)
+    return hv
 
 
 def warm_up() -> None:
     """Import Datashader and compile its quadmesh kernels (numba) before a user needs them."""
+    hv = _hv()
     import holoviews.operation.datashader as hd
 
     mesh = hv.QuadMesh((np.arange(4.0), np.arange(3.0), np.ones((2, 3))))
@@ -39,6 +61,8 @@ def warm_up() -> None:
 DENSITY_CMAP = cc.fire
 HEAT_CMAP = cc.bmy
 BG = "#111111"
+_LUT = tiles.palette_rgba(DENSITY_CMAP)
+_BG_RGBA = int(tiles.palette_rgba([BG])[0])
 
 
 def value_formatter(ymap: YMap) -> CustomJSHover:
@@ -74,12 +98,182 @@ def _prompt_ranges(plot: Any, element: Any) -> None:
     plot.state.lod_timeout = 0
 
 
-def _round_range(r: tuple[float, float] | None) -> tuple[float, float] | None:
-    # HoloViews re-sends ranges as 5.999999999999999: round before comparing or caching
-    return None if r is None else (round(float(r[0]), 9), round(float(r[1]), 9))
+# symlog ticks and labels computed in the page, so a zoom or pan needs no server round trip for
+# its axis (the same rule as YMap.ticks: 0 and ±powers of ten, thinned to ~12, else 5 even ticks)
+_SYMLOG_TICKS = """
+const a = Math.min(cb_data.start, cb_data.end), b = Math.max(cb_data.start, cb_data.end);
+const fwd = (v) => Math.sign(v) * Math.log10(1 + Math.abs(v) / c);
+const e0 = Math.floor(Math.log10(c)); const out = [];
+for (let e = e0 + 1; e < e0 + 80; e++) {
+  const y = fwd(Math.pow(10, e));
+  if (y > Math.max(Math.abs(a), Math.abs(b)) + 1) break;
+  out.push(y, -y);
+}
+let rest = out.filter((y) => y >= a && y <= b);
+let step = 1;
+while (rest.length / step > 12) step++;
+rest = rest.filter((y, i) => Math.floor(i / 2) % step === 0);
+const ticks = (a <= 0 && 0 <= b ? [0] : []).concat(rest);
+if (ticks.length >= 3) return ticks;
+return [0, 1, 2, 3, 4].map((i) => a + (b - a) * i / 4);
+"""
+_SYMLOG_LABEL = """
+const v = Math.sign(tick) * c * (Math.pow(10, Math.abs(tick)) - 1);
+if (v === 0) return "0";
+const e = Math.round(Math.log10(Math.abs(v)));
+if (Math.abs(Math.abs(v) / Math.pow(10, e) - 1) < 1e-6) {
+  const s = v < 0 ? "-" : "";
+  return s + (Math.abs(e) <= 1 ? String(Math.pow(10, e)) : "1e" + e);
+}
+return Number(v.toPrecision(3)).toString();
+"""
+_SYMLOG_HOVER = "const v = Math.sign(value) * c * (Math.pow(10, Math.abs(value)) - 1);"
 
 
-class HistogramOverTime(param.Parameterized):
+def _set_value_axis(axis: Any, ymap: YMap) -> None:
+    if ymap.scale == "symlog":
+        args = {"c": ymap.linthresh}
+        axis.ticker = CustomJSTicker(args=args, major_code=_SYMLOG_TICKS)
+        axis.formatter = CustomJSTickFormatter(args=args, code=_SYMLOG_LABEL)
+    else:
+        axis.ticker = BasicTicker()
+        axis.formatter = BasicTickFormatter()
+
+
+def _sparse(img: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """Counts as float32 with NaN where (almost) nothing is: bilinear spreading leaves tiny
+    fractions far below one value there, not data; NaN draws as the background."""
+    top = float(img.max()) if img.size else 0.0  # render() never returns NaN
+    return np.where(img > max(top * 1e-6, floor), img, np.nan).astype(np.float32)
+
+
+class _Tiled(param.Parameterized):
+    """A plain Bokeh figure whose image is a ``tiles.Level`` of the data: Bokeh zooms and pans it
+    in the page; the ranges' changes reach the server, which renders a new level only when
+    ``tiles.covers`` says the one in the page lacks detail (no HoloViews stream, no debounce)."""
+
+    renders = param.Integer(default=0, doc="count of levels rendered (tests, bench)")
+
+    fixed_y = False
+
+    def _init_tiles(self) -> None:
+        self.level: tiles.Level | None = None
+        self.level_scale = 1.0  # screen pixels per level cell (area) when the level was made
+        self.render_times: list[float] = []  # seconds per level rendered (bench)
+        self._pending = False
+        self._quiet = False
+        # "image": the level shaded on the server (eq_hist, as cnorm="eq_hist" did in the
+        # page), "count": its values, for the hover
+        self.source = ColumnDataSource(
+            {"image": [np.zeros((1, 1), np.uint32)], "count": [np.zeros((1, 1), np.float32)]}
+            | {"x": [0.0], "y": [0.0], "dw": [1.0], "dh": [1.0]}
+        )
+        self.bar_mapper = LinearColorMapper(palette=DENSITY_CMAP, low=0.0, high=1.0)
+        self.x_range = Range1d(0.0, 1.0)
+        self.y_range = Range1d(0.0, 1.0)
+        for r in (self.x_range, self.y_range):
+            r.on_change("start", self._on_range)
+            r.on_change("end", self._on_range)
+
+    def _full(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        raise NotImplementedError
+
+    def _draw(self, level: tiles.Level) -> np.ndarray:
+        """The level's counts, shape (ny, nx), row 0 at ``level.y[0]``."""
+        raise NotImplementedError
+
+    def _frame(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _finest_x(self) -> float:
+        return 0.0
+
+    def view(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return (self.x_range.start, self.x_range.end), (self.y_range.start, self.y_range.end)
+
+    def _soon(self, fn: Any) -> None:
+        """Run ``fn`` now outside a server, else on the session's next tick: with the document
+        lock held (a store change can arrive from a callback without it)."""
+        doc = self.fig.document
+        if doc is None or doc.session_context is None:
+            fn()
+        else:
+            doc.add_next_tick_callback(fn)
+
+    def _on_range(self, attr: str, old: Any, new: Any) -> None:
+        if self._quiet or self._pending:
+            return
+        # start and end of both axes change together: look once, after this batch of events
+        self._pending = True
+
+        def later() -> None:
+            self._pending = False
+            self.refresh()
+
+        self._soon(later)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Send a new level if the view needs one; True if one was rendered."""
+        vx, vy = self.view()
+        fx, fy = self._full()
+        w, h = self._frame()
+        if (
+            not force
+            and self.level is not None
+            and tiles.covers(
+                self.level, vx, vy, fx, fy, w, h, finest_x=self._finest_x(), fixed_y=self.fixed_y
+            )
+        ):
+            return False
+        t0 = time.perf_counter()
+        level = tiles.plan(vx, vy, fx, fy, w, h, fixed_y=self.fixed_y, finest_x=self._finest_x())
+        img = self._draw(level)
+        rgba, values = tiles.shade(img, _LUT, _BG_RGBA)
+        # a level cell is a fraction of a screen pixel: hover and colour bar show counts per
+        # screen pixel at the zoom the level was made for, as a render of the view would
+        cw, ch = level.cell
+        self.level_scale = float(
+            ((vx[1] - vx[0]) / w / cw) * (1.0 if self.fixed_y else (vy[1] - vy[0]) / h / ch)
+        )
+        self.level = level
+        self.bar_values = values * self.level_scale
+        self.source.data = {
+            "image": [rgba],
+            "count": [img * np.float32(self.level_scale)],
+            "x": [level.x[0]],
+            "y": [level.y[0]],
+            "dw": [level.x[1] - level.x[0]],
+            "dh": [level.y[1] - level.y[0]],
+        }
+        self.render_times.append(time.perf_counter() - t0)
+        self.renders += 1
+        self._on_level()
+        return True
+
+    def _on_level(self) -> None:
+        """Hook: a new level was sent (the colour bar's labels)."""
+
+    def zoom_to(self, x: tuple[float, float], y: tuple[float, float]) -> bool:
+        """Set both ranges as one change, as a wheel or drag in the page does (the server looks
+        once per batch of range events); True if a new level was rendered."""
+        self._quiet = True
+        try:
+            self.x_range.update(start=x[0], end=x[1])
+            self.y_range.update(start=y[0], end=y[1])
+        finally:
+            self._quiet = False
+        return self.refresh()
+
+    def _set_view(self, x: tuple[float, float], y: tuple[float, float]) -> None:
+        self._quiet = True
+        try:
+            self.x_range.update(start=x[0], end=x[1], reset_start=x[0], reset_end=x[1])
+            self.y_range.update(start=y[0], end=y[1], reset_start=y[0], reset_end=y[1])
+        finally:
+            self._quiet = False
+
+
+class HistogramOverTime(_Tiled):
     """x = step, y = value (symlog or linear), colour = number of values in the pixel."""
 
     store = param.ClassSelector(class_=RunStore)
@@ -89,22 +283,85 @@ class HistogramOverTime(param.Parameterized):
     height = param.Integer(default=320)
     quantiles = param.Boolean(default=True)
     title = param.String(default=None, allow_None=True)
-    renders = param.Integer(default=0, doc="count of renders (tests, bench)")
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self._last_key: tuple | None = None
-        self.render_times: list[float] = []  # seconds per render (bench)
+        self._init_tiles()
+        fig = figure(
+            frame_width=self.width,
+            frame_height=self.height,
+            x_range=self.x_range,
+            y_range=self.y_range,
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            active_scroll="wheel_zoom",
+            background_fill_color=BG,
+            x_axis_label="step",
+            lod_threshold=None,
+        )
+        fig.grid.visible = False
+        self.image = fig.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
+        )
+        self.hover_value = CustomJSHover(args={"c": 1.0}, code="")
+        fig.add_tools(
+            HoverTool(
+                renderers=[self.image],
+                tooltips=[
+                    ("step", "$x{0}"),
+                    ("value", "$y{custom}"),
+                    ("count per pixel", "@count{0,0.0}"),
+                ],
+                formatters={"$y": self.hover_value},
+            )
+        )
+        self.q_sources: list[ColumnDataSource] = []
+        lines = []
+        for qv in QUANTILES:
+            src = ColumnDataSource({"step": [], "y": [], "value": [], "q": []})
+            dash = "solid" if 0.25 <= qv <= 0.75 else "dashed" if 0.01 <= qv <= 0.99 else "dotted"
+            lines.append(
+                fig.line(
+                    "step",
+                    "y",
+                    source=src,
+                    color="#7fdbff" if qv != 0.5 else "white",
+                    line_width=1.5 if qv == 0.5 else 1,
+                    line_dash=dash,
+                    alpha=0.7,
+                )
+            )
+            self.q_sources.append(src)
+        fig.add_tools(
+            HoverTool(
+                renderers=lines,
+                tooltips=[("quantile", "@q"), ("step", "@step"), ("value", "@value")],
+            )
+        )
+        self.bar: ColorBar | None = None
+        if self.module is None:
+            self.bar = ColorBar(
+                color_mapper=self.bar_mapper,
+                width=12,
+                ticker=FixedTicker(ticks=list(np.linspace(0.0, 1.0, 5))),
+                title="count per pixel",
+            )
+            fig.add_layout(self.bar, "right")
+        self.fig = fig
+        self._scale: str | None = None
         watch = ["run", "yscale", "version"]
         if self.module is None:
             watch.append("module")
         if self.kind is None:
             watch.append("kind")
-        self.range_stream = hv.streams.RangeXY()
-        self.dmap = hv.DynamicMap(
-            self._render,
-            streams=[self.range_stream, hv.streams.Params(self.store, watch, rename={})],
-        )
+        self.store.param.watch(lambda *_: self._soon(self._reset), watch)
+        self._reset()
+
+    def _on_level(self) -> None:
+        if self.bar is not None:  # eq_hist: the counts at 0, 1/4, ... of the colour scale
+            self.bar.major_label_overrides = {
+                float(t): f"{v:.3g}"
+                for t, v in zip(np.linspace(0.0, 1.0, 5), self.bar_values, strict=True)
+            }
 
     def _selection(self) -> tuple[str | None, str]:
         return (
@@ -112,183 +369,196 @@ class HistogramOverTime(param.Parameterized):
             self.kind if self.kind is not None else self.store.kind,
         )
 
-    def _render(self, x_range: Any = None, y_range: Any = None, **_: Any) -> hv.Overlay:
-        t0 = time.perf_counter()
+    def _ymap(self) -> YMap:
+        return self.store.current.ymap(self._selection()[1], self.store.yscale)
+
+    def _full(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        module, kind = self._selection()
+        return full_ranges(self.store, module, kind, self._ymap())
+
+    def _frame(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def _finest_x(self) -> float:
+        steps = self.store.current.steps
+        return 0.25 * float(np.min(np.diff(steps))) if steps.size > 1 else 0.0
+
+    def _lod(self) -> Any:
+        module, kind = self._selection()
+        return self.store.current.lod(module, kind) if module is not None else None
+
+    def _draw(self, level: tiles.Level) -> np.ndarray:
+        lod = self._lod()
+        if lod is None:
+            return np.full((level.ny, level.nx), np.nan, np.float32)
+        return _sparse(lod.render(level.x, level.y, level.nx, level.ny, self._ymap()))
+
+    def _reset(self, *_: Any) -> None:
+        """A new selection: zoomed out, its quantile lines, axis and title."""
         store = self.store
         run = store.current
         module, kind = self._selection()
-        ymap = run.ymap(kind, store.yscale)
-        fx, fy = full_ranges(store, module, kind, ymap)
-        key = (store.run, module, kind, store.yscale, store.version)
-        if key != self._last_key or x_range is None or y_range is None:
-            x_range, y_range = fx, fy  # a new selection starts zoomed out
-        self._last_key = key
-        x_range, y_range = _round_range(x_range), _round_range(y_range)
-        lod = run.lod(module, kind) if module is not None else None
-        w, h = self.width, self.height
-        img = lod.render(x_range, y_range, w, h, ymap) if lod is not None else np.zeros((h, w))
-        top = float(img.max()) if img.size else 0.0  # render() never returns NaN
-        # bilinear spreading leaves tiny fractions far below one value: not data, drop them
-        img = np.where(img > max(top * 1e-6, 1e-3), img, np.nan).astype(np.float32)
-        if lod is None:  # no rows of this kind: an empty plot, not an all-NaN image HoloViews
-            img[0, 0] = 0.0  # cannot take the range of (numpy warns "All-NaN slice")
-        bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
-        title = self.title or f"{module or '<root>'} · {kind}"
-        if lod is None:
-            title += " (no rows)"
-        el = hv.Image(np.flipud(img), bounds=bounds, kdims=["step", "y"], vdims=["count"])
-        ticks = ymap.ticks(*y_range)
-        el = el.opts(
-            cmap=DENSITY_CMAP,
-            cnorm="eq_hist",
-            colorbar=not self.module,
-            frame_width=w,
-            frame_height=h,
-            bgcolor=BG,
-            title=title,
-            framewise=True,
-            xlabel="step",
-            ylabel=f"value ({ymap.scale})",
-            yticks=ticks or None,
-            tools=["hover"],
-            active_tools=["wheel_zoom"],
-            default_tools=["pan", "wheel_zoom", "box_zoom", "reset", "save"],
-            hover_tooltips=[("step", "$x{0}"), ("value", "$y{custom}"), ("count", "@count")],
-            hover_formatters={"$y": value_formatter(ymap)},
-            clipping_colors={"NaN": BG},
-            hooks=[_prompt_ranges],
+        ymap = self._ymap()
+        lod = self._lod()
+        self.fig.title.text = (self.title or f"{module or '<root>'} · {kind}") + (
+            " (no rows)" if lod is None else ""
         )
-        layers = [el]
-        if self.quantiles and lod is not None and lod.steps.size:
+        self.fig.yaxis.axis_label = f"value ({ymap.scale})"
+        _set_value_axis(self.fig.yaxis[0], ymap)
+        self.hover_value.code = (
+            _SYMLOG_HOVER if ymap.scale == "symlog" else "const v = value;"
+        ) + "return v.toPrecision(4);"
+        self.hover_value.args = {"c": ymap.linthresh}
+        have_q = self.quantiles and lod is not None and lod.steps.size
+        if have_q:
             steps, q = run.quantile_bands(module, kind)
-            for i, qv in enumerate(QUANTILES):
-                name = f"q{qv * 100:g}%"
-                curve = hv.Curve(
-                    (steps, ymap.fwd(q[:, i]), q[:, i]), "step", ["y", "value"], label=name
-                )
-                dash = (
-                    "solid" if 0.25 <= qv <= 0.75 else "dashed" if 0.01 <= qv <= 0.99 else "dotted"
-                )
-                curve = curve.opts(
-                    color="#7fdbff" if qv != 0.5 else "white",
-                    line_width=1.5 if qv == 0.5 else 1,
-                    line_dash=dash,
-                    alpha=0.7,
-                    tools=["hover"],
-                    show_legend=False,
-                    hover_tooltips=[("quantile", name), ("step", "@step"), ("value", "@value")],
-                )
-                layers.append(curve)
-        out = hv.Overlay(layers).opts(
-            framewise=True, active_tools=["wheel_zoom"], hooks=[_prompt_ranges]
-        )
-        self.render_times.append(time.perf_counter() - t0)
-        self.renders += 1
-        return out
+        for i, src in enumerate(self.q_sources):
+            if have_q:
+                name = f"q{QUANTILES[i] * 100:g}%"
+                src.data = {
+                    "step": steps,
+                    "y": ymap.fwd(q[:, i]),
+                    "value": q[:, i],
+                    "q": [name] * len(steps),
+                }
+            else:
+                src.data = {"step": [], "y": [], "value": [], "q": []}
+        fx, fy = self._full()
+        self._set_view(fx, fy)
+        self.refresh(force=True)
 
-    def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap, linked_axes=False, css_classes=["dnt-detail"])
+    def panel(self) -> pn.viewable.Viewable:
+        # the class on a wrapper: pn.pane.Bokeh does not put css_classes on the figure
+        return pn.Column(pn.pane.Bokeh(self.fig), css_classes=["dnt-detail"])
 
 
-class LayerStrips(param.Parameterized):
+class LayerStrips(_Tiled):
     """Small multiples in one figure: a strip per module in depth order (input at the top), each
     the module's histogram over time on the kind's shared value axis (the Glorot & Bengio 2010
-    picture). Zooming in x re-renders every strip; y is fixed."""
+    picture). Zooming and panning move along x; a new level renders every strip."""
 
     store = param.ClassSelector(class_=RunStore)
     width = param.Integer(default=820)
     strip_height = param.Integer(default=46)
-    renders = param.Integer(default=0)
+
+    fixed_y = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self._last_key: tuple | None = None
-        self.dmap = hv.DynamicMap(
-            self._render,
-            streams=[
-                hv.streams.RangeX(),
-                hv.streams.Params(self.store, ["run", "kind", "yscale", "version"]),
-            ],
+        self._init_tiles()
+        self.names = CustomJSHover(args={"names": [], "n": 0}, code=_LAYER_NAME)
+        self.values = CustomJSHover(args={"c": 1.0, "y0": 0.0, "band": 1.0, "k": 1.0}, code="")
+        fig = figure(
+            frame_width=self.width,
+            frame_height=self.strip_height,
+            x_range=self.x_range,
+            y_range=self.y_range,
+            tools="xpan,xwheel_zoom,reset,save",
+            active_scroll="xwheel_zoom",
+            background_fill_color=BG,
+            x_axis_label="step",
+            lod_threshold=None,
         )
+        fig.grid.visible = False
+        self.image = fig.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
+        )
+        fig.add_tools(
+            HoverTool(
+                renderers=[self.image],
+                tooltips=[
+                    ("layer", "$y{layer}"),
+                    ("step", "$x{0}"),
+                    ("value", "$y{value}"),
+                    ("count per pixel", "@count{0,0.0}"),
+                ],
+                formatters={"$y{layer}": self.names, "$y{value}": self.values},
+            )
+        )
+        self.fig = fig
+        self.store.param.watch(
+            lambda *_: self._soon(self._reset), ["run", "kind", "yscale", "version"]
+        )
+        self._reset()
 
-    def _render(self, x_range: Any = None, **_: Any) -> hv.Image:
+    def _mods(self) -> list[str]:
+        run = self.store.current
+        return [m for m in run.modules if run.lod(m, self.store.kind) is not None]
+
+    def _full(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        x, _ = full_ranges(self.store, None, self.store.kind, self._ymap())
+        return x, (0.0, float(max(len(self._mods()), 1)))
+
+    def _ymap(self) -> YMap:
+        return self.store.current.ymap(self.store.kind, self.store.yscale)
+
+    def _frame(self) -> tuple[int, int]:
+        return self.width, self.strip_height * max(len(self._mods()), 1)
+
+    def _finest_x(self) -> float:
+        steps = self.store.current.steps
+        return 0.25 * float(np.min(np.diff(steps))) if steps.size > 1 else 0.0
+
+    def _draw(self, level: tiles.Level) -> np.ndarray:
         s = self.store
         run = s.current
-        kind = s.kind
-        mods = [m for m in run.modules if run.lod(m, kind) is not None] or ["-"]
-        ymap = run.ymap(kind, s.yscale)
-        fx, fy = full_ranges(s, None, kind, ymap)
-        key = (s.run, kind, s.yscale, s.version)
-        if key != self._last_key or x_range is None:
-            x_range = fx
-        self._last_key = key
-        x_range = _round_range(x_range)
+        ymap = self._ymap()
+        _, fy = full_ranges(s, None, s.kind, ymap)
         h = self.strip_height
         strips = []
-        for m in mods:
-            lod = run.lod(m, kind)
-            img = (
-                lod.render(x_range, fy, self.width, h - 2, ymap)
-                if lod is not None
-                else np.zeros((h - 2, self.width))
-            )
+        for m in reversed(self._mods()):  # row 0 is the bottom: the last module
+            img = run.lod(m, s.kind).render(level.x, fy, level.nx, h - 2, ymap)
             top = float(img.max()) if img.size else 0.0
             img = np.where(img > top * 1e-6, img, np.nan)
-            strips.append(np.vstack([np.full((2, self.width), np.nan), np.flipud(img)]))
-        data = np.vstack(strips).astype(np.float32)  # row 0 = top = first module
-        n = len(mods)
-        names = js_literal([module_label(m) for m in mods])
-        band = fy[1] - fy[0]
-        code = (
-            f"const n = {names}; const i = Math.floor({n} - value);"
-            "return (i >= 0 && i < n.length) ? n[i] : '';"
+            strips += [img, np.full((2, level.nx), np.nan)]
+        if not strips:
+            return np.full((h, level.nx), np.nan, np.float32)
+        return np.vstack(strips).astype(np.float32)
+
+    def _reset(self, *_: Any) -> None:
+        s = self.store
+        run = s.current
+        mods = self._mods()
+        n = max(len(mods), 1)
+        ymap = self._ymap()
+        _, fy = full_ranges(s, None, s.kind, ymap)
+        self.fig.frame_height = self.strip_height * n
+        self.fig.yaxis.ticker = FixedTicker(ticks=[n - i - 0.5 for i in range(len(mods))])
+        # names are plain text: canvas labels and tooltip values, never HTML or code
+        # long names folded (common prefix) on the axis; the hover names them in full
+        self.fig.yaxis.major_label_overrides = {
+            n - i - 0.5: lab for i, lab in enumerate(short_labels(mods))
+        }
+        lo, hi = run.value_range(s.kind)
+        self.fig.title.text = (
+            f"{s.kind} of every layer, input at the top (value axis: {ymap.scale}, "
+            f"{lo:.3g} … {hi:.3g})"
         )
-        vcode = (
-            f"const f = value - Math.floor(value); const y = {fy[0]!r} + f * {band!r};"
+        self.names.args = {"names": [module_label(m) for m in mods], "n": n}
+        # a strip is h - 2 rows of image under a 2-row gap
+        k = self.strip_height / (self.strip_height - 2)
+        self.values.args = {"c": ymap.linthresh, "y0": fy[0], "band": fy[1] - fy[0], "k": k}
+        self.values.code = (
+            "const f = (value - Math.floor(value)) * k; const y = y0 + f * band;"
             + (
-                f"const c = {ymap.linthresh!r};"
                 "const v = Math.sign(y) * c * (Math.pow(10, Math.abs(y)) - 1);"
                 if ymap.scale == "symlog"
                 else "const v = y;"
             )
             + "return v.toPrecision(4);"
         )
-        el = hv.Image(
-            data, bounds=(x_range[0], 0, x_range[1], n), kdims=["step", "layer"], vdims=["count"]
-        )
-        self.renders += 1
-        return el.opts(
-            cmap=DENSITY_CMAP,
-            cnorm="eq_hist",
-            frame_width=self.width,
-            frame_height=h * n,
-            bgcolor=BG,
-            framewise=True,
-            xlabel="step",
-            ylabel="",
-            # long names folded (common prefix) on the axis; the hover names them in full
-            yticks=[(n - i - 0.5, lab) for i, lab in enumerate(short_labels(mods))],
-            title=f"{kind} of every layer, input at the top (value axis: {ymap.scale}, "
-            f"{run.value_range(kind)[0]:.3g} … {run.value_range(kind)[1]:.3g})",
-            tools=["hover", "xwheel_zoom", "xpan"],
-            active_tools=["xwheel_zoom"],
-            default_tools=["reset", "save"],
-            hover_tooltips=[
-                ("layer", "$y{layer}"),
-                ("step", "$x{0}"),
-                ("value", "$y{value}"),
-                ("count", "@count"),
-            ],
-            hover_formatters={
-                "$y{layer}": CustomJSHover(code=code),
-                "$y{value}": CustomJSHover(code=vcode),
-            },
-            clipping_colors={"NaN": BG},
-            hooks=[_prompt_ranges],
-        )
+        fx, fyy = self._full()
+        self._set_view(fx, fyy)
+        self.refresh(force=True)
 
-    def panel(self) -> pn.pane.HoloViews:
-        return pn.pane.HoloViews(self.dmap, linked_axes=False, css_classes=["dnt-strips"])
+    def panel(self) -> pn.viewable.Viewable:
+        # the class on a wrapper: pn.pane.Bokeh does not put css_classes on the figure
+        return pn.Column(pn.pane.Bokeh(self.fig), css_classes=["dnt-strips"])
+
+
+_LAYER_NAME = (
+    "const i = Math.floor(n - value); return (i >= 0 && i < names.length) ? names[i] : '';"
+)
 
 
 class Heatmap(param.Parameterized):
@@ -300,6 +570,7 @@ class Heatmap(param.Parameterized):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        hv = _hv()
         from holoviews.operation.datashader import rasterize  # 2 s of imports: on first use
 
         src = hv.DynamicMap(
@@ -309,7 +580,7 @@ class Heatmap(param.Parameterized):
             self._style
         )
 
-    def _mesh(self, **_: Any) -> hv.QuadMesh:
+    def _mesh(self, **_: Any) -> Any:
         s = self.store
         mods, steps, z = s.current.heatmap(s.stat, s.kind)
         if not mods:
@@ -325,9 +596,9 @@ class Heatmap(param.Parameterized):
         label = f"log10 {s.stat}" if positive else s.stat
         names = js_literal([module_label(m) for m in mods])
         self._last = {"mods": mods, "label": label, "names": names}
-        return hv.QuadMesh((xe, ye, z), kdims=["step", "layer"], vdims=[label])
+        return _hv().QuadMesh((xe, ye, z), kdims=["step", "layer"], vdims=[label])
 
-    def _style(self, el: hv.Element) -> hv.Element:
+    def _style(self, el: Any) -> Any:
         s = self.store
         mods, label, names = (self._last[k] for k in ("mods", "label", "names"))
         layer_fmt = CustomJSHover(
