@@ -124,11 +124,16 @@ def _matrix_source(data: UnitData) -> Source:
     return source
 
 
-def _curves(df: pd.DataFrame, y: str, label: str) -> hv.Overlay | hv.Curve:
+def _curves(
+    df: pd.DataFrame, y: str, label: str, *, fraction: bool = False
+) -> hv.Overlay | hv.Curve:
     if df.empty:
         return hv.Curve([], "step", y).relabel(f"{label}: no rows")
     curves = [
-        hv.Curve(g, "step", y, label=m).opts(tools=["hover"])
+        # fractions get a fixed 0-1 axis: an all-zero layer sits at the bottom, not mid-plot
+        hv.Curve(g, "step", y, label=m).opts(
+            tools=["hover"], **({"ylim": (-0.02, 1.02)} if fraction else {})
+        )
         for m, g in df.groupby("module", sort=False)
     ]
     # tall enough for its legend (one row per layer), so a legend never spills onto the next plot
@@ -165,8 +170,8 @@ def dead_view(data: UnitData) -> pn.viewable.Viewable:
     dead_list = pn.pane.Markdown(pn.bind(dead_text, heat.param.module))
     return pn.Column(
         note,
-        pn.pane.HoloViews(_curves(df, "dead", "dead fraction per layer")),
-        pn.pane.HoloViews(_curves(df, "saturated", "saturated fraction per layer"))
+        pn.pane.HoloViews(_curves(df, "dead", "dead fraction per layer", fraction=True)),
+        pn.pane.HoloViews(_curves(df, "saturated", "saturated fraction per layer", fraction=True))
         if "saturated" in df
         else pn.pane.Markdown("no saturation rows"),
         heat.panel(),
