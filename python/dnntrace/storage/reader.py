@@ -76,9 +76,19 @@ class Trace:
 
     @cached_property
     def modules(self) -> list[str]:
-        """Module paths with rows, in model order (metadata), then any others by first row."""
+        """Module paths with rows, in execution order (first call, from the tracer's
+        ``exec_order``/``first_call`` rows), then model order (metadata) for modules never
+        called, then any others by first row."""
         present = self._unique("module")
-        order = [m["name"] for m in self.module_tree if m["name"] in present]
+        tree = [m["name"] for m in self.module_tree]
+        first: list[str] = []
+        if tree and "exec_order" in self.kinds:
+            rows = self.select(module="", kind="exec_order", tensor="first_call")
+            steps = rows.column("step").to_pylist()
+            vals = rows.column("values").to_pylist()
+            for _, v in sorted(zip(steps, vals, strict=True), key=lambda sv: sv[0]):
+                first += [tree[int(i)] for i in v or [] if 0 <= int(i) < len(tree)]
+        order = list(dict.fromkeys(m for m in first + tree if m in present))
         seen = set(order)
         return order + [m for m in present if m not in seen]
 
@@ -136,10 +146,11 @@ class Trace:
         step: int | None = None,
         *,
         tensor: str | None = None,
-        phase: str | None = None,
+        phase: str | None = "train",
     ) -> Summary:
-        """The ``Summary`` of the rows matching (merged over steps, tensors and phases left
-        unspecified), the same object ``dnntrace.summarize`` returns."""
+        """The ``Summary`` of the rows matching (merged over steps and tensors left
+        unspecified), the same object ``dnntrace.summarize`` returns. Training rows by default,
+        as ``quantiles``; ``phase="eval"`` for validation rows, ``None`` for both."""
         rows = self.select(module, kind, step, tensor, phase)
         if rows.num_rows == 0:
             raise KeyError(f"no rows for module={module!r} kind={kind!r} step={step!r}")
