@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from .._version import __version__
 from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.writer import TraceWriter
+from . import compiled as _compiled
 from . import optim as _optim
 from .pipeline import Pipeline, SlotLabel, VectorBlock
 from .selection import ModuleSpec, iter_float_tensors, select_modules
@@ -150,12 +151,8 @@ class Tracer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
-        if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
-            raise TypeError(
-                "dnntrace.enable: this model was made by torch.compile; trace the original "
-                "module instead (dnntrace.enable(model) then torch.compile(model) records weights "
-                "and gradients; activation hooks are skipped inside compiled graphs)"
-            )
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper: its hooks run in its graph
         if compression not in ("zstd", "lz4", None):
             raise ValueError(
                 f"dnntrace.enable: compression must be 'zstd', 'lz4' or None, got {compression!r}"
@@ -243,6 +240,10 @@ class Tracer:
         self._opt_order: list[weakref.ref[torch.optim.Optimizer]] = []
         self._explicit_opt: torch.optim.Optimizer | None = None
         self._pre_steps = 0
+        self._compiled_forward = False  # a traced module ran inside a torch.compile graph
+        self._compiled_lost: frozenset[str] = frozenset()  # outputs compiled graphs cannot record
+        self._compile_warned = False
+        self._compiled_no_grads = False
         self._first_call: dict[str, int] = {}
         self._exec_new: list[int] = []  # metadata indices of modules first called this step
         self._module_index = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -374,6 +375,7 @@ class Tracer:
                     self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
                 if self.trace_gradients:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
+        _compiled.preassign_slots(self)
         self._install_hooks(optimizer)
         for ext in self.extensions:
             ext.attach(self)
@@ -452,9 +454,7 @@ class Tracer:
                     mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
                 )
         # the next step begins with the model's next forward: the step just ended is written
-        self._handles.append(
-            self.model.register_forward_pre_hook(self._guard(lambda m, a: self._activity()))
-        )
+        self._handles.append(self.model.register_forward_pre_hook(self._guard(self._root_pre_hook)))
         if self.trace_gradients and optimizer is None:
             # Until an optimizer steps, note which gradients a backward produced: tracer.step()
             # records them (an optimizer, once found, records them in its pre-step hook).
@@ -475,9 +475,16 @@ class Tracer:
         )
         _optim.register(self)
 
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._compiled_forward = True  # a side effect torch.compile replays: no graph break
+            return
+        self._activity()
+
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if torch.compiler.is_compiling():
+                _compiled.record(self, name, module, output)
                 return
             self._activity()
             if name not in self._first_call:  # execution order, for readers and the viewer
@@ -678,6 +685,39 @@ class Tracer:
             for ext in self.extensions:
                 ext.on_step_end(self)
         self._end_pending = True
+        if self._compiled_forward:
+            # a compiled forward cannot tell the tracer a step began: write the step now
+            self._warn_compiled()
+            self._finish()
+
+    def _warn_compiled(self) -> None:
+        if self._compile_warned:
+            return
+        self._compile_warned = True
+        lost = []
+        if self._compiled_no_grads:
+            lost.append("output gradients (activation_grad rows)")
+        if self._compiled_lost:
+            names = ", ".join(repr(n) for n in sorted(self._compiled_lost)[:5])
+            lost.append(f"the tuple/dict outputs of {len(self._compiled_lost)} modules ({names})")
+        if self.activations_every != 1 and (self.trace_activations or self.trace_gradients):
+            lost.append(
+                f"the activations_every={self.activations_every} cadence (compiled graphs record "
+                "activations every step)"
+            )
+        hooked = [type(e).__name__ for e in self.extensions if type(e).__name__ != "DDPGradStats"]
+        if hooked:
+            lost.append(f"the hooks of {', '.join(hooked)}")
+        lost.append(
+            "scalars logged after opt.step() go to the next step (a compiled forward cannot "
+            "mark where a step begins)"
+        )
+        warnings.warn(
+            "dnntrace: the model runs under torch.compile; inside compiled graphs these are not "
+            "recorded as in eager mode: " + "; ".join(lost),
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _activity(self) -> None:
         """Something of the next step is being recorded: write the step that ended."""
@@ -969,8 +1009,9 @@ def enable(
     sketches / update ratios and gradient noise scale: True or options,
     ``capture.spectral.spectral_extensions``).
     """
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: the module it wraps
     with _ACTIVE_LOCK:
-        old = _ACTIVE.get(id(model))
+        old = _ACTIVE.get(id(inner if isinstance(inner, nn.Module) else model))
     if old is not None and not old.closed:
         raise RuntimeError(
             f"dnntrace.enable: this model is already traced into {old.path!r}; call "
@@ -981,8 +1022,9 @@ def enable(
 
 def disable(model: nn.Module) -> dict[str, Any] | None:
     """Closes the tracer of ``model`` (flush, remove hooks); returns its stats, None if none."""
+    inner = getattr(model, "_orig_mod", None)
     with _ACTIVE_LOCK:
-        tr = _ACTIVE.get(id(model))
+        tr = _ACTIVE.get(id(inner if isinstance(inner, nn.Module) else model))
     return tr.close() if tr is not None else None
 
 
