@@ -51,7 +51,7 @@ def record(tracer: Tracer, name: str, module: nn.Module, output: Any) -> None:
     lay = tracer.layout
     if tracer.trace_activations:
         slot = tracer._slot_of.get((name, "activation", "", phase))
-        if slot is not None:
+        if slot is not None and tracer._pipe is not None:
             bank = tracer._pipe.bank
             ops.tensor_summary_out(output.detach(), slot, bank.counts, bank.moments, lay)
             _note(tracer, slot, output)

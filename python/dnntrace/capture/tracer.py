@@ -116,8 +116,9 @@ class Tracer:
 
     A context manager: ``with dnntrace.enable(model) as tr: ...`` closes on exit (also when the
     block raises). ``step()`` ends a step by hand (not needed when an optimizer steps);
-    ``log_scalar(name, value)`` records the loss, learning rate, ... (a tensor is not synced);
-    ``close()`` flushes the last step, waits for the writer and removes every hook.
+    ``log_scalar(name, value, step=None)`` records the loss, learning rate, ... (a tensor is not
+    synced); ``close()`` writes the last step, waits for the writer and removes every hook. Where
+    steps begin and end, and which gradient a step records, is ``capture.optim``'s docstring.
     """
 
     def __init__(

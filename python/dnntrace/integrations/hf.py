@@ -28,7 +28,7 @@ __all__ = ["DnntraceCallback"]
 _TRAIN_KEYS = ("loss", "grad_norm")
 
 
-class DnntraceCallback(TrainerCallback):  # type: ignore[misc]
+class DnntraceCallback(TrainerCallback):
     """Traces the trainer's model during ``train()``; ``options`` go to ``dnntrace.enable``."""
 
     def __init__(self, path: str | os.PathLike[str] = "trace.arrow", **options: Any) -> None:
