@@ -134,3 +134,31 @@ def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
     resumed = _rows(tmp_path / "trace.from3.arrow")
     assert sorted(set(resumed["step"])) == [3, 4]
     assert set(resumed[resumed["kind"] == "weight_grad"]["step"]) == {3, 4}
+
+
+def test_lightning_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
+    """Two gloo ranks (ddp_spawn on CPU): one file per rank; DDP averaged the gradients, so the
+    ranks' weight_grad rows agree, and each rank saw its own half of the data."""
+    torch.manual_seed(0)
+    path = tmp_path / "trace.arrow"
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[DnntraceCallback(path)],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.fit(Tiny(), _data(32, 1))
+    files = sorted(p.name for p in (tmp_path / "trace").iterdir())
+    assert files == ["rank0.arrow", "rank1.arrow"]
+    r0, r1 = (_rows(tmp_path / "trace" / f) for f in files)
+    key = ["step", "module", "kind", "tensor"]
+    g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    assert sorted(set(g0["step"])) == [0, 1] and len(g0) == len(g1) == 8
+    np.testing.assert_allclose(g0["sum"], g1["sum"], rtol=1e-6, atol=1e-9)
+    a0 = r0[r0["kind"] == "activation"]["sum"].to_numpy()
+    a1 = r1[r1["kind"] == "activation"]["sum"].to_numpy()
+    assert not np.allclose(a0, a1)  # different batches
+    assert dnntrace.load(tmp_path / "trace" / "rank1.arrow").metadata["rank"] == 1
