@@ -213,7 +213,8 @@ def test_zero_grad_keeping_tensors(trace_path: Path) -> None:
     assert z["zero_count"] == z["count"] > 0
 
 
-def test_grad_scaler_marks_skipped_steps(trace_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_scaler_marks_skipped_steps(dtype: torch.dtype, trace_path: Path) -> None:
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -229,7 +230,7 @@ def test_grad_scaler_marks_skipped_steps(trace_path: Path) -> None:
             x, y = mlp_batch(g)
             if step == 2:
                 x[0, 0] = float("inf")  # Inf gradients: the scaler skips this step
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):  # CPU autocast: bf16 and fp16 in 2.13
                 loss = _loss(model, x, y)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
