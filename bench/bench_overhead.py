@@ -8,12 +8,20 @@ Configurations, interleaved round-robin on the same model and machine (medians o
   d  TensorBoard add_histogram of every parameter and gradient, every step
   e  wandb.watch(model, log="all", log_freq=1), offline
   f  naive hooks: histc(out.cpu(), 64) + min/max .item() on every module output
-  g  dnntrace, weights and gradients only         activations=False  (same tensors as d, e)
+  g  dnntrace, weights and weight gradients only  activations=False, activation_grads=False
+                                                  (the tensors d and e record)
+  h  dnntrace default set with the summary ops replaced by no-ops: what the hooks, the flush
+     and the bookkeeping cost on the training thread, per traced tensor
 
 Per model and configuration: step time (mean over a round, median over rounds), ratio to (a);
-for the dnntrace rows also the bytes the tracer reads per step, the floor (bytes / memory
-bandwidth measured in this run), added time / floor, bytes on disk per tensor-step, writer
-throughput, the flush cost on the training thread and steps dropped.
+for the dnntrace rows also the bytes the tracer reads per step (duplicates merged instead of
+read are not counted), the floor (bytes / torch.sum bandwidth measured in this run), added time /
+floor, bytes on disk per tensor-step, the bytes taken from the stat bank per step (on CUDA: moved
+to the host) against the whole bank (what was moved before compaction), the writer thread's CPU
+time per step, the flush cost on the training thread, steps dropped, and for (h) the training
+thread's added time per traced tensor (all of it, the per-step flush and optimizer hooks
+included, divided by the tensors the hooks trace per step). Last, weights+grads (g) against
+TensorBoard (d) and wandb (e).
 
     python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
     python bench/bench_overhead.py --quick         # smoke test
@@ -51,8 +59,9 @@ CONFIGS = {
     "e": "wandb.watch log=all",
     "f": "naive hooks (histc+.item)",
     "g": "dnntrace weights+grads",
+    "h": "dnntrace default, kernel stubbed",
 }
-DNNTRACE_CONFIGS = ("b", "c", "g")
+DNNTRACE_CONFIGS = ("b", "c", "g", "h")
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -261,6 +270,24 @@ def _dnntrace(model: nn.Module, path: str, **opts: Any) -> Run:
     return Run(close=tr.close, path=path)
 
 
+def _stubbed(run: Run) -> Run:
+    """The run with dnntrace's summary ops replaced by no-ops until it closes."""
+    from dnntrace import ops
+
+    saved = ops.tensor_summary_out, ops.multi_tensor_summary_out
+    ops.tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
+    ops.multi_tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
+    close = run.close
+
+    def restore() -> Any:
+        try:
+            return close()
+        finally:
+            ops.tensor_summary_out, ops.multi_tensor_summary_out = saved
+
+    return Run(close=restore, path=run.path)
+
+
 def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
     path = os.path.join(workdir, f"{tag}-{cfg}.arrow")
     if cfg == "a":
@@ -270,7 +297,12 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
     if cfg == "c":
         return _dnntrace(model, path, every=10)
     if cfg == "g":
-        return _dnntrace(model, path, activations=False)
+        try:
+            return _dnntrace(model, path, activations=False, activation_grads=False)
+        except TypeError:  # an older dnntrace (a "before" run): no activation_grads=
+            return _dnntrace(model, path, activations=False)
+    if cfg == "h":
+        return _stubbed(_dnntrace(model, path))
     if cfg == "d":
         return _tensorboard(model, os.path.join(workdir, f"tb-{tag}"))
     if cfg == "e":
@@ -282,6 +314,9 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
 
 # ---- measurement --------------------------------------------------------------------------
 DEVICE = torch.device("cpu")
+# --cpu-time: one torch thread; a step costs the training thread's CPU time plus the dnntrace
+# writer thread's (peers' background threads are not counted: conservative for dnntrace)
+CPU_TIME = False
 
 
 def _sync() -> None:
@@ -295,9 +330,10 @@ def train_steps(
     g = torch.Generator().manual_seed(seed)
     batches = [tuple(t.to(DEVICE) for t in case.batch(g)) for _ in range(steps)]
     times = []
+    clock = time.thread_time if CPU_TIME else time.perf_counter
     for i, (x, y) in enumerate(batches):
         _sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = case.loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -305,29 +341,32 @@ def train_steps(
         opt.step()
         run.after_step(i, loss)
         _sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times
 
 
 def memory_bandwidth() -> float:
-    """Bytes/s of torch.sum over a 400 MB fp32 tensor (median of 5)."""
+    """Bytes/s of torch.sum over a 400 MB fp32 tensor (median of 5); per CPU second of the
+    calling thread with --cpu-time (one torch thread)."""
     x = torch.ones(100_000_000, device=DEVICE)
     x.sum()
     ts = []
+    clock = time.thread_time if CPU_TIME else time.perf_counter
     for _ in range(5):
         _sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
         _sync()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return x.numel() * 4 / statistics.median(ts)
 
 
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
-def bytes_read_per_step(path: str) -> tuple[float, float]:
-    """(bytes the tracer read per traced step, bytes on disk per tensor row) from a trace."""
+def bytes_read_per_step(path: str) -> tuple[float, float, float]:
+    """(bytes in the rows per traced step, bytes on disk per tensor row, hook-traced tensors per
+    traced step) from a trace."""
     tr = dnntrace.load(path)
     t = tr.table
     kind = t.column("kind").cast("string").to_numpy(zero_copy_only=False)
@@ -338,7 +377,12 @@ def bytes_read_per_step(path: str) -> tuple[float, float]:
     item = np.array([_ITEMSIZE.get(d, 4) for d in dtype])
     total = float((numel * calls * item)[keep].sum())
     nsteps = max(len(tr.steps), 1)
-    return total / nsteps, os.path.getsize(path) / max(int(keep.sum()), 1)
+    hooked = np.char.startswith(kind.astype(str), "activation")
+    return (
+        total / nsteps,
+        os.path.getsize(path) / max(int(keep.sum()), 1),
+        float(calls[hooked].sum()) / nsteps,
+    )
 
 
 def check_tracing_is_transparent(case: Case, workdir: str) -> None:
@@ -376,6 +420,7 @@ class Result:
     stats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     read_bytes: dict[str, float] = field(default_factory=dict)
     disk_per_row: dict[str, float] = field(default_factory=dict)
+    hooked: dict[str, float] = field(default_factory=dict)
 
 
 def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir: str) -> Result:
@@ -394,11 +439,16 @@ def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir:
             run = install(cfg, model, workdir, f"{case.name}-r{r}")
             times = train_steps(model, opt, case, run, steps, seed=r)
             st = run.close()
-            res.round_means.setdefault(cfg, []).append(sum(times) / len(times))
+            per_step = sum(times) / len(times)
+            if CPU_TIME and isinstance(st, dict):  # the writer thread's CPU, up to close
+                per_step += st.get("writer_cpu_seconds", 0.0) / steps
+            res.round_means.setdefault(cfg, []).append(per_step)
             if isinstance(st, dict):
                 res.stats.setdefault(cfg, []).append(st)
             if run.path is not None and r == rounds - 1:
-                res.read_bytes[cfg], res.disk_per_row[cfg] = bytes_read_per_step(run.path)
+                res.read_bytes[cfg], res.disk_per_row[cfg], res.hooked[cfg] = bytes_read_per_step(
+                    run.path
+                )
     return res
 
 
@@ -437,9 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo-steps", type=int, default=200, help="0 to skip the demo trace size")
     ap.add_argument("--out", default=None, help="folder for traces (default: a temp folder)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one torch thread; per step the training thread's CPU time plus the dnntrace writer "
+        "thread's, instead of wall time: robust on a machine shared with other jobs",
+    )
     args = ap.parse_args(argv)
-    global DEVICE
+    global DEVICE, CPU_TIME
     DEVICE = torch.device(args.device)
+    CPU_TIME = args.cpu_time
+    if CPU_TIME:
+        torch.set_num_threads(1)
     if args.quick:
         args.steps, args.rounds, args.demo_steps = 10, 1, 0
     cases = _cases()
@@ -455,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cpu = platform.processor() or platform.machine()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores "
-        f"({cpu}); {args.steps} steps x {args.rounds} rounds; traces in {workdir}"
+        f"dnntrace {dnntrace.__version__} ({os.path.dirname(dnntrace.__file__)}), torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu}); "
+        f"{args.steps} steps x {args.rounds} rounds; "
+        f"{'training + writer thread CPU time' if CPU_TIME else 'wall time'} per step; "
+        f"traces in {workdir}"
     )
     bw = memory_bandwidth()
     print(f"memory bandwidth (torch.sum over 400 MB fp32): {bw / 1e9:.1f} GB/s")
@@ -466,15 +528,19 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         "| model | config | step ms | ×(a) | added ms | MB read/step | floor ms | added/floor "
-        "| B/tensor-step | writer MB/s | flush µs | dropped |"
+        "| B/tensor-step | MB from bank/step | whole bank MB | writer CPU ms/step | flush µs "
+        "| dropped | hook µs/tensor |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 15]
+    peers = []
     for m in models:
         res = bench_case(cases[m], configs, args.steps, args.rounds, workdir)
         base = statistics.median(res.round_means["a"]) if "a" in res.round_means else math.nan
+        added_of = {}
         for cfg in configs:
             med = statistics.median(res.round_means[cfg])
             added = med - base
+            added_of[cfg] = added
             row = [
                 m,
                 f"{cfg} {CONFIGS[cfg]}",
@@ -482,30 +548,52 @@ def main(argv: list[str] | None = None) -> int:
                 f"{med / base:.3f}",
                 f"{added * 1e3:+.1f}",
             ]
-            if cfg in DNNTRACE_CONFIGS and cfg in res.read_bytes:
-                rb = res.read_bytes[cfg]
-                # every=10 traces one step in ten: its per-step floor is a tenth
-                per_step = rb / (10 if cfg == "c" else 1)
-                floor = per_step / bw
+            if cfg in DNNTRACE_CONFIGS and cfg in res.read_bytes and (cfg != "h" or "b" in configs):
                 sts = res.stats[cfg]
-                mbps = [s["bytes"] / s["write_seconds"] / 1e6 for s in sts if s["write_seconds"]]
+                written = sum(s["steps_written"] for s in sts) or 1
+                traced = written + sum(s["steps_dropped"] for s in sts)
+                # duplicates merged instead of read (none to subtract when the ops are stubbed)
+                saved = sum(s.get("bytes_read_saved", 0) for s in sts) / traced * (cfg != "h")
+                # every=10 traces one step in ten: its per-step floor is a tenth
+                per_step = (res.read_bytes[cfg] - saved) / (10 if cfg == "c" else 1)
+                floor = per_step / bw
+                # the stubbed run's rows are empty: count its tensors in the default run's trace
+                hooked = res.hooked["b" if cfg == "h" else cfg] / (10 if cfg == "c" else 1)
+                cpu = sum(s.get("writer_cpu_seconds", math.nan) for s in sts) / written
+                moved = sum(s.get("bytes_to_host", math.nan) for s in sts) / written
                 row += [
                     f"{per_step / 1e6:.2f}",
                     f"{floor * 1e3:.2f}",
-                    f"{added / floor:.0f}" if floor > 0 else "-",
+                    f"{added / floor:.1f}" if floor > 0 and cfg != "h" else "-",
                     f"{res.disk_per_row[cfg]:.0f}",
-                    f"{statistics.median(mbps):.1f}" if mbps else "-",
+                    f"{moved / 1e6:.3f}",
+                    f"{statistics.median(s.get('bank_bytes', 0) for s in sts) / 1e6:.2f}",
+                    f"{cpu * 1e3:.2f}",
                     f"{statistics.median(s['flush_us_median'] for s in sts):.0f}",
                     str(sum(s["steps_dropped"] for s in sts)),
+                    # the training thread's share: the writer's CPU is counted in --cpu-time steps
+                    f"{(added - (cpu if CPU_TIME else 0.0)) / hooked * 1e6:.1f}"
+                    if cfg == "h" and hooked
+                    else "-",
                 ]
             else:
-                row += ["-"] * 7
+                row += ["-"] * 10
             lines.append("| " + " | ".join(row) + " |")
         for cfg in configs:
             rm = ", ".join(f"{t * 1e3:.0f}" for t in res.round_means[cfg])
             print(f"  {m} {cfg}: round means ms [{rm}]", flush=True)
+        if "g" in added_of:
+            for peer in ("d", "e"):
+                if peer in added_of and added_of[peer] > 0:
+                    peers.append(
+                        f"{m}: weights+grads added time / {CONFIGS[peer]}'s = "
+                        f"{added_of['g'] / added_of[peer]:.3f}"
+                    )
     print()
     print("\n".join(lines))
+    if peers:
+        print()
+        print("\n".join(peers))
     if args.demo_steps:
         per_row, rows = demo_bytes_per_row(workdir, args.demo_steps)
         print(

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "../core/loglinear.h"
+#include "../core/summary_cpu.h"
 
 namespace py = pybind11;
 using namespace dnntrace::core;
@@ -104,6 +105,8 @@ py::tuple vector_row_stats(py::array_t<float, py::array::c_style | py::array::fo
 
 }  // namespace
 
+void init_rows(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dnntrace native core";
   py::dict count_fields;
@@ -147,4 +150,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("width"), "(counts [n, width], moments) of vector rows stored back to back.");
   m.def("half_bits_to_float", &half_bits_to_float_np, py::arg("bits"), py::arg("bf16") = false,
         "The shared host/device fp16/bf16 -> fp32 conversion.");
+  m.def("cpu_kernel_isa", &block_fused_isa,
+        "Which CPU summary kernel runs here: 'avx512' or 'baseline' (DNNTRACE_CPU_BASELINE=1).");
+  init_rows(m);
 }

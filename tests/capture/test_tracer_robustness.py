@@ -202,7 +202,8 @@ def test_slow_writer_drops_steps_and_memory_is_bounded(
     real_write = TraceWriter.write
 
     def slow_write(self: TraceWriter, batch: pa.RecordBatch) -> None:
-        time.sleep(0.05)
+        # a disk slower than the data: 50 ms per step written (batches hold several steps)
+        time.sleep(0.05 * len(set(batch.column("step").to_pylist())))
         real_write(self, batch)
 
     monkeypatch.setattr(TraceWriter, "write", slow_write)

@@ -1,8 +1,10 @@
-// CPU kernel of the fused summary: one read of the data, blocks of 1024 values made into fp32 (or
-// kept fp64), moments by vectorised lane loops, histogram by scatter into four interleaved
-// 32-bit sub-histograms per thread (breaking store-to-load chains when values repeat, as the
-// zeros of ReLU outputs do). Deterministic: chunk boundaries do not depend on the thread count,
-// float partials are folded in chunk order, integers are order-free.
+// CPU kernel of the fused summary: one read of the data in blocks of 1024 values (fp16/bf16
+// widened to fp32 in registers, fp64 kept), moments in vector lanes, histogram by raw id into
+// four interleaved 16-bit sub-counters per id and thread (breaking store-to-load chains when
+// values repeat, as the zeros of ReLU outputs do), folded into 32-bit counters before they can
+// overflow and into the row once per thread (csrc/core/summary_cpu.h). Deterministic: chunk
+// boundaries do not depend on the thread count, float partials are folded in chunk order,
+// integers are order-free.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -43,31 +45,30 @@ Src source_of(at::ScalarType t) {
   }
 }
 
+core::Elem elem_of(Src src) {
+  return src == Src::kF32 ? core::Elem::kF32
+                          : (src == Src::kF16 ? core::Elem::kF16 : core::Elem::kBF16);
+}
+
+size_t elem_size(Src src) { return src == Src::kF64 ? 8 : (src == Src::kF32 ? 4 : 2); }
+
 // Moments (always) and row indices (when idx != nullptr) of block [off, off + n).
 void process_block(Src src, const void* data, int64_t off, int n, const HistLayout& l,
                    BlockAcc& acc, int32_t* idx, float* fbuf) {
-  switch (src) {
-    case Src::kF64: {
-      const double* p = static_cast<const double*>(data) + off;
-      core::f64_block_moments(p, n, acc);
-      if (idx) core::f64_block_indices(p, n, l, idx);
-      return;
-    }
-    case Src::kF32: {
-      const float* p = static_cast<const float*>(data) + off;
-      core::f32_block_moments(p, n, acc);
-      if (idx) core::f32_block_indices(p, n, l, idx);
-      return;
-    }
-    case Src::kF16:
-      core::half_to_float(static_cast<const uint16_t*>(data) + off, n, fbuf);
-      break;
-    case Src::kBF16:
-      core::bf16_to_float(static_cast<const uint16_t*>(data) + off, n, fbuf);
-      break;
+  if (src == Src::kF64) {
+    const double* p = static_cast<const double*>(data) + off;
+    core::f64_block_moments(p, n, acc);
+    if (idx) core::f64_block_indices(p, n, l, idx);
+    return;
   }
-  core::f32_block_moments(fbuf, n, acc);
-  if (idx) core::f32_block_indices(fbuf, n, l, idx);
+  const void* p = static_cast<const char*>(data) + off * elem_size(src);
+  core::block_fused(elem_of(src), p, n, l.k, nullptr, acc);
+  if (!idx) return;
+  const float* f = static_cast<const float*>(p);
+  if (src == Src::kF16) core::half_to_float(static_cast<const uint16_t*>(p), n, fbuf);
+  if (src == Src::kBF16) core::bf16_to_float(static_cast<const uint16_t*>(p), n, fbuf);
+  if (src != Src::kF32) f = fbuf;
+  core::f32_block_indices(f, n, l, idx);
 }
 
 void fold(double& hi, double& lo, double v) {
@@ -81,21 +82,30 @@ void fold(double& hi, double& lo, double v) {
 enum class Specials {
   kInRow,     // the full-mapping scatter already put NaN/Inf/zeros/under/overflow into the row
   kFromAcc,   // moments-only mode: NaN/Inf/zeros from the moments pass
-  kRawTable,  // raw-id table: NaN/Inf/zeros from the moments pass, zeros moved out of underflow
+  kRawTable,  // raw-id table: zeros/negatives from the fold, NaN/Inf from the moments pass
 };
 
 void apply(const BlockAcc& a, int64_t n, Specials sp, int64_t* counts, double* moments) {
   counts[core::kCount] += n;
-  counts[core::kNegatives] += a.negatives;
-  if (sp != Specials::kInRow) {
+  if (sp != Specials::kRawTable) {
+    counts[core::kNegatives] += a.negatives;
+  }
+  if (sp == Specials::kFromAcc) {
     counts[core::kNan] += a.nan;
     counts[core::kPosInf] += a.posinf;
     counts[core::kNegInf] += a.neginf;
     counts[core::kZeros] += a.zeros;
   }
   if (sp == Specials::kRawTable) {
-    counts[core::kUnderPos] -= a.zeros - a.neg_zeros;
-    counts[core::kUnderNeg] -= a.neg_zeros;
+    // The fold put zeros and negatives in from the table; here the pieces the table cannot
+    // know: NaN/Inf (skipped at the fold), and subnormals that share the zeros' raw ids.
+    counts[core::kNan] += a.nan;
+    counts[core::kPosInf] += a.posinf;
+    counts[core::kNegInf] += a.neginf;
+    counts[core::kNegatives] += a.neginf + a.sub_id0_neg;
+    counts[core::kZeros] -= a.sub_id0_pos + a.sub_id0_neg;
+    counts[core::kUnderPos] += a.sub_id0_pos;
+    counts[core::kUnderNeg] += a.sub_id0_neg;
   }
   fold(moments[core::kSum], moments[core::kSumComp], a.sum);
   moments[core::kSumComp] += a.sum_c;
@@ -120,70 +130,90 @@ void summarize_direct(Src src, const void* data, int64_t n, const HistLayout& l,
   apply(acc, n, histogram ? Specials::kInRow : Specials::kFromAcc, counts, moments);
 }
 
-// A thread's raw-id table: 2^(9+k) ids x 4 interleaved 32-bit counters, allocated once per
-// thread and kept zeroed between calls (folding zeroes what it reads), so a call pays only for
-// the ids its values can have touched, not for the whole table.
-std::vector<uint32_t>& thread_table() {
-  thread_local std::vector<uint32_t> table(4 * static_cast<size_t>(core::raw_id_count(7)), 0u);
-  return table;
+// A thread's raw-id tables, allocated once per thread and kept zeroed between calls (folding
+// zeroes what it reads), so a call pays only for the ids its values can have touched:
+// - sub: 2^(9+k) ids x 4 interleaved 16-bit sub-counters, what the blocks increment (half the
+//   cache footprint of 32-bit counters); folded into `wide` every kSubFoldElems elements, before
+//   any sub-counter (at most a quarter of the elements each) can pass 65535;
+// - wide: one 32-bit counter per id, folded into the int64 row at the end of the thread's work
+//   and every 2^31 elements.
+struct RawTables {
+  std::vector<uint16_t> sub = std::vector<uint16_t>(4 * size_t(core::raw_id_count(7)), 0);
+  std::vector<uint32_t> wide = std::vector<uint32_t>(size_t(core::raw_id_count(7)), 0u);
+};
+
+constexpr int64_t kSubFoldElems = 3 * kChunkBlocks * kBlock;  // 196608 / 4 < 65536
+static_assert(kSubFoldElems <= 4 * 65535 - 3 * kBlock, "16-bit sub-counters could overflow");
+
+RawTables& thread_tables() {
+  thread_local RawTables tables;
+  return tables;
 }
 
-// Folds the ids that values in [acc.mn, acc.mx] with |x| >= acc.min_abs (and zeros, subnormals,
-// NaN, Inf) can have touched.
-void fold_touched(std::vector<uint32_t>& table, const BlockAcc& acc, const HistLayout& l,
-                  int64_t* counts) {
-  const int k = l.k;
+// Calls f(first, last) for the raw-id ranges that values in [acc.mn, acc.mx] with
+// |x| >= acc.min_abs (and zeros, subnormals, NaN, Inf) can have touched.
+template <typename F>
+void for_touched_ranges(const BlockAcc& acc, int k, F f) {
   const int sign = 1 << (8 + k);
   const int exp0 = (1 << k) - 1;  // ids of exponent 0: zeros and subnormals
-  core::fold_raw_range(table.data(), 4, 0, exp0, l, counts);
-  core::fold_raw_range(table.data(), 4, sign, sign + exp0, l, counts);
+  f(0, exp0);
+  f(sign, sign + exp0);
   if (acc.nan || acc.posinf || acc.neginf) {  // exponent 255, both signs
-    core::fold_raw_range(table.data(), 4, 255 << k, (256 << k) - 1, l, counts);
-    core::fold_raw_range(table.data(), 4, sign + (255 << k), sign + (256 << k) - 1, l, counts);
+    f(255 << k, (256 << k) - 1);
+    f(sign + (255 << k), sign + (256 << k) - 1);
   }
   if (acc.min_abs == __builtin_huge_val()) return;  // no finite non-zero value
   const int lo = core::raw_id_of(static_cast<float>(acc.min_abs), k);
-  if (acc.mx > 0) core::fold_raw_range(table.data(), 4, lo, core::raw_id_of(acc.mx, k), l, counts);
-  if (acc.mn < 0)
-    core::fold_raw_range(table.data(), 4, sign + lo, core::raw_id_of(acc.mn, k), l, counts);
+  if (acc.mx > 0) f(lo, core::raw_id_of(acc.mx, k));
+  if (acc.mn < 0) f(sign + lo, core::raw_id_of(acc.mn, k));
 }
 
-// Processes chunks [c0, c1) of a span: moments into accs[c], raw ids into this thread's table,
+void fold_sub(RawTables& t, const BlockAcc& seen, int k) {
+  for_touched_ranges(seen, k, [&](int first, int last) {
+    core::fold_sub_counters(t.sub.data(), first, last, t.wide.data());
+  });
+}
+
+void fold_wide(RawTables& t, const BlockAcc& seen, const HistLayout& l, int64_t* counts) {
+  for_touched_ranges(seen, l.k, [&](int first, int last) {
+    core::fold_raw_range(t.wide.data(), 1, first, last, l, counts);
+  });
+}
+
+// Processes chunks [c0, c1) of a span: moments into accs[c], raw ids into this thread's tables,
 // folded into `counts` under `mu` at the end.
 void raw_worker(Src src, const void* data, int64_t n, int64_t c0, int64_t c1, const HistLayout& l,
                 std::vector<BlockAcc>& accs, int64_t* counts, std::mutex& mu) {
   const int64_t chunk = kChunkBlocks * kBlock;
-  const int64_t elem_size = src == Src::kF32 ? 4 : 2;
-  auto& table = thread_table();
-  float fbuf[kBlock];
-  BlockAcc seen;  // what this thread touched, for the fold
-  int64_t since_fold = 0;
+  const int64_t esize = static_cast<int64_t>(elem_size(src));
+  const core::Elem e = elem_of(src);
+  auto& t = thread_tables();
+  BlockAcc seen_sub, seen_wide;  // what this thread touched since the last folds
+  int64_t since_sub = 0, since_wide = 0;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t end = std::min(n, (c + 1) * chunk);
-    for (int64_t off = c * chunk; off < end; off += kBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kBlock, end - off));
-      // The scatter is compute-bound and the moments pass waits on memory: prefetching the
-      // block after next overlaps the two (measured 0.80 -> 0.62 ns/element on one core).
-      if (off + 2 * kBlock < end) {
-        const char* next = static_cast<const char*>(data) + (off + 2 * kBlock) * elem_size;
-        for (int64_t b = 0; b < kBlock * elem_size; b += 64) __builtin_prefetch(next + b);
-      }
-      const float* f = src == Src::kF32 ? static_cast<const float*>(data) + off : fbuf;
-      if (src == Src::kF16) core::half_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
-      if (src == Src::kBF16) core::bf16_to_float(static_cast<const uint16_t*>(data) + off, m, fbuf);
-      core::f32_block_fused(f, m, l.k, table.data(), accs[c]);
+    core::span_fused(e, static_cast<const char*>(data) + c * chunk * esize, end - c * chunk, l.k,
+                     t.sub.data(), accs[c]);
+    seen_sub.merge(accs[c]);
+    since_sub += end - c * chunk;
+    since_wide += end - c * chunk;
+    if (since_sub + chunk > kSubFoldElems) {  // the next chunk could overflow a sub-counter
+      fold_sub(t, seen_sub, l.k);
+      seen_wide.merge(seen_sub);
+      seen_sub = BlockAcc();
+      since_sub = 0;
     }
-    seen.merge(accs[c]);
-    since_fold += end - c * chunk;
-    if (since_fold >= (int64_t{1} << 31)) {  // 32-bit counters: fold before they can overflow
+    if (since_wide >= (int64_t{1} << 31)) {  // 32-bit counters: fold before they can overflow
       std::lock_guard<std::mutex> lock(mu);
-      fold_touched(table, seen, l, counts);
-      seen = BlockAcc();
-      since_fold = 0;
+      fold_wide(t, seen_wide, l, counts);
+      seen_wide = BlockAcc();
+      since_wide = 0;
     }
   }
+  fold_sub(t, seen_sub, l.k);
+  seen_wide.merge(seen_sub);
   std::lock_guard<std::mutex> lock(mu);
-  fold_touched(table, seen, l, counts);
+  fold_wide(t, seen_wide, l, counts);
 }
 
 void summarize_span(Src src, const void* data, int64_t n, const HistLayout& l, bool histogram,
@@ -197,14 +227,12 @@ void summarize_span(Src src, const void* data, int64_t n, const HistLayout& l, b
   std::vector<BlockAcc> accs(nchunks);
   std::mutex mu;
   if (!histogram) {  // moments only, in parallel
+    const int64_t esize = static_cast<int64_t>(elem_size(src));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      float fbuf[kBlock];
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t end = std::min(n, (c + 1) * chunk);
-        for (int64_t off = c * chunk; off < end; off += kBlock) {
-          const int m = static_cast<int>(std::min<int64_t>(kBlock, end - off));
-          process_block(src, data, off, m, l, accs[c], nullptr, fbuf);
-        }
+        core::span_fused(elem_of(src), static_cast<const char*>(data) + c * chunk * esize,
+                         end - c * chunk, l.k, nullptr, accs[c]);
       }
     });
   } else if (nchunks == 1) {

@@ -137,7 +137,7 @@ class AnomalyWatch(Extension):
                 for pos, x in iter_float_tensors(inputs):
                     if x.device == tracer.device:
                         self._accumulate_input(tracer, (name, "input", pos, phase), x)
-            if phase == "train" and tracer.trace_gradients:
+            if phase == "train" and tracer.trace_activation_grads:
                 t = next((t for _, t in iter_float_tensors(output) if t.requires_grad), None)
                 if t is not None:
                     t.register_hook(tracer.guard(lambda g: self._backward_seen(name)))

@@ -54,9 +54,10 @@ def record(tracer: Tracer, name: str, module: nn.Module, output: Any) -> None:
         if slot is not None and tracer._pipe is not None:
             bank = tracer._pipe.bank
             ops.tensor_summary_out(output.detach(), slot, bank.counts, bank.moments, lay)
+            bank.touched.add(slot)  # the rows the writer takes (dynamo replays it per call)
             _note(tracer, slot, output)
             tracer._recorded = True
-    if tracer.trace_gradients and flows:
+    if tracer.trace_activation_grads and flows:
         # A gradient hook registered inside the graph makes AOT autograd save the bank for the
         # backward, and the forward's own later updates of the bank then fail autograd's
         # version check in backward: output gradients are not recorded in compiled graphs.

@@ -1,16 +1,25 @@
 """From filled stat banks to record batches on disk, off the training thread.
 
-CUDA: the bank is copied into a free pinned host buffer on a side stream, then reset there; an
-event marks completion and a background thread waits on it (only that thread blocks). Two device
-banks alternate, so the training stream never waits for a copy. CPU: the filled bank itself is
-handed to the background thread, which resets it and returns it to the pool.
+At a step's end the training thread hands the filled bank, with the list of rows used in the
+step, to a background writer and continues with a free bank from a pool (CUDA: an event marks
+the end of the step's device work; the training stream waits on the GPU, never on the host, for
+the new bank's reset). Only the used rows leave the bank, each compacted to its header, moments
+and the span of its non-zero histogram buckets as uint32:
 
-Memory is bounded: ``banks`` device banks and ``host_buffers`` pinned buffers. When the writer
-falls behind and no buffer is free, the step is dropped and counted; training never blocks.
+- CPU: ``_C.compact_rows`` reads and resets the used rows in one native pass without the GIL;
+- CUDA: the writer thread runs the same compaction as device ops on a side stream
+  (``StatBank.compact_bounds`` / ``gather_spans``), copies the compact rows to pinned memory and
+  resets the used rows there; it polls events and never calls a synchronising function.
+
+The bank goes back to the pool as soon as its rows are compacted. The writer coalesces the steps
+waiting in its queue into one record batch. Memory is bounded by the pool (``host_buffers``
+banks; 3 device banks on CUDA): when the writer falls behind and no bank is free, the step is
+dropped and counted; training never blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -20,18 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import _C
-from ..stats.bank import StatBank
+from ..stats.bank import StatBank, spans_from_nonzero
 from ..storage import layout as L
 from ..storage.layout import Layout
-from ..storage.rows import (
-    hist_with_empty,
-    scalar_state,
-    sparse_hist,
-    state_to_batch,
-)
+from ..storage.rows import label_columns, scalar_state, state_to_batch
+from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter
 
 SlotLabel = tuple[str, str, str, str]  # module, kind, tensor, phase
@@ -47,20 +53,44 @@ class VectorBlock(NamedTuple):
 
 @dataclass
 class _Job:
-    counts: torch.Tensor  # host (pinned on CUDA) or the CPU bank's own tensor
-    moments: torch.Tensor
+    bank: StatBank
+    rows: np.ndarray  # int64, the bank rows used this step
     step: int
     wall_time_s: float
     labels: Sequence[SlotLabel]
     meta: Sequence[tuple[str, tuple[int, ...]]]
     scalars: dict[str, float]
-    scalar_tensor: torch.Tensor | None = None  # values of tensor scalars, host
+    scalar_tensor: torch.Tensor | None = None  # values of tensor scalars (device)
     scalar_names: Sequence[str] = ()
-    event: Any = None
-    release: Callable[[], None] | None = None
+    event: Any = None  # CUDA: recorded on the training stream after the step's last op
     vector_labels: Sequence[SlotLabel] = ()
     vector_lengths: Sequence[int] = ()
-    vector_tensor: torch.Tensor | None = None  # all vectors of the step, flat, host float32
+    vector_tensor: torch.Tensor | None = None  # all vectors of the step, flat float32 (device)
+
+
+class _Compact(NamedTuple):
+    """A step's rows as the writer stores them (host numpy arrays)."""
+
+    job: _Job
+    header: np.ndarray  # int64[m, HEADER]
+    moments: np.ndarray  # float64[m, NUM_MOMENTS]
+    first: np.ndarray  # int32[m], hist_offset
+    offsets: np.ndarray  # int64[m + 1], span offsets into values
+    values: np.ndarray  # uint32, the spans back to back
+    scalars: np.ndarray | None  # float64 values of tensor scalars
+    vectors: np.ndarray | None  # float32, flat
+
+
+_TICK: Any = object()  # the coalescing window ended without a new step
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``t``, queued on the current stream (complete at its next event)."""
+    if not t.is_cuda:
+        return t.clone()
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    h.copy_(t, non_blocking=True)
+    return h
 
 
 @dataclass
@@ -68,12 +98,23 @@ class PipelineStats:
     steps_written: int = 0
     steps_dropped: int = 0
     rows: int = 0
+    batches: int = 0
     write_seconds: float = 0.0
+    writer_cpu_seconds: float = 0.0
+    bytes_to_host: int = 0  # compact rows taken from the banks (CUDA: copied device -> host)
     flush_us: list[float] = field(default_factory=list)
 
 
 class Pipeline:
     """Owns the banks and the background writer of one tracer."""
+
+    max_coalesce = 256  # steps per record batch at most
+    # Steps are compacted as they arrive (their bank goes back to the pool at once) and written
+    # together at most this long after the first of them: one record batch, one compression
+    # and one disk write per window instead of per step. A kill -9 loses at most this window.
+    coalesce_s = 0.5
+    # CPU banks compacted by the device-op path CUDA uses (tests check it against the native one)
+    device_ops = False
 
     def __init__(
         self,
@@ -96,21 +137,13 @@ class Pipeline:
         self._closed = False
         self._dead: BaseException | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        if self._cuda:
-            self._side = torch.cuda.Stream(device=device)
-            self._banks = [StatBank(slots, layout, device) for _ in range(2)]
-            self._bank_ready: list[Any] = [None, None]  # reset events
-            self._free_host: queue.Queue[tuple[torch.Tensor, torch.Tensor]] = queue.Queue()
-            self._host_buffers = host_buffers
-            for _ in range(host_buffers):
-                self._free_host.put(self._new_host(slots))
-        else:
-            self._host_buffers = host_buffers
-            self._free_banks: queue.Queue[StatBank] = queue.Queue()
-            for _ in range(host_buffers):
-                self._free_banks.put(StatBank(slots, layout, device))
-            self._banks = [StatBank(slots, layout, device)]
-        self._cur = 0
+        self._side = torch.cuda.Stream(device=device) if self._cuda else None
+        self._pool_size = min(host_buffers, 2) if self._cuda else host_buffers
+        self._free_banks: queue.Queue[StatBank] = queue.Queue()
+        for _ in range(self._pool_size):
+            self._free_banks.put(StatBank(slots, layout, device))
+        self._bank = StatBank(slots, layout, device)
+        self._label_cache: dict[Any, tuple[Any, Any, dict[str, pa.Array]]] = {}
         self._vectors: Sequence[VectorBlock] = ()
         self._thread = threading.Thread(target=self._run, name="dnntrace-writer", daemon=True)
         self._thread.start()
@@ -118,7 +151,7 @@ class Pipeline:
     # ---- the training thread ------------------------------------------------------------
     @property
     def bank(self) -> StatBank:
-        return self._banks[self._cur]
+        return self._bank
 
     @property
     def capacity(self) -> int:
@@ -126,14 +159,8 @@ class Pipeline:
 
     def memory_bytes(self) -> dict[str, int]:
         per_bank = self.bank.bytes
-        if self._cuda:
-            return {"device": 2 * per_bank, "host_pinned": self._host_buffers * per_bank}
-        return {"host": (1 + self._host_buffers) * per_bank}  # current bank + the pool
-
-    def _new_host(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = torch.empty((slots, self.layout.width), dtype=torch.int64, pin_memory=True)
-        m = torch.empty((slots, L.NUM_MOMENTS), dtype=torch.float64, pin_memory=True)
-        return c, m
+        where = "device" if self._cuda else "host"
+        return {where: (1 + self._pool_size) * per_bank}  # current bank + the pool
 
     def grow(self, slots: int) -> None:
         """Make the current bank hold ``slots`` rows, keeping what it holds (async copy)."""
@@ -141,14 +168,8 @@ class Pipeline:
         new = StatBank(slots, self.layout, self.device)
         new.counts[: old.slots].copy_(old.counts)
         new.moments[: old.slots].copy_(old.moments)
-        self._banks[self._cur] = new
-        if self._cuda:
-            other = 1 - self._cur
-            if self._banks[other].slots < slots:
-                if self._bank_ready[other] is not None:
-                    torch.cuda.current_stream(self.device).wait_event(self._bank_ready[other])
-                self._banks[other] = StatBank(slots, self.layout, self.device)
-                self._bank_ready[other] = None
+        new.touched = set(old.touched)
+        self._bank = new
 
     def submit(
         self,
@@ -160,129 +181,70 @@ class Pipeline:
     ) -> bool:
         """Hands the current bank's contents to the writer; False when the step was dropped."""
         t0 = time.perf_counter()
-        if self._dead is not None or self._closed:
-            self.bank.reset()
-            self.stats.steps_dropped += 1  # the writer stopped: the step is lost, and counted
-            return False
-        py_scalars = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
-        t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
-        self._vectors = vectors
-        ok = (
-            self._submit_cuda(step, labels, meta, py_scalars, t_names, scalars)
-            if self._cuda
-            else self._submit_cpu(step, labels, meta, py_scalars, t_names, scalars)
-        )
+        bank = self.bank
+        rows = np.fromiter(sorted(bank.touched), np.int64, len(bank.touched))
+        ok = False
+        if self._dead is None and not self._closed:
+            try:
+                fresh = self._free_banks.get_nowait()
+            except queue.Empty:
+                fresh = None  # the writer is behind: drop this step
+            if fresh is not None:
+                if fresh.slots < bank.slots:
+                    fresh = StatBank(bank.slots, self.layout, self.device)
+                ok = True
         if not ok:
-            self.stats.steps_dropped += 1
-        self.stats.flush_us.append((time.perf_counter() - t0) * 1e6)
-        if len(self.stats.flush_us) > 10_000:
-            del self.stats.flush_us[:5_000]
-        return ok
-
-    def _vector_index(self) -> tuple[list[SlotLabel], list[int]]:
-        labels = [lb for b in self._vectors for lb in b.labels]
-        lengths = [n for b in self._vectors for n in b.lengths]
-        return labels, lengths
-
-    def _vector_cat(self) -> torch.Tensor:
-        """All vector rows of the step in one new float32 tensor (one op for any number)."""
-        return torch.cat([b.flat.float() for b in self._vectors])
-
-    def _submit_cpu(self, step, labels, meta, py_scalars, t_names, scalars) -> bool:  # type: ignore[no-untyped-def]
-        try:
-            fresh = self._free_banks.get_nowait()
-        except queue.Empty:
-            self.bank.reset()  # writer behind: drop this step
+            self._reset(bank, rows)
+            self.stats.steps_dropped += 1  # the step is lost, and counted
+            self._note_flush(t0)
             return False
-        if fresh.slots < self.bank.slots:
-            fresh = StatBank(self.bank.slots, self.layout, self.device)
-        filled = self.bank
-        self._banks[0] = fresh
-        st = (
-            torch.stack([scalars[n].detach().double().reshape(()) for n in t_names])
-            if t_names
-            else None
-        )
-
-        def release() -> None:
-            filled.reset()
-            self._free_banks.put(filled)
-
+        assert fresh is not None
+        t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
         job = _Job(
-            filled.counts,
-            filled.moments,
+            bank,
+            rows,
             step,
             time.time(),
             labels,
             meta,
-            py_scalars,
-            st,
-            t_names,
-            None,
-            release,
-        )
-        if self._vectors:
-            job.vector_labels, job.vector_lengths = self._vector_index()
-            job.vector_tensor = self._vector_cat()  # a copy: the writer owns it
-        self._jobs.put(job)
-        return True
-
-    def _submit_cuda(self, step, labels, meta, py_scalars, t_names, scalars) -> bool:  # type: ignore[no-untyped-def]
-        main = torch.cuda.current_stream(self.device)
-        bank = self.bank
-        try:
-            host = self._free_host.get_nowait()
-        except queue.Empty:
-            bank.reset()  # on the main stream, in order: the step is dropped
-            return False
-        if host[0].shape[0] < bank.slots:
-            host = self._new_host(bank.slots)
-        st_dev = (
+            {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)},
             torch.stack([scalars[n].detach().double().reshape(()) for n in t_names])
             if t_names
-            else None
+            else None,
+            t_names,
         )
-        vec_dev = self._vector_cat() if self._vectors else None
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            hc = host[0][: bank.slots]
-            hm = host[1][: bank.slots]
-            hc.copy_(bank.counts, non_blocking=True)
-            hm.copy_(bank.moments, non_blocking=True)
-            st_host = None
-            if st_dev is not None:
-                st_host = torch.empty(st_dev.shape, dtype=st_dev.dtype, pin_memory=True)
-                st_host.copy_(st_dev, non_blocking=True)
-                st_dev.record_stream(self._side)
-            vec_host = None
-            if vec_dev is not None:
-                vec_host = torch.empty(vec_dev.shape, dtype=vec_dev.dtype, pin_memory=True)
-                vec_host.copy_(vec_dev, non_blocking=True)
-                vec_dev.record_stream(self._side)
-            bank.reset()
-            done = torch.cuda.Event()
-            done.record(self._side)
-        bank.counts.record_stream(self._side)
-        bank.moments.record_stream(self._side)
-        self._bank_ready[self._cur] = done
-        # switch to the other bank; the main stream waits (on the GPU) for its earlier reset
-        self._cur = 1 - self._cur
-        if self._bank_ready[self._cur] is not None:
-            main.wait_event(self._bank_ready[self._cur])
-        if self.bank.slots < bank.slots:
-            self._banks[self._cur] = StatBank(bank.slots, self.layout, self.device)
-
-        def release() -> None:
-            self._free_host.put(host)
-
-        job = _Job(
-            hc, hm, step, time.time(), labels, meta, py_scalars, st_host, t_names, done, release
-        )
-        if vec_host is not None:
-            job.vector_labels, job.vector_lengths = self._vector_index()
-            job.vector_tensor = vec_host
+        if vectors:
+            job.vector_labels = [lb for b in vectors for lb in b.labels]
+            job.vector_lengths = [n for b in vectors for n in b.lengths]
+            # one new float32 tensor for any number of blocks: the writer owns it
+            job.vector_tensor = torch.cat([b.flat.float() for b in vectors])
+        if self._cuda:
+            job.event = torch.cuda.Event()
+            job.event.record()
+            if fresh.ready is not None:  # its reset on the side stream, waited for on the GPU
+                torch.cuda.current_stream(self.device).wait_event(fresh.ready)
+                fresh.ready = None
+        self._bank = fresh
         self._jobs.put(job)
+        self._note_flush(t0)
         return True
+
+    def _note_flush(self, t0: float) -> None:
+        self.stats.flush_us.append((time.perf_counter() - t0) * 1e6)
+        if len(self.stats.flush_us) > 10_000:
+            del self.stats.flush_us[:5_000]
+
+    def _reset(self, bank: StatBank, rows: np.ndarray) -> None:
+        """Clears the used rows of a bank (on the current stream)."""
+        if len(rows):
+            bank.reset_rows(self._index(rows))
+        bank.touched = set()
+
+    def _index(self, rows: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(rows)
+        if self._cuda:
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        return idx
 
     def close(self, timeout: float = 60.0) -> None:
         if self._closed:
@@ -305,7 +267,7 @@ class Pipeline:
         # Build one throw-away batch first: the first conversion imports and initialises pyarrow
         # pieces (~0.5 s), which would otherwise make the first steps of a fast loop drop.
         try:
-            empty = np.zeros((1, self.layout.width), np.int64)
+            empty = np.zeros((1, L.HEADER), np.int64)
             state_to_batch(
                 empty,
                 np.zeros((1, L.NUM_MOMENTS)),
@@ -317,90 +279,281 @@ class Pipeline:
                 dtype=[""],
                 shape=[()],
                 values=[np.zeros(1, np.float32)],
+                hist=(np.zeros(1, np.int32), pa.array([[]], pa.list_(pa.uint32()))),
             )
         except Exception:  # noqa: BLE001 - only a warm-up; real errors surface on real jobs
             pass
+        pending: list[_Compact] = []
+        since = 0.0  # when the oldest pending step was compacted
         while True:
-            job = self._jobs.get()
+            wait = None if not pending else max(0.0, since + self.coalesce_s - time.monotonic())
+            try:
+                job = self._jobs.get(timeout=wait)
+            except queue.Empty:
+                job = _TICK
+            c0, t0 = time.thread_time(), time.perf_counter()
+            if job is not None and job is not _TICK:
+                try:
+                    if self._dead is None:
+                        pending.append(self._compact(job))  # returns the bank, even failing
+                        since = since if len(pending) > 1 else time.monotonic()
+                    else:
+                        self._release(job.bank, job.rows)
+                        self.stats.steps_dropped += 1
+                except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
+                    self._failed(e, 1)
+            if pending and (
+                job is None
+                or job is _TICK
+                or len(pending) >= self.max_coalesce
+                or time.monotonic() - since >= self.coalesce_s
+            ):
+                try:
+                    if self._dead is None:
+                        self._write(pending)
+                        self.stats.steps_written += len(pending)
+                    else:
+                        self.stats.steps_dropped += len(pending)
+                except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
+                    self._failed(e, len(pending))
+                pending = []
+            self.stats.write_seconds += time.perf_counter() - t0
+            self.stats.writer_cpu_seconds += time.thread_time() - c0
             if job is None:
                 return
-            try:
-                if self._dead is None:
-                    if job.event is not None:
-                        # poll rather than cudaEventSynchronize: query() never counts as a
-                        # synchronising call (sync-debug mode) and only this thread waits
-                        while not job.event.query():
-                            time.sleep(0.0002)
-                    t0 = time.perf_counter()
-                    self._write(job)
-                    self.stats.write_seconds += time.perf_counter() - t0
-                    self.stats.steps_written += 1
-                else:
-                    self.stats.steps_dropped += 1
-            except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
-                self._dead = e
-                self.stats.steps_dropped += 1
-                self._on_error(e)
-            finally:
-                if job.release is not None:
-                    job.release()
 
-    def _write(self, job: _Job) -> None:
-        counts = job.counts.numpy()
-        moments = job.moments.numpy()
-        n = min(len(job.labels), counts.shape[0])
-        used = np.flatnonzero(counts[:n, L.CALLS] > 0)
-        labels = [job.labels[i] for i in used]
-        meta = [job.meta[i] for i in used]
-        counts, moments = counts[used], moments[used]
-        # Histograms of the tensor rows only; scalar and vector rows carry none, so they are
-        # built with the header columns alone (a full row is layout.width int64s).
-        hist = sparse_hist(counts[:, L.HEADER :])
-        counts = counts[:, : L.HEADER]
+    def _failed(self, e: BaseException, steps: int) -> None:
+        self.stats.steps_dropped += steps
+        if self._dead is None:
+            self._dead = e
+            self._on_error(e)
+
+    def _release(self, bank: StatBank, rows: np.ndarray) -> None:
+        """Resets the used rows of a handed-over bank and returns it to the pool."""
+        if self._cuda:
+            assert self._side is not None
+            with torch.cuda.stream(self._side):
+                self._reset(bank, rows)
+                bank.ready = torch.cuda.Event()
+                bank.ready.record(self._side)
+        else:
+            self._reset(bank, rows)
+        self._free_banks.put(bank)
+
+    def _wait(self, event: Any) -> None:
+        # poll rather than cudaEventSynchronize: query() never counts as a synchronising call
+        # (sync-debug mode) and only this thread waits
+        while not event.query():
+            time.sleep(0.0002)
+
+    def _compact(self, job: _Job) -> _Compact:
+        """The used rows of the job's bank as compact host arrays; the bank is reset and returned
+        to the pool (also when this fails)."""
+        bank = job.bank
+        if not self._cuda and not self.device_ops:
+            try:
+                header, moments, first, offsets, values, nonzero = _C.compact_rows(
+                    bank.counts.numpy(), bank.moments.numpy(), job.rows, True
+                )
+            except BaseException:
+                self._release(bank, job.rows)
+                raise
+            bank.touched = set()
+            self._free_banks.put(bank)
+            st = job.scalar_tensor.numpy() if job.scalar_tensor is not None else None
+            vt = job.vector_tensor.numpy() if job.vector_tensor is not None else None
+            # what the CUDA path moves for these rows: header, moments, 4 bounds per row and 6
+            # bytes per non-zero bucket
+            self.stats.bytes_to_host += len(job.rows) * (L.HEADER + L.NUM_MOMENTS + 4) * 8
+            self.stats.bytes_to_host += 6 * nonzero + (vt.nbytes if vt is not None else 0)
+            return _Compact(job, header, moments, first, offsets, values, st, vt)
+        return self._compact_device(job)
+
+    def _stream(self) -> Any:
+        return torch.cuda.stream(self._side) if self._cuda else contextlib.nullcontext()
+
+    def _done(self) -> None:
+        """Waits (polling an event) for the work queued on the side stream."""
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(self._side)
+            self._wait(ev)
+
+    def _compact_device(self, job: _Job) -> _Compact:
+        """Two rounds on the side stream, each ended by a polled event: (1) the rows' headers,
+        moments and span bounds; (2) their non-zero buckets as (uint16 index, uint32 count), now
+        that their number is known here. The dense spans of the file are rebuilt on the host."""
+        bank = job.bank
+        if job.event is not None:
+            self._wait(job.event)
+        m = len(job.rows)
+        moved = 0
+        try:
+            with self._stream():
+                idx = self._index(job.rows)
+                header, moments, bounds, hist = bank.compact_bounds(idx)
+                small = [_to_host(t) for t in (header, moments, bounds)]
+                extra = []
+                for t in (job.scalar_tensor, job.vector_tensor):
+                    if t is not None and self._side is not None:
+                        t.record_stream(self._side)
+                    extra.append(_to_host(t) if t is not None else None)
+            self._done()
+            h_header, h_moments, h_bounds = (t.numpy() for t in small)
+            first, length, nnz, biggest = h_bounds
+            if m and biggest.max() > np.iinfo(np.uint32).max:
+                raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
+            total = int(nnz.sum())
+            with self._stream():
+                index, count = StatBank.gather_nonzero(hist, total)
+                pairs = (_to_host(index), _to_host(count))
+            self._done()
+        finally:
+            self._release(bank, job.rows)
+        offsets = np.zeros(m + 1, np.int64)
+        np.cumsum(length, out=offsets[1:])
+        values = spans_from_nonzero(first, nnz, offsets, pairs[0].numpy(), pairs[1].numpy())
+        for t in (*small, *pairs, *extra):
+            if t is not None:
+                moved += t.numpy().nbytes
+        self.stats.bytes_to_host += moved
+        return _Compact(
+            job,
+            h_header,
+            h_moments,
+            first.astype(np.int32),
+            offsets,
+            values,
+            extra[0].numpy() if extra[0] is not None else None,
+            extra[1].numpy() if extra[1] is not None else None,
+        )
+
+    def _write(self, parts: Sequence[_Compact]) -> None:
+        """The steps of ``parts`` as one record batch: their rows concatenated, one conversion."""
+        pieces = [p for p in (self._rows(part) for part in parts) if p is not None]
+        if not pieces:
+            return
+        counts = np.concatenate([p["counts"] for p in pieces])
+        moments = np.concatenate([p["moments"] for p in pieces])
+        first = np.concatenate([p["first"] for p in pieces])
+        lengths = np.concatenate([p["lengths"] for p in pieces])
+        values = np.concatenate([p["values"] for p in pieces])
+        list_offsets = np.zeros(len(lengths) + 1, np.int32)
+        np.cumsum(lengths, out=list_offsets[1:])
+        n_rows = [len(p["lengths"]) for p in pieces]
+        step = np.repeat([p["step"] for p in pieces], n_rows)
+        wall = np.repeat([p["wall"] for p in pieces], n_rows)
+        if len(pieces) == 1:
+            cols = pieces[0]["cols"]
+        else:  # dictionaries unified where the steps' label sets differ
+            cols = {
+                k: pa.chunked_array([p["cols"][k] for p in pieces]).combine_chunks()
+                for k in pieces[0]["cols"]
+            }
+        vectors = None
+        if any(p["vectors"] for p in pieces):
+            vectors = [v for p in pieces for v in (p["vectors"] or [None] * len(p["lengths"]))]
+        batch = state_to_batch(
+            counts,
+            moments,
+            self.layout,
+            step=step,
+            rank=self.rank,
+            wall_time_s=wall,
+            values=vectors,
+            hist=(first, pa.ListArray.from_arrays(pa.array(list_offsets), pa.array(values))),
+            columns=cols,
+        )
+        self.writer.write(batch)
+        self.stats.rows += batch.num_rows
+        self.stats.batches += 1
+
+    def _labels(
+        self,
+        job: _Job,
+        rows: np.ndarray,
+        extra: Sequence[SlotLabel],
+        extra_meta: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> dict[str, pa.Array]:
+        """Label columns of the rows (tensor rows, then scalar and vector rows), in the schema's
+        types, cached: the same rows are used step after step. The entry keeps the label tuples
+        alive, so their ids in the key are not reused."""
+        key = (id(job.labels), id(job.meta), rows.tobytes(), tuple(extra), tuple(extra_meta))
+        hit = self._label_cache.get(key)
+        if hit is not None and hit[0] is job.labels and hit[1] is job.meta:
+            return hit[2]
+        if len(self._label_cache) > 64:
+            self._label_cache.clear()
+        cols = label_columns(
+            [job.labels[i] for i in rows] + list(extra),
+            [job.meta[i] for i in rows] + list(extra_meta),
+        )
+        for name, v in cols.items():
+            ftype = BASE_SCHEMA.field(name).type
+            if pa.types.is_dictionary(ftype):
+                v = v.dictionary_encode()
+            cols[name] = v.cast(ftype)
+        self._label_cache[key] = (job.labels, job.meta, cols)
+        return cols
+
+    def _rows(self, part: _Compact) -> dict[str, Any] | None:
+        """A step's rows: tensor rows with calls, then scalar rows, then vector rows."""
+        job = part.job
+        n = min(len(job.labels), job.bank.slots)
+        header, moments, first, offsets = part.header, part.moments, part.first, part.offsets
+        keep = (header[:, L.CALLS] > 0) & (job.rows < n)
+        rows = job.rows
+        lengths = np.diff(offsets)
+        values = part.values
+        if not keep.all():
+            sel = np.flatnonzero(keep)
+            starts = offsets[:-1][sel]
+            lengths = lengths[sel]
+            values = (
+                np.concatenate(
+                    [part.values[a : a + b] for a, b in zip(starts, lengths, strict=True)]
+                )
+                if len(sel)
+                else np.zeros(0, np.uint32)
+            )
+            header, moments, first, rows = header[sel], moments[sel], first[sel], rows[sel]
+        labels: list[SlotLabel] = []
+        meta: list[tuple[str, tuple[int, ...]]] = []
+        extra_c: list[np.ndarray] = [header]
+        extra_m: list[np.ndarray] = [moments]
         names = list(job.scalars)
         svalues = list(job.scalars.values())
-        if job.scalar_tensor is not None:
+        if part.scalars is not None:
             names += list(job.scalar_names)
-            svalues += job.scalar_tensor.tolist()
-        extra_c: list[np.ndarray] = [counts]
-        extra_m: list[np.ndarray] = [moments]
+            svalues += part.scalars.tolist()
         if names:  # scalar rows ride in the same record batch
             sc, sm = scalar_state(svalues, self.layout, width=L.HEADER)
             extra_c.append(sc)
             extra_m.append(sm)
             labels += [("", "scalar", name, "train") for name in names]
             meta += [("float64", ())] * len(names)
-        values: list[np.ndarray | None] | None = None
-        if job.vector_tensor is not None:  # vector rows too
-            flat = job.vector_tensor.numpy()
+        vecs: list[np.ndarray] = []
+        if part.vectors is not None:  # vector rows too
+            flat = part.vectors
             vecs = np.split(flat, np.cumsum(job.vector_lengths)[:-1])
-            lengths = np.asarray(job.vector_lengths, np.int64)
-            vc, vm = _C.vector_row_stats(flat, lengths, L.HEADER)  # = vector_state, one pass
-            values = [None] * len(labels) + list(vecs)
+            vlen = np.asarray(job.vector_lengths, np.int64)
+            vc, vm = _C.vector_row_stats(flat, vlen, L.HEADER)  # = vector_state, one pass
             extra_c.append(vc)
             extra_m.append(vm)
             labels += list(job.vector_labels)
-            meta += [("float32", (int(n),)) for n in job.vector_lengths]
-        if not labels:
-            return
-        counts = np.concatenate(extra_c) if len(extra_c) > 1 else counts
-        moments = np.concatenate(extra_m) if len(extra_m) > 1 else moments
-        hist = hist_with_empty(*hist, counts.shape[0] - len(hist[0]))
-        batch = state_to_batch(
-            counts,
-            moments,
-            self.layout,
-            step=job.step,
-            module=[lb[0] for lb in labels],
-            kind=[lb[1] for lb in labels],
-            tensor=[lb[2] for lb in labels],
-            phase=[lb[3] for lb in labels],
-            dtype=[m[0] for m in meta],
-            shape=[m[1] for m in meta],
-            rank=self.rank,
-            wall_time_s=job.wall_time_s,
-            values=values,
-            hist=hist,
-        )
-        self.writer.write(batch)
-        self.stats.rows += batch.num_rows
+            meta += [("float32", (int(k),)) for k in job.vector_lengths]
+        if len(rows) + len(labels) == 0:
+            return None
+        return {
+            "counts": np.concatenate(extra_c) if len(extra_c) > 1 else header,
+            "moments": np.concatenate(extra_m) if len(extra_m) > 1 else moments,
+            "first": np.concatenate([first, np.zeros(len(labels), np.int32)]),
+            "lengths": np.concatenate([lengths, np.zeros(len(labels), lengths.dtype)]),
+            "values": values,
+            "step": job.step,
+            "wall": job.wall_time_s,
+            "cols": self._labels(job, rows, labels, meta),
+            "vectors": [None] * (len(rows) + len(labels) - len(vecs)) + list(vecs)
+            if vecs
+            else None,
+        }

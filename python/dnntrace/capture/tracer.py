@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import errno
+import inspect
 import os
 import platform
 import sys
@@ -31,6 +33,7 @@ from ..storage.writer import TraceWriter
 from . import compiled as _compiled
 from . import optim as _optim
 from .pipeline import Pipeline, SlotLabel, VectorBlock
+from .readonce import ReadOnce
 from .selection import ModuleSpec, iter_float_tensors, select_modules
 
 _ACTIVE: dict[int, Tracer] = {}  # id(model) -> tracer
@@ -77,6 +80,31 @@ class Extension:
 
     def close(self, tracer: Tracer) -> None:
         return None
+
+
+def _kinds(
+    activations: Any,
+    gradients: Any,
+    weights: Any,
+    activation_grads: Any,
+    weight_grads: Any,
+) -> tuple[bool, bool]:
+    """(activation_grads, weight_grads): ``gradients`` is the shorthand for both; an explicit
+    ``activation_grads`` / ``weight_grads`` wins over it."""
+    for name, v in (
+        ("activations", activations),
+        ("weights", weights),
+        ("gradients", gradients),
+        ("activation_grads", activation_grads),
+        ("weight_grads", weight_grads),
+    ):
+        if not isinstance(v, bool) and not (v is None and name not in ("activations", "weights")):
+            raise ValueError(f"dnntrace.enable: {name} must be True or False, got {v!r}")
+    both = True if gradients is None else gradients
+    return (
+        both if activation_grads is None else activation_grads,
+        both if weight_grads is None else weight_grads,
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -128,8 +156,10 @@ class Tracer:
         *,
         every: int = 1,
         activations: bool = True,
-        gradients: bool = True,
+        gradients: bool | None = None,
         weights: bool = True,
+        activation_grads: bool | None = None,
+        weight_grads: bool | None = None,
         modules: ModuleSpec = None,
         k: int = 6,
         emin: int = DEFAULT_EMIN,
@@ -170,13 +200,18 @@ class Tracer:
                 f"dnntrace.enable: activations_every must be a positive int, got "
                 f"{activations_every!r}"
             )
+        activation_grads, weight_grads = _kinds(
+            activations, gradients, weights, activation_grads, weight_grads
+        )
         self.layout = Layout(k, emin, octaves)  # validates k / emin / octaves
         self.model = model
         self.path = os.fspath(path)
         self.every = every
         self.activations_every = activations_every or every
         self.trace_activations = activations
-        self.trace_gradients = gradients
+        self.trace_activation_grads = activation_grads
+        self.trace_weight_grads = weight_grads
+        self.trace_gradients = activation_grads or weight_grads  # either kind of gradient
         self.trace_weights = weights
         self.strict = strict
         self.log_lr = log_lr
@@ -250,6 +285,8 @@ class Tracer:
         self._module_index = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self._ext_ended = False  # extensions' on_step_end ran for the step that ended
         self._warned_cleared = False
+        self._read_once = ReadOnce()
+        self._grad_hooks: dict[SlotLabel, Callable[[torch.Tensor], None]] = {}
         self.extensions = list(extensions)
         if units:
             from .units import UnitStats
@@ -278,8 +315,10 @@ class Tracer:
             "every": every,
             "activations_every": self.activations_every,
             "activations": activations,
-            "gradients": gradients,
+            "gradients": activation_grads and weight_grads,
+            "activation_grads": activation_grads,
             "weights": weights,
+            "weight_grads": weight_grads,
             "modules": None if modules is None else repr(modules),
             "k": k,
             "emin": emin,
@@ -370,11 +409,11 @@ class Tracer:
         )
         self._weight_slots: list[int] = []
         self._grad_slots: list[int] = []
-        if self.trace_weights or self.trace_gradients:
+        if self.trace_weights or self.trace_weight_grads:
             for mname, pname, _ in self._params:
                 if self.trace_weights:
                     self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
-                if self.trace_gradients:
+                if self.trace_weight_grads:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
         _compiled.preassign_slots(self)
         self._install_hooks(optimizer)
@@ -406,7 +445,7 @@ class Tracer:
             return  # another device than the bank's (model parallel): not traced
         slot = self._slot(label)
         self._note(slot, x)
-        self._pipe.bank.accumulate(x, slot)
+        self._read_once.accumulate(self._pipe.bank, x, slot)
         self._recorded = True
 
     # ---- hooks --------------------------------------------------------------------------
@@ -449,14 +488,14 @@ class Tracer:
         return self.step_index % every == 0
 
     def _install_hooks(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if self.trace_activations or self.trace_gradients:
+        if self.trace_activations or self.trace_activation_grads:
             for name, mod in self._modules:
                 self._handles.append(
                     mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
                 )
         # the next step begins with the model's next forward: the step just ended is written
         self._handles.append(self.model.register_forward_pre_hook(self._guard(self._root_pre_hook)))
-        if self.trace_gradients and optimizer is None:
+        if self.trace_weight_grads and optimizer is None:
             # Until an optimizer steps, note which gradients a backward produced: tracer.step()
             # records them (an optimizer, once found, records them in its pre-step hook).
             for i, (_, _, p) in enumerate(self._params):
@@ -501,7 +540,7 @@ class Tracer:
                 # activations were recorded by the original forward. Reentrant checkpointing
                 # backpropagates through the recomputed outputs, so their gradients are taken
                 # here (non-reentrant recompute outputs are not on the graph: no hook fires).
-                if flows and self.trace_gradients:
+                if flows and self.trace_activation_grads:
                     for pos, t in tensors:
                         if t.requires_grad:
                             label = (name, "activation_grad", pos, "train")
@@ -511,9 +550,14 @@ class Tracer:
             for pos, t in tensors:
                 if self.trace_activations:
                     self._accumulate((name, "activation", pos, phase), t)
-                if self.trace_gradients and flows and t.requires_grad:
+                if self.trace_activation_grads and flows and t.requires_grad:
                     label = (name, "activation_grad", pos, phase)
-                    t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
+                    fn = self._grad_hooks.get(label)
+                    if fn is None:  # one guarded hook per label, made once
+                        fn = self._grad_hooks[label] = self._guard(
+                            self._make_tensor_grad_hook(label)
+                        )
+                    t.register_hook(fn)
 
         return hook
 
@@ -582,7 +626,7 @@ class Tracer:
         if extensions:
             for ext in self.extensions:
                 ext.before_optimizer_step(self, opt)
-        if self.trace_gradients and self._sampling(self.every):
+        if self.trace_weight_grads and self._sampling(self.every):
             idx = self._param_indices(opt)
             if len(self._stepped) == 1:  # the step's first optimizer also takes orphans
                 idx = idx + [i for i in range(len(self._params)) if i not in self._held]
@@ -683,6 +727,8 @@ class Tracer:
             self.record_vector("", "exec_order", "first_call", order)
         if not self._ext_ended and self.disabled_reason is None:
             self._ext_ended = True
+            if self._pipe is not None:
+                self._read_once.apply(self._pipe.bank)  # duplicates' rows, before extensions
             for ext in self.extensions:
                 ext.on_step_end(self)
         self._end_pending = True
@@ -701,7 +747,7 @@ class Tracer:
         if self._compiled_lost:
             names = ", ".join(repr(n) for n in sorted(self._compiled_lost)[:5])
             lost.append(f"the tuple/dict outputs of {len(self._compiled_lost)} modules ({names})")
-        if self.activations_every != 1 and (self.trace_activations or self.trace_gradients):
+        if self.activations_every != 1 and (self.trace_activations or self.trace_activation_grads):
             lost.append(
                 f"the activations_every={self.activations_every} cadence (compiled graphs record "
                 "activations every step)"
@@ -838,7 +884,7 @@ class Tracer:
                     return
                 if self._dirty:
                     dirty, self._dirty = sorted(self._dirty), set()
-                    if self.trace_gradients and self._sampling(self.every):
+                    if self.trace_weight_grads and self._sampling(self.every):
                         lost = [i for i in dirty if self._params[i][2].grad is None]
                         if lost and not self._warned_cleared:
                             self._warned_cleared = True
@@ -881,6 +927,7 @@ class Tracer:
         if not closing:
             self._record_weights(range(len(self._params)))
         self._weights_done.clear()
+        self._read_once.end_step(self._pipe.bank)
         if not self._recorded and not self._scalars and not self._vectors:
             return
         if self._labels_snapshot is None:
@@ -903,6 +950,12 @@ class Tracer:
                 "memory_bytes": {},
                 "flush_us_median": 0.0,
                 "write_seconds": 0.0,
+                "reads_saved": 0,
+                "bytes_read_saved": 0,
+                "writer_cpu_seconds": 0.0,
+                "bytes_to_host": 0,
+                "bank_bytes": 0,
+                "batches": 0,
                 "disabled": self.disabled_reason,
             }
         s = self._pipe.stats
@@ -916,6 +969,12 @@ class Tracer:
             "memory_bytes": self._pipe.memory_bytes(),
             "flush_us_median": flush[len(flush) // 2] if flush else 0.0,
             "write_seconds": s.write_seconds,
+            "reads_saved": self._read_once.reads_saved,
+            "bytes_read_saved": self._read_once.bytes_saved,
+            "writer_cpu_seconds": s.writer_cpu_seconds,
+            "bytes_to_host": s.bytes_to_host,
+            "bank_bytes": self._pipe.bank.bytes,
+            "batches": s.batches,
             "disabled": self.disabled_reason,
         }
 
@@ -995,7 +1054,10 @@ def enable(
     """Starts tracing ``model`` into ``path`` and returns the ``Tracer``.
 
     Options: ``every`` (trace every n-th step), ``activations_every`` (activations and output
-    gradients on another cadence), ``activations``, ``gradients``, ``weights`` (bools),
+    gradients on another cadence); the kinds recorded, each a bool: ``activations`` (module
+    outputs), ``activation_grads`` (gradients w.r.t. them), ``weights``, ``weight_grads``
+    (``gradients`` sets both gradient kinds; ``activations=False, activation_grads=False`` records
+    what wandb.watch and TensorBoard do: weights and weight gradients only);
     ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
     ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
     ``strict`` (raise instead of disabling on internal errors), ``host_memory_mb`` (host memory
@@ -1018,7 +1080,18 @@ def enable(
             f"dnntrace.enable: this model is already traced into {old.path!r}; call "
             "dnntrace.disable(model) first"
         )
+    unknown = [k for k in options if k not in _OPTIONS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], _OPTIONS, n=1)
+        raise TypeError(
+            f"dnntrace.enable: unknown option {unknown[0]!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; options: {', '.join(sorted(_OPTIONS))}"
+        )
     return Tracer(model, path, **options)
+
+
+_OPTIONS = tuple(inspect.signature(Tracer.__init__).parameters)[3:]  # after self, model, path
 
 
 def disable(model: nn.Module) -> dict[str, Any] | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +32,8 @@ class StatBank:
         self.device = torch.device(device)
         self.counts = torch.zeros((slots, self.layout.width), dtype=torch.int64, device=self.device)
         self.moments = torch.zeros((slots, L.NUM_MOMENTS), dtype=torch.float64, device=self.device)
+        self.touched: set[int] = set()  # rows added to since the last reset (host-side record)
+        self.ready: Any = None  # CUDA: event after which the bank is reset (set by the writer)
         self.reset()
 
     @property
@@ -41,6 +45,7 @@ class StatBank:
         return self.counts.numel() * 8 + self.moments.numel() * 8
 
     def reset(self) -> None:
+        self.touched = set()
         self.counts.zero_()
         self.moments.zero_()
         self.moments[:, L.MIN] = math.inf
@@ -56,7 +61,29 @@ class StatBank:
         empty[0, L.MAX] = -math.inf
         self.moments.index_copy_(0, rows, empty.expand(rows.numel(), L.NUM_MOMENTS))
 
+    def merge_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Adds the state of row ``src[i]`` into row ``dst[i]`` for every i, as if the tensors
+        summarised in ``src[i]`` had also been summarised in ``dst[i]`` (counts and sums added,
+        min/max combined). Device ops only, no sync; ``dst`` may repeat and may equal ``src``."""
+        if not src:
+            return
+        self.touched.update(dst)
+        index = torch.tensor([*src, *dst], dtype=torch.long)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        s, d = index[: len(src)], index[len(src) :]
+        counts = self.counts.index_select(0, s)
+        moments = self.moments.index_select(0, s)
+        lo = moments[:, L.MIN].clone()
+        hi = moments[:, L.MAX].clone()
+        moments[:, L.MIN : L.MAX + 1] = 0.0
+        self.counts.index_add_(0, d, counts)
+        self.moments.index_add_(0, d, moments)
+        self.moments[:, L.MIN].scatter_reduce_(0, d, lo, "amin")
+        self.moments[:, L.MAX].scatter_reduce_(0, d, hi, "amax")
+
     def accumulate(self, x: Tensor, slot: int, *, histogram: bool = True) -> None:
+        self.touched.add(slot)
         ops.tensor_summary_out(
             x.detach(), slot, self.counts, self.moments, self.layout, histogram=histogram
         )
@@ -64,6 +91,7 @@ class StatBank:
     def accumulate_many(
         self, xs: Sequence[Tensor], slots: Sequence[int], *, histogram: bool = True
     ) -> None:
+        self.touched.update(slots)
         ops.multi_tensor_summary_out(
             [x.detach() for x in xs],
             slots,
@@ -73,7 +101,53 @@ class StatBank:
             histogram=histogram,
         )
 
+    def compact_bounds(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Device-side first half of the compaction the CUDA writer does (torch ops, no sync):
+        (header int64[m,16], moments float64[m,8], bounds int64[4, m], hist) of the rows
+        ``rows``; ``bounds`` holds each histogram's first non-zero bucket, its span length up to
+        the last non-zero one, its number of non-zero buckets and its largest bucket."""
+        counts = self.counts.index_select(0, rows)
+        hist = counts[:, L.HEADER :]
+        nz = (hist != 0).to(torch.int8)
+        bins = hist.shape[1]
+        first = nz.argmax(1)
+        last = bins - 1 - nz.flip(1).argmax(1)
+        nnz = nz.sum(1)
+        first = torch.where(nnz > 0, first, 0)
+        length = torch.where(nnz > 0, last - first + 1, 0)
+        bounds = torch.stack([first, length, nnz, hist.amax(1)])
+        return counts[:, : L.HEADER], self.moments.index_select(0, rows), bounds, hist
+
+    @staticmethod
+    def gather_nonzero(hist: Tensor, total: int) -> tuple[Tensor, Tensor]:
+        """Second half: the non-zero buckets of ``hist`` (the rows from ``compact_bounds``) in
+        row-major order as (bucket index within the row, int16 bits of a uint16; count, int32
+        bits of a uint32); ``total`` = their number, known on the host from the first half, so
+        no sync (no ``nonzero``: each non-zero bucket is scattered to its rank)."""
+        flat = hist.reshape(-1)
+        mask = flat != 0
+        dest = torch.where(mask, torch.cumsum(mask, 0) - 1, total)
+        col = torch.arange(flat.numel(), device=flat.device) % max(hist.shape[1], 1)
+        index = torch.zeros(total + 1, dtype=torch.int32, device=flat.device)
+        index.scatter_(0, dest, col.to(torch.int32))
+        count = torch.zeros(total + 1, dtype=torch.int32, device=flat.device)
+        count.scatter_(0, dest, flat.to(torch.int32))
+        return index[:total].to(torch.int16), count[:total]
+
     def summary(self, slot: int) -> Summary:
         return Summary(
             self.counts[slot].cpu().numpy(), self.moments[slot].cpu().numpy(), self.layout
         )
+
+
+def spans_from_nonzero(
+    first: np.ndarray, nnz: np.ndarray, offsets: np.ndarray, index: np.ndarray, count: np.ndarray
+) -> np.ndarray:
+    """The dense spans (uint32, back to back at ``offsets``) from ``gather_nonzero``'s output:
+    row ``i`` holds ``nnz[i]`` of the (index, count) pairs, its span starts at bucket
+    ``first[i]``."""
+    values = np.zeros(int(offsets[-1]), np.uint32)
+    row = np.repeat(np.arange(len(nnz)), nnz)
+    col = index.view(np.uint16).astype(np.int64)
+    values[offsets[:-1][row] + col - first[row]] = count.view(np.uint32)
+    return values

@@ -115,25 +115,44 @@ def hist_with_empty(
     return np.concatenate([offsets, np.zeros(extra, offsets.dtype)]), out
 
 
+def label_columns(
+    labels: Sequence[tuple[str, str, str, str]], meta: Sequence[tuple[str, tuple[int, ...]]]
+) -> dict[str, pa.Array]:
+    """The label columns of rows labelled (module, kind, tensor, phase) with (dtype, shape), as
+    plain arrays for ``state_to_batch(columns=...)`` (the writer caches them across steps)."""
+    n = len(labels)
+    return {
+        "module": pa.array([lb[0] for lb in labels], pa.string()),
+        "kind": pa.array([lb[1] for lb in labels], pa.string()),
+        "tensor": pa.array([lb[2] for lb in labels], pa.string()),
+        "phase": pa.array([lb[3] for lb in labels], pa.string()),
+        "dtype": pa.array([m[0] for m in meta], pa.string()),
+        "shape": pa.array([list(m[1]) for m in meta], pa.list_(pa.int64())),
+        "numel": pa.array(np.array([int(np.prod(m[1])) for m in meta], np.int64).reshape(n)),
+    }
+
+
 def state_to_batch(
     counts: np.ndarray,
     moments: np.ndarray,
     layout: Layout,
     *,
     step: int | np.ndarray,
-    module: Sequence[str],
-    kind: Sequence[str],
-    tensor: Sequence[str],
-    dtype: Sequence[str],
-    shape: Sequence[Sequence[int]],
+    module: Sequence[str] = (),
+    kind: Sequence[str] = (),
+    tensor: Sequence[str] = (),
+    dtype: Sequence[str] = (),
+    shape: Sequence[Sequence[int]] = (),
     phase: str | Sequence[str] = "train",
     rank: int = 0,
     wall_time_s: float | np.ndarray = 0.0,
     values: Sequence[np.ndarray | None] | None = None,
     hist: tuple[np.ndarray, pa.ListArray] | None = None,
+    columns: dict[str, pa.Array] | None = None,
 ) -> pa.RecordBatch:
     """A record batch of the trace schema from ``n`` slot rows and their labels.
 
+    ``columns``: the label columns from ``label_columns`` instead of module ... shape.
     ``values`` gives vector rows their per-unit values (``None`` for ordinary tensor rows).
     ``hist``: the rows' histograms already in ``sparse_hist`` form; ``counts`` then needs only
     the header columns (``L.HEADER``)."""
@@ -160,16 +179,23 @@ def state_to_batch(
         raise ValueError(f"hist has {len(offsets)}/{len(lists)} rows for {n} state rows")
     cols: dict[str, Any] = {
         "step": np.broadcast_to(np.asarray(step, dtype=np.int64), (n,)),
-        "phase": [phase] * n if isinstance(phase, str) else list(phase),
         "rank": np.full(n, rank, dtype=np.int32),
         "wall_time_s": np.broadcast_to(np.asarray(wall_time_s, dtype=np.float64), (n,)),
-        "module": list(module),
-        "kind": list(kind),
-        "tensor": list(tensor),
-        "dtype": list(dtype),
-        "shape": [list(s) for s in shape],
-        "numel": np.array([int(np.prod(s)) for s in shape], dtype=np.int64),
     }
+    if columns is not None:
+        cols.update(columns)
+    else:
+        cols.update(
+            {
+                "phase": [phase] * n if isinstance(phase, str) else list(phase),
+                "module": list(module),
+                "kind": list(kind),
+                "tensor": list(tensor),
+                "dtype": list(dtype),
+                "shape": [list(s) for s in shape],
+                "numel": np.array([int(np.prod(s)) for s in shape], dtype=np.int64),
+            }
+        )
     for name, idx in HEADER_COLUMNS.items():
         cols[name] = counts[:, idx]
     cols["min"] = mn
@@ -187,6 +213,8 @@ def state_to_batch(
     for field in BASE_SCHEMA:
         v = cols[field.name]
         if isinstance(v, pa.Array):
+            if pa.types.is_dictionary(field.type) and not pa.types.is_dictionary(v.type):
+                v = v.dictionary_encode()
             arrays.append(v.cast(field.type) if v.type != field.type else v)
         elif pa.types.is_dictionary(field.type):
             arrays.append(pa.array(v, type=pa.string()).dictionary_encode().cast(field.type))

@@ -1,0 +1,72 @@
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "compact.h"
+#include "loglinear.h"
+
+namespace dnntrace::core {
+
+int64_t compact_bounds(const int64_t* counts, int64_t width, const int64_t* rows, int64_t m,
+                       int32_t* first, int64_t* offsets) {
+  const int64_t bins = width - kHeader;
+  offsets[0] = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t* h = counts + rows[i] * width + kHeader;
+    // Scan inwards from both ends, 8 buckets at a time: only the zeros outside the span and
+    // the span's end blocks are read.
+    int64_t lo = 0;
+    while (lo + 8 <= bins && (h[lo] | h[lo + 1] | h[lo + 2] | h[lo + 3] | h[lo + 4] | h[lo + 5] |
+                              h[lo + 6] | h[lo + 7]) == 0)
+      lo += 8;
+    while (lo < bins && h[lo] == 0) ++lo;
+    int64_t len = 0;
+    if (lo < bins) {
+      int64_t hi = bins;  // one past the last non-zero
+      while (hi - 8 > lo && (h[hi - 1] | h[hi - 2] | h[hi - 3] | h[hi - 4] | h[hi - 5] | h[hi - 6] |
+                             h[hi - 7] | h[hi - 8]) == 0)
+        hi -= 8;
+      while (h[hi - 1] == 0) --hi;
+      len = hi - lo;
+    } else {
+      lo = 0;
+    }
+    first[i] = static_cast<int32_t>(lo);
+    offsets[i + 1] = offsets[i] + len;
+  }
+  return offsets[m];
+}
+
+bool compact_copy(int64_t* counts, double* moments, int64_t width, const int64_t* rows, int64_t m,
+                  const int32_t* first, const int64_t* offsets, int64_t* header,
+                  double* moments_out, uint32_t* values, bool reset, int64_t* nonzero) {
+  constexpr int64_t kMax32 = std::numeric_limits<uint32_t>::max();
+  int64_t nz = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t* row = counts + rows[i] * width;
+    double* mo = moments + rows[i] * kNumMoments;
+    int64_t* h = row + kHeader + first[i];
+    uint32_t* v = values + offsets[i];
+    const int64_t len = offsets[i + 1] - offsets[i];
+    int64_t big = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      big |= h[j] & ~kMax32;  // any bit above the low 32 (or a negative count)
+      nz += h[j] != 0;
+      v[j] = static_cast<uint32_t>(h[j]);
+    }
+    if (big != 0) return false;
+    std::memcpy(header + i * kHeader, row, kHeader * sizeof(int64_t));
+    std::memcpy(moments_out + i * kNumMoments, mo, kNumMoments * sizeof(double));
+    if (reset) {  // while the row is in cache; buckets outside the span are already zero
+      std::fill(row, row + kHeader, int64_t{0});
+      std::fill(h, h + len, int64_t{0});
+      std::fill(mo, mo + kNumMoments, 0.0);
+      mo[kMin] = std::numeric_limits<double>::infinity();
+      mo[kMax] = -std::numeric_limits<double>::infinity();
+    }
+  }
+  *nonzero = nz;
+  return true;
+}
+
+}  // namespace dnntrace::core
