@@ -20,7 +20,7 @@ $(VENV)/.deps: requirements/dev.txt
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(strip $(TORCH_SPEC)),$(PIP) install -q "$(TORCH_SPEC)")
-	$(PIP) install -q -r requirements/dev.txt
+	$(PIP) install -q -r requirements/dev.txt $(if $(strip $(TORCH_SPEC)),"$(TORCH_SPEC)")
 	touch $@
 
 deps: $(VENV)/.deps

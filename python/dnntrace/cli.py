@@ -36,6 +36,7 @@ def info(path: str, as_json: bool = False) -> int:
     rows = tr.table.num_rows
     size = os.path.getsize(path)
     anomalies = tr.anomalies()
+    scalar_anomalies = _scalar_anomalies(tr.table)
     report: dict[str, Any] = {
         "path": path,
         "size_bytes": size,
@@ -53,6 +54,7 @@ def info(path: str, as_json: bool = False) -> int:
         "rank": meta.get("rank"),
         "world_size": meta.get("world_size"),
         "anomalies": anomalies,
+        "scalar_anomalies": scalar_anomalies,
     }
     if as_json:
         print(json.dumps(report, indent=2))
@@ -79,6 +81,11 @@ def info(path: str, as_json: bool = False) -> int:
         print(f"    {m or '(model)':<40} {types.get(m, '')}")
     if len(tr.modules) > 40:
         print(f"    ... {len(tr.modules) - 40} more")
+    for a in scalar_anomalies:
+        print(
+            f"  scalar     {a['name']!r} is not finite at {a['steps']} of its "
+            f"{a['of']} steps, first at step {a['step']}"
+        )
     if anomalies:
         print("  anomalies (first non-finite value per kind, first module in model order):")
         for a in anomalies:
@@ -86,9 +93,35 @@ def info(path: str, as_json: bool = False) -> int:
                 f"    step {a['step']:>6}  {a['kind']:<16} {a['module'] or '(model)'}  "
                 f"nan={a['nan_count']} inf={a['inf_count']}"
             )
+    elif scalar_anomalies:
+        print("  anomalies  none in the model's tensors (see the scalars above)")
     else:
         print("  anomalies  none (no NaN or Inf recorded)")
     return 0
+
+
+def _scalar_anomalies(table: Any) -> list[dict[str, Any]]:
+    """Per scalar (loss, lr, ...) with a NaN or Inf: the first step and how many steps."""
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return []
+    kind = table.column("kind").cast("string")
+    t = table.filter(pc.equal(kind, "scalar"))
+    bad = pc.greater(
+        pc.add(pc.add(t.column("nan_count"), t.column("posinf_count")), t.column("neginf_count")),
+        0,
+    )
+    names = t.column("tensor").cast("string").to_pylist()
+    steps = t.column("step").to_pylist()
+    out: dict[str, dict[str, Any]] = {}
+    for name, step, b in zip(names, steps, bad.to_pylist(), strict=True):
+        a = out.setdefault(name, {"name": name, "step": None, "steps": 0, "of": 0})
+        a["of"] += 1
+        if b:
+            a["steps"] += 1
+            a["step"] = step if a["step"] is None else min(a["step"], step)
+    return [a for a in out.values() if a["steps"]]
 
 
 def landscape(args: Any) -> int:

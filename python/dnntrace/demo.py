@@ -130,7 +130,10 @@ def train_transformer(
                 model.eval()
                 with torch.no_grad():
                     vx, vy = next(it)
-                    model(vx.to(device))
+                    vloss = nn.functional.cross_entropy(
+                        model(vx.to(device)).flatten(0, 1), vy.to(device).flatten()
+                    )
+                    tracer.log_scalar("val_loss", vloss)  # with the eval rows (next step)
                 model.train()
     stats = tracer.stats()
     stats["seconds"] = time.perf_counter() - t0

@@ -230,7 +230,8 @@ def test_trajectory_and_landscape_share_one_frame(tmp_path) -> None:
     assert {t for _, _, t in traj} == {"random:5"}
     t = dnntrace.load(path).select(kind="trajectory_pca")
     pca = [np.asarray(v) for v in t.column("values").to_pylist()]
-    assert [int(v[0]) for v in pca] == [0, 4, 8, 12]  # evenly spaced, bounded, then the end
+    # evenly spaced, bounded, then the end: the final weights, after step 11 (no step 12)
+    assert [int(v[0]) for v in pca] == [0, 4, 8, 11]
     assert all(v.size == 3 for v in pca)
     out = str(tmp_path / "land.arrow")
     grid = SP.landscape(model, loss_fn, out, trace=path, steps=5, span=0.5, progress=False)

@@ -66,7 +66,11 @@ def test_rows_match_reference(name: str, explicit_optimizer: bool, trace_path: P
     # one row per (step, phase, module, kind, tensor)
     key = ["step", "phase", "module", "kind", "tensor"]
     assert not df.duplicated(key).any()
-    assert set(df["kind"]) == {"activation", "activation_grad", "weight", "weight_grad", "scalar"}
+    assert set(df["kind"]) == {
+        "activation", "activation_grad", "weight", "weight_grad", "scalar", "exec_order"
+    }  # fmt: skip
+    order = df[df["kind"] == "exec_order"]  # first calls, at the first step
+    assert list(order["step"]) == [0] and list(order["module"]) == [""]
     for step in range(steps):
         at = df[df["step"] == step]
         assert set(at["phase"]) == {"train"}
@@ -239,6 +243,8 @@ def test_every_and_activations_every(tmp_path: Path) -> None:
 
 
 def test_eval_rows_are_tagged(trace_path: Path) -> None:
+    """The phase follows gradient flow: no_grad passes are eval; an eval-mode pass with autograd
+    on (frozen BatchNorm while fine-tuning) is train."""
     torch.manual_seed(0)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -249,20 +255,31 @@ def test_eval_rows_are_tagged(trace_path: Path) -> None:
             x_nograd = cnn_batch(g, n=3)[0]
             ref_nograd = nn.functional.conv2d(x_nograd, model.conv1.weight, model.conv1.bias, 1, 1)
             model(x_nograd)
-        model.eval()  # eval mode with autograd on
-        x_eval = cnn_batch(g, n=2)[0]
+        model.eval()
+        with torch.inference_mode():
+            x_inf = cnn_batch(g, n=2)[0]
+            ref_inf = nn.functional.conv2d(x_inf, model.conv1.weight, model.conv1.bias, 1, 1)
+            model(x_inf)
+        x_eval = cnn_batch(g, n=2)[0]  # eval mode with autograd on: gradients flow
         ref_eval = nn.functional.conv2d(x_eval, model.conv1.weight, model.conv1.bias, 1, 1)
-        model(x_eval)
+        model(x_eval).sum().backward()
+        opt.zero_grad()
         model.train()
-        train(model, opt, cnn_batch, 1, seed=5)
+        x_tr = cnn_batch(g, n=4)[0]
+        ref_tr = nn.functional.conv2d(x_tr, model.conv1.weight, model.conv1.bias, 1, 1)
+        loss = nn.functional.cross_entropy(model(x_tr), torch.zeros(4, dtype=torch.long))
+        loss.backward()
+        opt.step()
     df = load_rows(trace_path)
     ev = df[df["phase"] == "eval"]
     assert set(ev["kind"]) == {"activation"}  # no gradients flow in eval
     assert set(ev["step"]) == {1}
     row = one_row(ev, module="conv1", kind="activation")
-    assert_row_matches(row, [ref_nograd, ref_eval])
+    assert_row_matches(row, [ref_nograd, ref_inf])
     tr1 = one_row(df, step=1, phase="train", module="conv1", kind="activation")
-    assert tr1["calls"] == 1 and tr1["count"] == 4 * 8 * 8 * 8
+    assert_row_matches(tr1, [ref_eval, ref_tr])
+    bn = one_row(df, step=1, phase="train", module="bn1", kind="activation_grad")
+    assert bn["calls"] == 2  # the eval-mode BatchNorm passed gradients: train
 
 
 def test_bf16_autocast_and_fp16(tmp_path: Path) -> None:
@@ -297,7 +314,7 @@ def test_bf16_autocast_and_fp16(tmp_path: Path) -> None:
         train(model, opt, lambda g: (mlp_batch(g)[0].half(), mlp_batch(g)[1]), 2)
         rec.close()
     df = load_rows(p)
-    assert set(df[df["kind"] != "scalar"]["dtype"]) == {"float16"}
+    assert set(df[~df["kind"].isin(["scalar", "exec_order"])]["dtype"]) == {"float16"}
     for (mod, pn), w in rec.weight[1].items():
         assert_row_matches(one_row(df, step=1, module=mod, kind="weight", tensor=pn), w)
     for (mod, pos), ts in rec.act_grad[1].items():

@@ -1,10 +1,10 @@
 """One rank of a small traced DDP / FSDP run on CPU with gloo (spawned by the tests and the bench).
 
 ``python _ddp_worker.py MODE RANK WORLD PORT OUT [STEPS]``; MODE is ``ddp`` (traced, merged, comm
-hook), ``kill`` (rank 1 kills itself with SIGKILL after 3 written steps), ``fsdp`` (FSDP2
-``fully_shard``, each rank traces its shard). The data are fixed: at step s the global batch is
-``batch(s)`` and rank r takes rows ``r::world``; lr = 0 keeps the weights fixed, so a one-process
-run over the whole batch sees the same activations.
+hook), ``kill`` (rank 1 kills itself with SIGKILL after 3 written steps, in step 3's forward),
+``fsdp`` (FSDP2 ``fully_shard``, each rank traces its shard). The data are fixed: at step s the
+global batch is ``batch(s)`` and rank r takes rows ``r::world``; lr = 0 keeps the weights fixed,
+so a one-process run over the whole batch sees the same activations.
 """
 
 from __future__ import annotations
@@ -81,16 +81,18 @@ def main() -> None:
     try:
         for step in range(steps):
             x, y = shard(step, rank, world)
-            loss = loss_fn(traced(x), y)
-            loss.backward()
-            tr.log_scalar("loss", loss)
-            opt.step()
-            opt.zero_grad()
-            if mode == "kill" and rank == 1 and step == 2:
+            pred = traced(x)
+            if mode == "kill" and rank == 1 and step == 3:
+                # step 3's forward handed step 2 to the writer: 3 steps, then the kill
                 deadline = time.monotonic() + 20
                 while tr.stats()["steps_written"] < 3 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
+            loss = loss_fn(pred, y)
+            loss.backward()
+            tr.log_scalar("loss", loss)
+            opt.step()
+            opt.zero_grad()
     finally:
         info["stats"] = {k: v for k, v in tr.close().items() if k != "memory_bytes"}
         info["path"] = tr.path

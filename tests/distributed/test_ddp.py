@@ -76,7 +76,8 @@ def test_merged_rows_equal_a_single_process_run(ddp_run: Path, tmp_path: Path) -
     single = _frame(_single_process_run(tmp_path / "single.arrow"))
     single = single[single.kind.isin(["activation", "activation_grad"])].reset_index(drop=True)
     merged = _frame(load(ddp_run / "merged.arrow").table)
-    assert len(merged) == len(single) == STEPS * 10  # 5 modules x (output, its gradient)
+    # 5 modules and the root (a Sequential: traced too) x (output, its gradient)
+    assert len(merged) == len(single) == STEPS * 12
     pd.testing.assert_frame_equal(merged[KEY], single[KEY])
     for col in EXACT:
         np.testing.assert_array_equal(merged[col].to_numpy(), single[col].to_numpy(), err_msg=col)

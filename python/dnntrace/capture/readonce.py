@@ -37,10 +37,15 @@ class ReadOnce:
 
     def accumulate(self, bank: StatBank, x: torch.Tensor, slot: int) -> None:
         """Adds ``x`` into ``slot``: by a row merge when it is a duplicate, else by reading it."""
-        key = (x.data_ptr(), x.dtype, x.shape, x.stride(), x._version)
-        hit = self._seen.get(key)
         if slot in self._sources:
             self.apply(bank)  # the row is about to change: merge its pending copies out first
+        if x.is_inference():
+            # inference_mode tensors (Lightning's validation) have no version counter: read them
+            bank.accumulate(x, slot)
+            self._adds[slot] = self._adds.get(slot, 0) + 1
+            return
+        key = (x.data_ptr(), x.dtype, x.shape, x.stride(), x._version)
+        hit = self._seen.get(key)
         if hit is not None and hit[0]() is not None and self._adds.get(hit[1]) == 1:
             src = hit[1]
             self._pending.append((src, slot))

@@ -16,9 +16,11 @@ import errno
 import inspect
 import os
 import platform
+import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from .._version import __version__
 from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.writer import TraceWriter
+from . import compiled as _compiled
+from . import optim as _optim
 from .pipeline import Pipeline, SlotLabel, VectorBlock
 from .readonce import ReadOnce
 from .selection import ModuleSpec, iter_float_tensors, select_modules
@@ -112,13 +116,37 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def _phase(module: nn.Module, grad_on: bool, flows: bool) -> str:
+    """``train`` where gradients flow (frozen BatchNorm in ``eval()`` while fine-tuning is
+    train); ``eval`` under ``no_grad``/``inference_mode`` or for an eval-mode module whose outputs
+    carry no gradient. Reentrant checkpointing runs its forward under ``no_grad``: train."""
+    if grad_on:
+        return "train" if (flows or module.training) else "eval"
+    return "train" if module.training and _in_reentrant_checkpoint() else "eval"
+
+
+def _in_reentrant_checkpoint() -> bool:
+    from torch.utils.checkpoint import CheckpointFunction
+
+    code = CheckpointFunction.forward.__code__
+    f = sys._getframe(2)
+    for _ in range(64):
+        if f is None:
+            return False
+        if f.f_code is code:
+            return True
+        f = f.f_back
+    return False
+
+
 class Tracer:
     """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``.
 
     A context manager: ``with dnntrace.enable(model) as tr: ...`` closes on exit (also when the
     block raises). ``step()`` ends a step by hand (not needed when an optimizer steps);
-    ``log_scalar(name, value)`` records the loss, learning rate, ... (a tensor is not synced);
-    ``close()`` flushes the last step, waits for the writer and removes every hook.
+    ``log_scalar(name, value, step=None)`` records the loss, learning rate, ... (a tensor is not
+    synced); ``close()`` writes the last step, waits for the writer and removes every hook. Where
+    steps begin and end, and which gradient a step records, is ``capture.optim``'s docstring.
     """
 
     def __init__(
@@ -154,12 +182,8 @@ class Tracer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
-        if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
-            raise TypeError(
-                "dnntrace.enable: this model was made by torch.compile; trace the original "
-                "module instead (dnntrace.enable(model) then torch.compile(model) records weights "
-                "and gradients; activation hooks are skipped inside compiled graphs)"
-            )
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper: its hooks run in its graph
         if compression not in ("zstd", "lz4", None):
             raise ValueError(
                 f"dnntrace.enable: compression must be 'zstd', 'lz4' or None, got {compression!r}"
@@ -209,6 +233,7 @@ class Tracer:
                 self._params.append((mname, pname, p))
         self.device = self._params[0][2].device if self._params else torch.device("cpu")
         self._param_ids = {id(p) for _, _, p in self._params}
+        self._pidx = {id(p): i for i, (_, _, p) in enumerate(self._params)}
         if optimizer is not None and not self._owns(optimizer):
             raise ValueError("dnntrace.enable: the optimizer holds none of the model's parameters")
         try:
@@ -223,6 +248,14 @@ class Tracer:
             from .distributed import rank_path  # one file per rank: <stem>/rank<r>.arrow
 
             self.path = rank_path(self.path, self.rank, self.world_size)
+        with _ACTIVE_LOCK:
+            real = os.path.realpath(self.path)
+            for other in _ACTIVE.values():
+                if not other.closed and os.path.realpath(other.path) == real:
+                    raise RuntimeError(
+                        f"dnntrace.enable: {self.path!r} is being written by another live tracer "
+                        f"(of a {type(other.model).__name__}); close it first or use another path"
+                    )
 
         # slot table: label -> row of the bank
         self._slot_of: dict[SlotLabel, int] = {}
@@ -232,6 +265,26 @@ class Tracer:
         self._scalars: dict[str, Any] = {}
         self._vectors: list[VectorBlock] = []
         self._recorded = False
+        # step boundaries (capture.optim): the ended step is written when the next begins
+        self._end_pending = False
+        self._stepped: set[int] = set()  # ids of the optimizers that stepped in this step
+        self._grads_done: set[int] = set()  # parameters whose gradient this step recorded
+        self._weights_done: set[int] = set()  # ... and whose weight
+        self._dirty: set[int] = set()  # parameters a backward wrote to (no optimizer yet)
+        self._held: set[int] = set()  # parameters some optimizer holds
+        self._opt_params: dict[int, tuple[int, list[int]]] = {}
+        self._opt_order: list[weakref.ref[torch.optim.Optimizer]] = []
+        self._explicit_opt: torch.optim.Optimizer | None = None
+        self._pre_steps = 0
+        self._compiled_forward = False  # a traced module ran inside a torch.compile graph
+        self._compiled_lost: frozenset[str] = frozenset()  # outputs compiled graphs cannot record
+        self._compile_warned = False
+        self._compiled_no_grads = False
+        self._first_call: dict[str, int] = {}
+        self._exec_new: list[int] = []  # metadata indices of modules first called this step
+        self._module_index = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        self._ext_ended = False  # extensions' on_step_end ran for the step that ended
+        self._warned_cleared = False
         self._read_once = ReadOnce()
         self._grad_hooks: dict[SlotLabel, Callable[[torch.Tensor], None]] = {}
         self.extensions = list(extensions)
@@ -362,8 +415,7 @@ class Tracer:
                     self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
                 if self.trace_weight_grads:
                     self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
-        # rows of these slots to clear if an optimizer turns up after grads were recorded
-        self._grad_slot_index = torch.tensor(self._grad_slots, dtype=torch.long, device=self.device)
+        _compiled.preassign_slots(self)
         self._install_hooks(optimizer)
         for ext in self.extensions:
             ext.attach(self)
@@ -441,38 +493,64 @@ class Tracer:
                 self._handles.append(
                     mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
                 )
+        # the next step begins with the model's next forward: the step just ended is written
+        self._handles.append(self.model.register_forward_pre_hook(self._guard(self._root_pre_hook)))
         if self.trace_weight_grads and optimizer is None:
-            # Without an optimizer the gradient is summarised as it is accumulated.
-            for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
+            # Until an optimizer steps, note which gradients a backward produced: tracer.step()
+            # records them (an optimizer, once found, records them in its pre-step hook).
+            for i, (_, _, p) in enumerate(self._params):
                 if p.requires_grad:
-                    h = p.register_post_accumulate_grad_hook(
-                        self._guard(self._make_grad_hook(slot))
-                    )
+                    h = p.register_post_accumulate_grad_hook(self._guard(self._make_grad_hook(i)))
                     h._dnntrace_grad = True  # type: ignore[attr-defined]
                     self._handles.append(h)
         if optimizer is not None:
             self._attach_optimizer(optimizer)
-        else:
-            import torch.optim.optimizer as optim_mod
+        import torch.optim.optimizer as optim_mod
 
-            self._handles.append(
-                optim_mod.register_optimizer_step_pre_hook(self._guard(self._global_pre_step))
-            )
-            self._handles.append(
-                optim_mod.register_optimizer_step_post_hook(self._guard(self._global_post_step))
-            )
+        self._handles.append(
+            optim_mod.register_optimizer_step_pre_hook(self._guard(self._global_pre_step))
+        )
+        self._handles.append(
+            optim_mod.register_optimizer_step_post_hook(self._guard(self._global_post_step))
+        )
+        _optim.register(self)
+
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._compiled_forward = True  # a side effect torch.compile replays: no graph break
+            return
+        self._activity()
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if torch.compiler.is_compiling():
+                _compiled.record(self, name, module, output)
                 return
+            self._activity()
+            if name not in self._first_call:  # execution order, for readers and the viewer
+                self._first_call[name] = len(self._first_call)
+                self._exec_new.append(self._module_index[name])
             if not self._sampling(self.activations_every):
                 return
-            phase = "train" if (module.training and torch.is_grad_enabled()) else "eval"
-            for pos, t in iter_float_tensors(output):
+            tensors = list(iter_float_tensors(output))
+            grad_on = torch.is_grad_enabled()
+            flows = grad_on and any(t.requires_grad for _, t in tensors)
+            if torch._C._current_graph_task_id() != -1:
+                # a forward inside backward is activation checkpointing's recompute: the
+                # activations were recorded by the original forward. Reentrant checkpointing
+                # backpropagates through the recomputed outputs, so their gradients are taken
+                # here (non-reentrant recompute outputs are not on the graph: no hook fires).
+                if flows and self.trace_activation_grads:
+                    for pos, t in tensors:
+                        if t.requires_grad:
+                            label = (name, "activation_grad", pos, "train")
+                            t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
+                return
+            phase = _phase(module, grad_on, flows)
+            for pos, t in tensors:
                 if self.trace_activations:
                     self._accumulate((name, "activation", pos, phase), t)
-                if self.trace_activation_grads and t.requires_grad and torch.is_grad_enabled():
+                if self.trace_activation_grads and flows and t.requires_grad:
                     label = (name, "activation_grad", pos, phase)
                     fn = self._grad_hooks.get(label)
                     if fn is None:  # one guarded hook per label, made once
@@ -489,48 +567,107 @@ class Tracer:
 
         return hook
 
-    def _make_grad_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+    def _make_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            if p.grad is None or not self._sampling(self.every):
-                return
-            g = _local(p.grad)
-            self._note(slot, g)
-            self._pipe.bank.accumulate(g, slot)
-            self._recorded = True
+            self._dirty.add(index)
 
         return hook
 
     def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
+    def wants_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer``'s steps are steps of this tracer."""
+        if self._explicit_opt is not None:
+            return optimizer is self._explicit_opt
+        return self._owns(optimizer)
+
     def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._owns(optimizer):
             raise ValueError("dnntrace.enable: the optimizer holds none of the model's parameters")
+        self._explicit_opt = optimizer
         self._optimizer = optimizer
-        self._handles.append(
-            optimizer.register_step_pre_hook(
-                self._guard(lambda opt, args, kwargs: self._pre_step(opt))
-            )
-        )
-        self._handles.append(
-            optimizer.register_step_post_hook(
-                self._guard(lambda opt, args, kwargs: self._post_step(opt))
-            )
-        )
 
-    def _global_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._optimizer is None and self._owns(opt):
+    def _param_indices(self, opt: torch.optim.Optimizer) -> list[int]:
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        cached = self._opt_params.get(id(opt))
+        if cached is None or cached[0] != n:  # add_param_group changes the set
+            ps = [p for g in opt.param_groups for p in g["params"]]
+            idx = [self._pidx[id(p)] for p in ps if id(p) in self._pidx]
+            cached = (n, idx)
+            self._opt_params[id(opt)] = cached
+            self._held.update(idx)
+        return cached[1]
+
+    def _global_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        if not self.wants_optimizer(opt):
+            return None
+        if self._optimizer is None:
             self._optimizer = opt
             self._drop_grad_hooks()
-            # Grads recorded by the accumulate hooks so far are partial sums that _pre_step is
-            # about to record whole: clear them so the step counts each gradient once.
-            if self._grad_slots:
-                self._pipe.bank.reset_rows(self._grad_slot_index)
-        if opt is self._optimizer:
-            self._pre_step(opt)
+        self._pre_steps += 1
+        self._begin_opt_step(opt)
+        wrapped = _optim.with_probe(opt, args, kwargs, lambda c: _optim.ClosureProbe(c, self, opt))
+        if wrapped is not None:
+            return wrapped  # gradients are read after the closure's first evaluation
+        self._grads_ready(opt)
+        return None
+
+    def _begin_opt_step(self, opt: torch.optim.Optimizer) -> None:
+        if self._end_pending:
+            if id(opt) in self._stepped:
+                self._finish()  # this optimizer already stepped: a new step begins
+            else:
+                self._end_pending = False  # another optimizer joins the step just ended
+        self._stepped.add(id(opt))
+
+    def _grads_ready(self, opt: torch.optim.Optimizer, extensions: bool = True) -> None:
+        """The gradients ``opt`` is about to step with are final: record them."""
+        if extensions:
+            for ext in self.extensions:
+                ext.before_optimizer_step(self, opt)
+        if self.trace_weight_grads and self._sampling(self.every):
+            idx = self._param_indices(opt)
+            if len(self._stepped) == 1:  # the step's first optimizer also takes orphans
+                idx = idx + [i for i in range(len(self._params)) if i not in self._held]
+            self._record_grads(idx)
+
+    def _record_grads(self, indices: Sequence[int]) -> None:
+        xs, slots = [], []
+        for i in indices:
+            if i in self._grads_done:
+                continue
+            p = self._params[i][2]
+            if p.grad is not None and p.grad.device == self.device and not p.grad.is_sparse:
+                g = _local(p.grad)
+                xs.append(g)
+                slots.append(self._grad_slots[i])
+                self._note(slots[-1], g)
+                self._grads_done.add(i)
+        if xs:
+            self._pipe.bank.accumulate_many(xs, slots)
+            self._recorded = True
+
+    def _record_weights(self, indices: Iterable[int]) -> None:
+        """Records the weights at the end of the step (after the update), once per step."""
+        if not self.trace_weights or not self._sampling(self.every):
+            return
+        xs, slots = [], []
+        for i in indices:
+            if i in self._weights_done:
+                continue
+            self._weights_done.add(i)
+            x = _local(self._params[i][2].detach())
+            if x.device == self.device:
+                xs.append(x)
+                slots.append(self._weight_slots[i])
+                self._note(slots[-1], x)
+        if xs:
+            self._pipe.bank.accumulate_many(xs, slots)
+            self._recorded = True
 
     def _global_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if opt is self._optimizer:
+        if id(opt) in self._stepped and self.wants_optimizer(opt):
             self._post_step(opt)
 
     def _drop_grad_hooks(self) -> None:
@@ -542,29 +679,97 @@ class Tracer:
             else:
                 keep.append(h)
         self._handles = keep
-
-    def _pre_step(self, opt: torch.optim.Optimizer) -> None:
-        for ext in self.extensions:
-            ext.before_optimizer_step(self, opt)
-        if not self.trace_weight_grads or not self._sampling(self.every):
-            return
-        xs, slots = [], []
-        for (_, _, p), slot in zip(self._params, self._grad_slots, strict=True):
-            if p.grad is not None and p.grad.device == self.device and not p.grad.is_sparse:
-                xs.append(_local(p.grad))
-                slots.append(slot)
-                self._note(slot, xs[-1])
-        if xs:
-            self._pipe.bank.accumulate_many(xs, slots)
-            self._recorded = True
+        self._dirty.clear()
 
     def _post_step(self, opt: torch.optim.Optimizer) -> None:
         if self.log_lr and self._sampling(self.every):
+            j = self._opt_index(opt)
             for i, g in enumerate(opt.param_groups):
                 lr = g.get("lr")
                 if isinstance(lr, int | float):
-                    self._scalars[f"lr/{i}" if len(opt.param_groups) > 1 else "lr"] = float(lr)
-        self.step()
+                    name = "lr" if j == 0 else f"lr/opt{j}"
+                    if len(opt.param_groups) > 1:
+                        name += f"/{i}"
+                    self._scalars[name] = float(lr)
+        # its parameters' new values; the others' (frozen, or another optimizer's that has not
+        # stepped yet) when the step is written
+        self._record_weights(self._param_indices(opt))
+        self._end_step()
+
+    def _opt_index(self, opt: torch.optim.Optimizer) -> int:
+        for j, ref in enumerate(self._opt_order):
+            if ref() is opt:
+                return j
+        self._opt_order.append(weakref.ref(opt))
+        return len(self._opt_order) - 1
+
+    def _after_scaler_step(self, opt: torch.optim.Optimizer, scaler: Any, skipped: bool) -> None:
+        """Called by the wrapped ``GradScaler.step``: marks a skipped step, logs the scale."""
+
+        def after() -> None:
+            if skipped:  # no update: extensions are not told of one
+                self._begin_opt_step(opt)
+                self._grads_ready(opt, extensions=False)
+                self._scalars["amp/skipped"] = 1.0
+                self._post_step(opt)
+            scale = getattr(scaler, "_scale", None)
+            if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+                self._scalars["amp/scale"] = scale.detach().reshape(()).clone()
+
+        self._guard(after)()
+
+    def _end_step(self) -> None:
+        """The step ended (its optimizers stepped): extensions read the update now, right
+        after the optimizer step; the step is written when the next begins."""
+        if self._exec_new and self.disabled_reason is None:
+            order = torch.tensor(self._exec_new, dtype=torch.float32, device=self.device)
+            self._exec_new = []
+            self.record_vector("", "exec_order", "first_call", order)
+        if not self._ext_ended and self.disabled_reason is None:
+            self._ext_ended = True
+            if self._pipe is not None:
+                self._read_once.apply(self._pipe.bank)  # duplicates' rows, before extensions
+            for ext in self.extensions:
+                ext.on_step_end(self)
+        self._end_pending = True
+        if self._compiled_forward:
+            # a compiled forward cannot tell the tracer a step began: write the step now
+            self._warn_compiled()
+            self._finish()
+
+    def _warn_compiled(self) -> None:
+        if self._compile_warned:
+            return
+        self._compile_warned = True
+        lost = []
+        if self._compiled_no_grads:
+            lost.append("output gradients (activation_grad rows)")
+        if self._compiled_lost:
+            names = ", ".join(repr(n) for n in sorted(self._compiled_lost)[:5])
+            lost.append(f"the tuple/dict outputs of {len(self._compiled_lost)} modules ({names})")
+        if self.activations_every != 1 and (self.trace_activations or self.trace_activation_grads):
+            lost.append(
+                f"the activations_every={self.activations_every} cadence (compiled graphs record "
+                "activations every step)"
+            )
+        hooked = [type(e).__name__ for e in self.extensions if type(e).__name__ != "DDPGradStats"]
+        if hooked:
+            lost.append(f"the hooks of {', '.join(hooked)}")
+        lost.append(
+            "scalars logged after opt.step() go to the next step (a compiled forward cannot "
+            "mark where a step begins)"
+        )
+        warnings.warn(
+            "dnntrace: the model runs under torch.compile; inside compiled graphs these are not "
+            "recorded as in eager mode: " + "; ".join(lost),
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _activity(self) -> None:
+        """Something of the next step is being recorded: write the step that ended."""
+        if self._end_pending:
+            self._finish()
 
     # ---- the extension interface ------------------------------------------------------------
     @property
@@ -631,34 +836,84 @@ class Tracer:
         self._vectors.append(VectorBlock(lbs, tuple(lengths), flat.detach().reshape(-1)))
 
     # ---- public -------------------------------------------------------------------------
-    def log_scalar(self, name: str, value: float | torch.Tensor) -> None:
-        """Records a scalar (loss, accuracy, ...) for the current step. A tensor is not synced:
-        its value is copied with the step's statistics."""
+    def log_scalar(self, name: str, value: float | torch.Tensor, step: int | None = None) -> None:
+        """Records a scalar (loss, accuracy, ...). A tensor is not synced: its value is copied
+        with the step's statistics.
+
+        Without ``step`` it belongs to the step being recorded: logged after ``opt.step()`` and
+        before the next forward, that is the step just ended (``loss.backward(); opt.step();
+        log_scalar("loss", loss)`` records the loss with its step). ``step`` may name that step
+        or the next one (``tracer.step_index`` / ``+ 1``); earlier steps are already written.
+        A name the ended step already holds goes to the next step (never overwritten)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"log_scalar: name must be a non-empty string, got {name!r}")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"log_scalar: {name!r} must be a single value, got {value.shape}")
             value = value.detach()
-        elif not isinstance(value, int | float):
+        elif not isinstance(value, int | float) or isinstance(value, bool):
             raise TypeError(f"log_scalar: {name!r} must be a number or tensor, got {type(value)}")
+        if step is not None:
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise TypeError(f"log_scalar: step must be an int, got {step!r}")
+            cur = self.step_index
+            if step == cur + 1 and self._end_pending:
+                with self._lock:
+                    self._finish()
+            elif step != cur:
+                raise ValueError(
+                    f"log_scalar: {name!r} at step {step}: the step being recorded is {cur}"
+                    + (f" (or {cur + 1}, the next)" if self._end_pending else "")
+                    + "; earlier steps are already written"
+                )
+        elif self._end_pending and name in self._scalars:
+            with self._lock:  # the step that ended has its value: this one is the next step's
+                self._finish()
         self._scalars[name] = value
 
     def step(self) -> None:
-        """Ends the current step: its statistics go to the writer; the step counter advances."""
+        """Ends the current step (not needed when an optimizer steps). Without an optimizer,
+        the gradients accumulated since the last step are recorded now."""
         if self.closed:
             return
         try:
             with self._lock:
-                if self.disabled_reason is None:
-                    if self._pipe is not None:
-                        self._read_once.apply(self._pipe.bank)
-                    for ext in self.extensions:
-                        ext.on_step_end(self)
-                self._flush()
-                self.step_index += 1
-                for ext in self.extensions:
-                    ext.after_flush(self)
+                self._activity()
+                if self.disabled_reason is not None or self._pipe is None:
+                    self.step_index += 1
+                    return
+                if self._dirty:
+                    dirty, self._dirty = sorted(self._dirty), set()
+                    if self.trace_weight_grads and self._sampling(self.every):
+                        lost = [i for i in dirty if self._params[i][2].grad is None]
+                        if lost and not self._warned_cleared:
+                            self._warned_cleared = True
+                            warnings.warn(
+                                f"dnntrace: {len(lost)} gradients were cleared before "
+                                "tracer.step(): their weight_grad rows are missing; call "
+                                "tracer.step() before zero_grad()",
+                                RuntimeWarning,
+                                stacklevel=3,
+                            )
+                        self._record_grads(dirty)
+                self._record_weights(range(len(self._params)))
+                self._end_step()
+        except AnomalyError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    def _finish(self) -> None:
+        """Writes the step that ended (weights and extensions' rows first); the next begins."""
+        self._end_pending = False
+        self._ext_ended = False
+        self._stepped.clear()
+        self._grads_done.clear()
+        try:
+            self._flush()
+            self.step_index += 1
+            for ext in self.extensions:
+                ext.after_flush(self)
         except AnomalyError:
             raise
         except Exception as e:
@@ -667,17 +922,11 @@ class Tracer:
     def _flush(self, closing: bool = False) -> None:
         if self.disabled_reason is not None:
             return
-        # weights are recorded at the optimizer step; a flush at close only ships what is left
-        if not closing and self.trace_weights and self._sampling(self.every) and self._params:
-            xs = [_local(p.detach()) for _, _, p in self._params]
-            idx = [i for i, x in enumerate(xs) if x.device == self.device]
-            if idx:
-                self._pipe.bank.accumulate_many(
-                    [xs[i] for i in idx], [self._weight_slots[i] for i in idx]
-                )
-                for i in idx:
-                    self._note(self._weight_slots[i], xs[i])
-                self._recorded = True
+        # weights are recorded when the step ends (_record_weights); what no optimizer recorded
+        # is taken here. A flush at close only ships what is left.
+        if not closing:
+            self._record_weights(range(len(self._params)))
+        self._weights_done.clear()
         self._read_once.end_step(self._pipe.bank)
         if not self._recorded and not self._scalars and not self._vectors:
             return
@@ -745,6 +994,8 @@ class Tracer:
                     del _ACTIVE[id(self.model)]
             return self.stats()
         with self._lock:
+            # the step that ended is written now, with what extensions add at closing
+            pending, self._end_pending = self._end_pending, False
             for ext in self.extensions:
                 try:
                     if self.disabled_reason is None:
@@ -756,8 +1007,8 @@ class Tracer:
                         stacklevel=2,
                     )
             try:
-                if self._recorded or self._scalars or self._vectors:
-                    self._flush(closing=True)
+                if pending or self._recorded or self._scalars or self._vectors:
+                    self._flush(closing=not pending)
             except Exception as e:  # closing must not raise into the user's finally-blocks
                 if self.strict:
                     raise
@@ -775,6 +1026,7 @@ class Tracer:
                         stacklevel=2,
                     )
             self._remove_hooks()
+            _optim.unregister(self)
             self._pipe.close()
         with _ACTIVE_LOCK:
             if _ACTIVE.get(id(self.model)) is self:
@@ -820,8 +1072,9 @@ def enable(
     sketches / update ratios and gradient noise scale: True or options,
     ``capture.spectral.spectral_extensions``).
     """
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: the module it wraps
     with _ACTIVE_LOCK:
-        old = _ACTIVE.get(id(model))
+        old = _ACTIVE.get(id(inner if isinstance(inner, nn.Module) else model))
     if old is not None and not old.closed:
         raise RuntimeError(
             f"dnntrace.enable: this model is already traced into {old.path!r}; call "
@@ -843,8 +1096,9 @@ _OPTIONS = tuple(inspect.signature(Tracer.__init__).parameters)[3:]  # after sel
 
 def disable(model: nn.Module) -> dict[str, Any] | None:
     """Closes the tracer of ``model`` (flush, remove hooks); returns its stats, None if none."""
+    inner = getattr(model, "_orig_mod", None)
     with _ACTIVE_LOCK:
-        tr = _ACTIVE.get(id(model))
+        tr = _ACTIVE.get(id(inner if isinstance(inner, nn.Module) else model))
     return tr.close() if tr is not None else None
 
 

@@ -93,22 +93,27 @@ class Trace:
         the first time its forward hook (or a descendant's) fired, a parent just before its
         first child, the root first; modules that never ran keep their model order, last.
 
-        The order comes from the anomaly tracer's ``exec_order`` row when there is one, else
-        from the order of the ``activation`` rows: the tracer allocates a row slot the first
-        time a module's forward hook fires, and writes rows in slot order. A module that never
+        The order comes from the tracer's ``exec_order``/``first_call`` rows (each step's
+        modules called for the first time), else, in older traces, from the anomaly tracer's
+        ``exec_order``/``forward`` row, else from the order of the ``activation`` rows: the
+        tracer allocates a row slot the first time a module's forward hook fires, and writes
+        rows in slot order. A module that never
         ran but whose ancestor did follows that ancestor."""
         tree = [m["name"] for m in self.module_tree]
         fired: list[str] = []
         t = self.table
         if t.num_rows:
             kind = t.column("kind").cast(pa.string())
-            ex = t.filter(
-                pc.and_(
-                    pc.equal(kind, "exec_order"),
-                    pc.equal(t.column("tensor").cast(pa.string()), "forward"),
-                )
-            )
-            if ex.num_rows and tree:
+            tensor = t.column("tensor").cast(pa.string())
+            ex = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "forward")))
+            calls = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "first_call")))
+            if calls.num_rows and tree:
+                # the tracer's own record: each step's modules called for the first time
+                steps = calls.column("step").to_pylist()
+                vals = calls.column("values").to_pylist()
+                for _, v in sorted(zip(steps, vals, strict=True), key=lambda sv: sv[0]):
+                    fired += [tree[int(i)] for i in v or [] if 0 <= int(i) < len(tree)]
+            elif ex.num_rows and tree:
                 idx = ex.column("values")[0].as_py() or []
                 fired = [tree[int(i)] for i in idx if 0 <= int(i) < len(tree)]
             else:
@@ -190,10 +195,11 @@ class Trace:
         step: int | None = None,
         *,
         tensor: str | None = None,
-        phase: str | None = None,
+        phase: str | None = "train",
     ) -> Summary:
-        """The ``Summary`` of the rows matching (merged over steps, tensors and phases left
-        unspecified), the same object ``dnntrace.summarize`` returns."""
+        """The ``Summary`` of the rows matching (merged over steps and tensors left
+        unspecified), the same object ``dnntrace.summarize`` returns. Training rows by default,
+        as ``quantiles``; ``phase="eval"`` for validation rows, ``None`` for both."""
         rows = self.select(module, kind, step, tensor, phase)
         if rows.num_rows == 0:
             raise KeyError(f"no rows for module={module!r} kind={kind!r} step={step!r}")
