@@ -137,3 +137,50 @@ def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
     assert sorted(set(_rows(path)["step"])) == [0, 1, 2, 3, 4]  # intact
     resumed = _rows(tmp_path / "trace.from4.arrow")
     assert sorted(set(resumed[resumed["kind"] == "weight_grad"]["step"])) == [4, 5]
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo run, as torchrun would start it (env vars, then Trainer)."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = _args(Path(out) / "out", 2, save_strategy="no", ddp_backend="gloo")
+        trainer = transformers.Trainer(
+            model=_model(),
+            args=args,
+            train_dataset=Tokens(32, 1),
+            callbacks=[DnntraceCallback(Path(out) / "trace.arrow")],
+        )
+        trainer.train()
+
+
+def test_hf_trainer_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
+    """Two gloo ranks of a real HF Trainer: one file per rank; DDP averaged the gradients, so the
+    ranks' weight_grad rows agree, while each rank's activations come from its own batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    files = sorted(p.name for p in (tmp_path / "trace").iterdir())
+    assert files == ["rank0.arrow", "rank1.arrow"]
+    r0, r1 = (_rows(tmp_path / "trace" / f) for f in files)
+    key = ["step", "module", "kind", "tensor"]
+    g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    assert sorted(set(g0["step"])) == [0, 1] and len(g0) == len(g1) > 0
+    assert (g0["module"] == g1["module"]).all() and (g0["tensor"] == g1["tensor"]).all()
+    np.testing.assert_allclose(g0["sum"], g1["sum"], rtol=1e-5, atol=1e-9)
+    a0 = r0[r0["kind"] == "activation"].sort_values(key)["sum"].to_numpy()
+    a1 = r1[r1["kind"] == "activation"].sort_values(key)["sum"].to_numpy()
+    assert a0.shape == a1.shape and not np.allclose(a0, a1)  # different batches
+    assert dnntrace.load(tmp_path / "trace" / "rank1.arrow").metadata["rank"] == 1
