@@ -47,7 +47,7 @@ def test_info_good_trace(good_trace: Path) -> None:
     assert "anomalies  none" in out
     j = _cli("info", "--json", str(good_trace))
     report = json.loads(j.stdout)
-    assert report["steps"] == 4 and report["modules"] == ["0", "1", "2", ""]  # call order
+    assert report["steps"] == 4 and report["modules"] == ["", "0", "1", "2"]  # call order
     assert set(report["kinds"]) >= {"activation", "weight", "weight_grad", "scalar"}
     assert report["truncated"] is False
 

@@ -87,7 +87,7 @@ def info(path: str, as_json: bool = False) -> int:
             f"{a['of']} steps, first at step {a['step']}"
         )
     if anomalies:
-        print("  anomalies (first non-finite value per kind, first module in model order):")
+        print("  anomalies (first non-finite value per kind, the innermost module that had it):")
         for a in anomalies:
             print(
                 f"    step {a['step']:>6}  {a['kind']:<16} {a['module'] or '(model)'}  "

@@ -17,6 +17,8 @@ Imports nothing but pyarrow (``storage`` stays torch-free).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -101,6 +103,20 @@ def nonfinite_mask(table: pa.Table) -> pa.ChunkedArray:
     return pc.fill_null(pc.greater(bad, 0), False)
 
 
+def culprit(modules: Sequence[str], order: Mapping[str, int]) -> int:
+    """Index into ``modules`` (module paths flagged at one step) of the one that produced the
+    non-finite value: a module none of whose submodules is flagged (a parent's output holds its
+    children's, so a parent only passed it on), the first of those in ``order`` (execution
+    order, position per path). Used by ``Trace.anomalies``, ``RunSet.first_nonfinite`` and so
+    by ``dnntrace info`` and the viewer."""
+
+    def inner(m: str) -> bool:
+        return not any(o != m and (m == "" or o.startswith(m + ".")) for o in modules)
+
+    cand = [i for i, m in enumerate(modules) if inner(m)] or list(range(len(modules)))
+    return min(cand, key=lambda i: order.get(modules[i], len(order)))
+
+
 __all__ = [
     "ANOMALY_KINDS",
     "DERIVED_KINDS",
@@ -111,6 +127,7 @@ __all__ = [
     "TENSOR_KINDS",
     "UNIT_KINDS",
     "UNIT_TOPK_KINDS",
+    "culprit",
     "family",
     "is_tensor_kind",
     "nonfinite_mask",

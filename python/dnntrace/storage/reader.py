@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import layout as L
-from .kinds import nonfinite_mask, tensor_rows
+from .kinds import culprit, nonfinite_mask, tensor_rows
 from .layout import Layout
 from .rows import HEADER_COLUMNS
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
@@ -233,7 +233,8 @@ class Trace:
 
     def anomalies(self) -> list[dict[str, Any]]:
         """First step with NaN or Inf per tensor kind (activation, activation_grad, weight,
-        weight_grad), and the first module (model order) at it. Vector rows (spectra, per-unit
+        weight_grad), and the module at it that produced the value (``kinds.culprit``: none of
+        its submodules is flagged, first in execution order). Vector rows (spectra, per-unit
         statistics) and scalars are not tensors of the model and are left out."""
         t = tensor_rows(self.table)  # derived rows (spectra, units) never flag: kinds.py
         if t.num_rows == 0:
@@ -253,7 +254,7 @@ class Trace:
             idx = [i for i, k in enumerate(kinds) if k == kind]
             first_step = min(steps[i] for i in idx)
             at = [i for i in idx if steps[i] == first_step]
-            first = min(at, key=lambda i: order.get(mods[i], len(order)))
+            first = at[culprit([mods[i] for i in at], order)]
             out.append(
                 {
                     "kind": kind,

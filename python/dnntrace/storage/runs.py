@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .kinds import nonfinite_mask, tensor_rows
+from .kinds import culprit, nonfinite_mask, tensor_rows
 from .reader import _merge, read_table, rows_to_summaries
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
@@ -261,7 +261,8 @@ class RunSet:
         return pa.concat_tables(batches)
 
     def first_nonfinite(self) -> list[dict[str, Any]]:
-        """Per (run, rank): the first step with a NaN or Inf row, its first module (model order),
+        """Per (run, rank): the first step with a NaN or Inf row, the module that produced it
+        (``kinds.culprit``),
         the kind and the wall time; sorted so the first entry is the rank that went bad first."""
         t = tensor_rows(self._rank_rows())  # the model's tensors only (kinds.py)
         t = t.filter(nonfinite_mask(t))
@@ -269,14 +270,15 @@ class RunSet:
             return []
         order = {m: i for i, m in enumerate(self.modules)}
         rows = t.select(["run", "rank", "step", "module", "kind", "wall_time_s", "nan_count"])
-        best: dict[tuple[str, int], dict[str, Any]] = {}
+        first: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in rows.to_pylist():
-            key = (r["run"], r["rank"])
-            rank_key = (r["step"], order.get(r["module"], len(order)))
-            cur = best.get(key)
-            if cur is None or rank_key < (cur["step"], order.get(cur["module"], len(order))):
-                best[key] = r
-        return sorted(best.values(), key=lambda r: (r["run"], r["step"], r["wall_time_s"]))
+            at = first.setdefault((r["run"], r["rank"]), [r])
+            if r["step"] < at[0]["step"]:
+                at[:] = [r]
+            elif r["step"] == at[0]["step"] and r is not at[0]:
+                at.append(r)
+        best = [at[culprit([r["module"] for r in at], order)] for at in first.values()]
+        return sorted(best, key=lambda r: (r["run"], r["step"], r["wall_time_s"]))
 
     def step_times(self) -> pa.Table:
         """(run, rank, step, wall_time_s, lag_s): when each rank handed each step to its writer,
