@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -207,6 +208,16 @@ def serve_local(make: Any) -> tuple[Any, int]:
         start=True,
         print_url=False,
     )
+    # the server thread binds the port a moment after pn.serve returns: wait for it (bounded)
+    deadline = time.perf_counter() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"viewer not listening on port {port} after 60 s") from None
+            time.sleep(0.05)
     return srv, port
 
 

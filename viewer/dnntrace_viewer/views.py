@@ -156,6 +156,25 @@ class _Tiled(param.Parameterized):
 
     fixed_y = False
 
+    def _level_figure(self, width: int, height: int, tools: str, scroll: str) -> Any:
+        """The figure that shows the level: its image glyph in ``self.image``."""
+        fig = figure(
+            frame_width=width,
+            frame_height=height,
+            x_range=self.x_range,
+            y_range=self.y_range,
+            tools=tools,
+            active_scroll=scroll,
+            background_fill_color=BG,
+            x_axis_label="step",
+            lod_threshold=None,
+        )
+        fig.grid.visible = False
+        self.image = fig.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
+        )
+        return fig
+
     def _init_tiles(self) -> None:
         self.level: tiles.Level | None = None
         self.level_scale = 1.0  # screen pixels per level cell (area) when the level was made
@@ -287,20 +306,8 @@ class HistogramOverTime(_Tiled):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._init_tiles()
-        fig = figure(
-            frame_width=self.width,
-            frame_height=self.height,
-            x_range=self.x_range,
-            y_range=self.y_range,
-            tools="pan,wheel_zoom,box_zoom,reset,save",
-            active_scroll="wheel_zoom",
-            background_fill_color=BG,
-            x_axis_label="step",
-            lod_threshold=None,
-        )
-        fig.grid.visible = False
-        self.image = fig.image_rgba(
-            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
+        fig = self._level_figure(
+            self.width, self.height, "pan,wheel_zoom,box_zoom,reset,save", "wheel_zoom"
         )
         self.hover_value = CustomJSHover(args={"c": 1.0}, code="")
         fig.add_tools(
@@ -448,20 +455,8 @@ class LayerStrips(_Tiled):
         self._init_tiles()
         self.names = CustomJSHover(args={"names": [], "n": 0}, code=_LAYER_NAME)
         self.values = CustomJSHover(args={"c": 1.0, "y0": 0.0, "band": 1.0, "k": 1.0}, code="")
-        fig = figure(
-            frame_width=self.width,
-            frame_height=self.strip_height,
-            x_range=self.x_range,
-            y_range=self.y_range,
-            tools="xpan,xwheel_zoom,reset,save",
-            active_scroll="xwheel_zoom",
-            background_fill_color=BG,
-            x_axis_label="step",
-            lod_threshold=None,
-        )
-        fig.grid.visible = False
-        self.image = fig.image_rgba(
-            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source
+        fig = self._level_figure(
+            self.width, self.strip_height, "xpan,xwheel_zoom,reset,save", "xwheel_zoom"
         )
         fig.add_tools(
             HoverTool(
