@@ -283,3 +283,26 @@ def test_landscape_cli(tmp_path, monkeypatch, capsys) -> None:
     assert main(["landscape", "landfactory:make", "--out", out, "--trace", "missing.arrow"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "dnntrace landscape:" in err
+
+
+def test_nan_weights_do_not_switch_spectral_tracing_off(tmp_path) -> None:
+    """A NaN in the weights reaches every activation after it: the activation sketch leaves such
+    rows out (counted) instead of failing in eigh, and tracing stays on, NaN counted."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    path = str(tmp_path / "n.arrow")
+    g = torch.Generator().manual_seed(0)
+    with dnntrace.enable(
+        model, path, spectral={"full_every": 2, "sketch": {"every": 1, "ell": 8}}, host_buffers=64
+    ) as tr:
+        for step in range(4):
+            if step == 2:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = float("nan")
+            opt.zero_grad()
+            model(torch.randn(64, 12, generator=g)).sum().backward()
+            opt.step()
+    assert tr.stats()["disabled"] is None
+    an = dnntrace.load(path).anomalies()
+    assert an and an[0]["step"] == 2
+    assert 3 in dnntrace.load(path).steps.tolist()

@@ -147,6 +147,26 @@ def test_frequent_directions_exact_when_rank_small() -> None:
     assert fd.rows_seen == 0 and fd.sketch.shape[0] == 0
 
 
+def test_frequent_directions_leaves_out_nonfinite_rows() -> None:
+    """A row with NaN/Inf enters as a zero row and is counted: the sketch equals that of the
+    finite rows alone (exact here: rank 3 < ell), and later shrinks still work."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 12))
+    bad = a.copy()
+    bad[[3, 17]] = np.nan
+    bad[25, 4] = np.inf
+    fd = FrequentDirections(12, 8, dtype=torch.float64)
+    for i in range(0, 40, 10):  # blocks of 10 rows: several shrinks
+        fd.update(torch.from_numpy(bad[i : i + 10]))
+    good = np.delete(a, [3, 17, 25], axis=0)
+    b = fd.sketch.numpy()
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(b.T @ b, good.T @ good, atol=1e-8)
+    assert int(fd.nonfinite_rows) == 3 and fd.rows_seen == 40
+    fd.reset()
+    assert int(fd.nonfinite_rows) == 0
+
+
 def test_rankme_reference_values() -> None:
     assert rankme(np.eye(10)) == pytest.approx(10, rel=1e-5)
     rank2 = np.random.default_rng(0).standard_normal((50, 2)) @ np.diag([1.0, 1.0]) @ np.eye(2, 8)

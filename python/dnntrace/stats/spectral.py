@@ -219,6 +219,8 @@ class FrequentDirections:
         self._b = torch.zeros(0, d, device=self.device, dtype=dtype)
         self.rows_seen = 0
         self.shrinkage = torch.zeros((), device=self.device, dtype=torch.float64)  # Σ δ
+        # rows left out (as zero rows) for a NaN/Inf; a device tensor
+        self.nonfinite_rows = torch.zeros((), device=self.device, dtype=torch.int64)
 
     @property
     def sketch(self) -> Tensor:
@@ -231,6 +233,11 @@ class FrequentDirections:
         a = rows.detach().reshape(-1, self.d).to(self.dtype)
         if a.shape[0] == 0:
             return
+        # a row holding NaN/Inf would poison every later shrink (eigh fails on NaN): it enters
+        # as a zero row (adds nothing to AᵀA) and is counted, without a host sync
+        ok = torch.isfinite(a).all(dim=1, keepdim=True)
+        a = torch.where(ok, a, torch.zeros((), device=a.device, dtype=a.dtype))
+        self.nonfinite_rows += a.shape[0] - ok.sum()
         self.rows_seen += a.shape[0]
         c = torch.cat([self._b, a]) if self._b.shape[0] else a
         if c.shape[0] <= 2 * self.ell:
@@ -274,6 +281,7 @@ class FrequentDirections:
         self._b = self._b[:0]
         self.rows_seen = 0
         self.shrinkage.zero_()
+        self.nonfinite_rows.zero_()
 
 
 def rankme(z: np.ndarray | Tensor, eps: float = 1e-7) -> float:
