@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-import dnntrace
+from _rows import load_rows  # noqa: F401 (re-exported to the capture tests)
 
 
 class MLP(nn.Sequential):
@@ -124,14 +124,6 @@ class Recorder:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def load_rows(path: Any) -> pd.DataFrame:
-    """The trace as a DataFrame with plain string columns."""
-    df = dnntrace.load(path).to_pandas()
-    for c in ("phase", "module", "kind", "tensor", "dtype"):
-        df[c] = df[c].astype(str)
-    return df
 
 
 def one_row(df: pd.DataFrame, **where: Any) -> pd.Series:

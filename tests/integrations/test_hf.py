@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dnntrace  # noqa: E402
+from _rows import load_rows  # noqa: E402
 from dnntrace.integrations.hf import DnntraceCallback  # noqa: E402
 
 
@@ -71,13 +72,6 @@ def _args(out: Path, max_steps: int, **kw: Any) -> Any:
     )
 
 
-def _rows(path: Path) -> Any:
-    df = dnntrace.load(path).to_pandas()
-    for c in ("phase", "module", "kind", "tensor"):
-        df[c] = df[c].astype(str)
-    return df
-
-
 def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
     path = tmp_path / "trace.arrow"
     truth = Truth()
@@ -96,7 +90,7 @@ def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         trainer.train()
-    df = _rows(path)
+    df = load_rows(path)
     assert sorted(set(df["step"])) == [0, 1, 2, 3, 4]  # step 4: the final evaluation
     wg = df[df["kind"] == "weight_grad"]
     assert sorted(truth.grads) == [0, 1, 2, 3] == sorted(set(wg["step"]))
@@ -134,8 +128,8 @@ def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         t2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-    assert sorted(set(_rows(path)["step"])) == [0, 1, 2, 3, 4]  # intact
-    resumed = _rows(tmp_path / "trace.from4.arrow")
+    assert sorted(set(load_rows(path)["step"])) == [0, 1, 2, 3, 4]  # intact
+    resumed = load_rows(tmp_path / "trace.from4.arrow")
     assert sorted(set(resumed[resumed["kind"] == "weight_grad"]["step"])) == [4, 5]
 
 
@@ -173,7 +167,7 @@ def test_hf_trainer_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
     mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     files = sorted(p.name for p in (tmp_path / "trace").iterdir())
     assert files == ["rank0.arrow", "rank1.arrow"]
-    r0, r1 = (_rows(tmp_path / "trace" / f) for f in files)
+    r0, r1 = (load_rows(tmp_path / "trace" / f) for f in files)
     key = ["step", "module", "kind", "tensor"]
     g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
     g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)

@@ -16,6 +16,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 import dnntrace  # noqa: E402
+from _rows import load_rows  # noqa: E402
 from dnntrace.integrations.lightning import DnntraceCallback  # noqa: E402
 
 
@@ -77,13 +78,6 @@ def _trainer(max_steps: int, cbs: list[Any], **kw: Any) -> Any:
     )
 
 
-def _rows(path: Path) -> Any:
-    df = dnntrace.load(path).to_pandas()
-    for c in ("phase", "module", "kind", "tensor"):
-        df[c] = df[c].astype(str)
-    return df
-
-
 def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Tiny()
@@ -97,7 +91,7 @@ def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)  # Lightning's advice (workers, ...)
         warnings.simplefilter("ignore", FutureWarning)  # Lightning on torch 2.13's pytree
         trainer.fit(model, _data(48, 1), _data(8, 2))
-    df = _rows(path)
+    df = load_rows(path)
     assert sorted(set(df["step"])) == [0, 1, 2]
     wg = df[df["kind"] == "weight_grad"]
     assert sorted(truth.grads) == [0, 1, 2]
@@ -130,8 +124,8 @@ def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)  # Lightning's advice (workers, ...)
         warnings.simplefilter("ignore", FutureWarning)  # Lightning on torch 2.13's pytree
         t2.fit(Tiny(), _data(48, 1), ckpt_path=str(ckpt))
-    assert sorted(set(_rows(path)["step"])) == [0, 1, 2]  # the first trace is intact
-    resumed = _rows(tmp_path / "trace.from3.arrow")
+    assert sorted(set(load_rows(path)["step"])) == [0, 1, 2]  # the first trace is intact
+    resumed = load_rows(tmp_path / "trace.from3.arrow")
     assert sorted(set(resumed["step"])) == [3, 4]
     assert set(resumed[resumed["kind"] == "weight_grad"]["step"]) == {3, 4}
 
@@ -152,7 +146,7 @@ def test_lightning_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
         trainer.fit(Tiny(), _data(32, 1))
     files = sorted(p.name for p in (tmp_path / "trace").iterdir())
     assert files == ["rank0.arrow", "rank1.arrow"]
-    r0, r1 = (_rows(tmp_path / "trace" / f) for f in files)
+    r0, r1 = (load_rows(tmp_path / "trace" / f) for f in files)
     key = ["step", "module", "kind", "tensor"]
     g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
     g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)

@@ -78,6 +78,22 @@ def served(make: Callable[[], Any]) -> Iterator[str]:
             pn.state.reset()
 
 
+def watch_errors(pg: Any) -> list[str]:
+    """A list that collects the page's console errors and uncaught exceptions from now on."""
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    return errors
+
+
+def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
+    """A new page at ``url``, with ``watch_errors`` on from before the first load."""
+    pg = browser.new_page()
+    errors = watch_errors(pg)
+    pg.goto(url)
+    return pg, errors
+
+
 def shot(pg: Any, name: str) -> str:
     """Saves a screenshot of the page as ``SHOTS/name.png``; returns the path."""
     os.makedirs(SHOTS, exist_ok=True)

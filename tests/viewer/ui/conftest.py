@@ -8,7 +8,7 @@ from typing import Any
 
 import panel as pn
 import pytest
-from _browser import ARGS, CHROMIUM, require_chromium, served, wait_until  # noqa: E402,F401
+from _browser import ARGS, CHROMIUM, open_page, require_chromium, served, wait_until  # noqa: E402,F401
 
 from dnntrace_viewer.app import SESSION_VIEWS, build_app
 from dnntrace_viewer.data_store import RunStore
@@ -49,11 +49,7 @@ def browser() -> Iterator[Any]:
 def page(server: str, browser: Any) -> Iterator[Any]:
     """A fresh session: the page, its console errors and its views (render counters)."""
     pn.state.cache[SESSION_VIEWS] = []
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(server)
+    pg, errors = open_page(browser, server)
     try:
         pg.wait_for_selector("canvas", timeout=30_000)
     except Exception:  # show what the page says instead (a crashed app serves its traceback)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import panel as pn
 import pytest
-from _browser import require_chromium, served, shot, wait_until
+from _browser import open_page, require_chromium, served, shot, wait_until
 from PIL import Image
 
 from dnntrace.storage import TraceWriter, load
@@ -95,11 +95,7 @@ def test_follow_updates_every_plot(growing: Growing, browser: Any) -> None:
     pn.state.cache.pop(SESSION_VIEWS, None)
     store = RunStore(paths=[growing.writer.path], follow=True)
     with served(lambda: build_app(store.clone(), follow_ms=1000)) as url:
-        pg = browser.new_page()
-        errors: list[str] = []
-        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(url)
+        pg, errors = open_page(browser, url)
         pg.wait_for_selector("canvas", timeout=60_000)
         views = wait_until(lambda: pn.state.cache.get(SESSION_VIEWS))[-1]
         s = views["strips"].store

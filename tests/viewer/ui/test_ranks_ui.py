@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import panel as pn
 import pytest
-from _browser import canvas_drawn, page_pixels, require_chromium, served, wait_until  # noqa: E402
+from _browser import canvas_drawn, open_page, page_pixels, require_chromium, served, wait_until  # noqa: E402
 
 from dnntrace_viewer.ranks_data import write_synthetic_ranks
 from dnntrace_viewer.views_ranks import panels
@@ -26,11 +26,7 @@ def ranks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_ranks_views_in_the_browser(ranks_server: str, browser: Any) -> None:
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(ranks_server)
+    pg, errors = open_page(browser, ranks_server)
     pg.wait_for_selector("canvas", timeout=60_000)
     wait_until(lambda: canvas_drawn(pg), timeout=60)  # rank x step heatmap
     before = page_pixels(pg)

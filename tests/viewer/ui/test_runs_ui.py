@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from _browser import canvas_drawn, require_chromium, served, shot, wait_until  # noqa: E402
+from _browser import canvas_drawn, open_page, require_chromium, served, shot, wait_until  # noqa: E402
 
 from dnntrace_viewer.app import SESSION_VIEWS, TABS, build_app  # noqa: E402
 from dnntrace_viewer.data_store import RunStore  # noqa: E402
@@ -70,11 +70,7 @@ def tab(pg: Any, title: str) -> Any:
 
 
 def test_tabs_follow_the_run_selector(two_runs: str, browser: Any) -> None:
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(two_runs)
+    pg, errors = open_page(browser, two_runs)
     pg.wait_for_selector("canvas", timeout=60_000)
     views = wait_until(lambda: pn.state.cache.get(SESSION_VIEWS))[-1]
     store = views["strips"].store

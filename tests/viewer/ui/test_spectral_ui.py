@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import require_chromium, served, wait_until  # noqa: E402
+from _browser import open_page, require_chromium, served, wait_until  # noqa: E402
 
 from dnntrace_viewer.views_spectral import panels  # noqa: E402
 
@@ -60,11 +60,7 @@ def _drawn_canvases(pg: Any) -> int:
 
 
 def test_spectral_tabs_in_the_browser(spectral_server: str, browser: Any) -> None:
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(spectral_server)
+    pg, errors = open_page(browser, spectral_server)
     pg.wait_for_selector("canvas", timeout=60_000)
     wait_until(lambda: _drawn_canvases(pg) >= 3, timeout=60)  # ESD, alpha, stable rank
     first = _shot(pg, "spectra")

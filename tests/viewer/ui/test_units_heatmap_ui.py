@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import panel as pn
 import pytest
-from _browser import canvas_drawn, page_pixels, require_chromium, served, wait_until
+from _browser import canvas_drawn, open_page, page_pixels, require_chromium, served, wait_until
 
 from dnntrace_viewer.synthetic import UnitsSpec, write_synthetic_units
 from dnntrace_viewer.units_data import MIN_CACHE_CELLS, UnitData, cache_dir
@@ -48,11 +48,7 @@ def test_units_heatmap_paints_and_zooms(
     heat_server: tuple[str, list[UnitHeatmap]], browser: Any, units_trace: str
 ) -> None:
     url, sessions = heat_server
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(url)
+    pg, errors = open_page(browser, url)
     pg.wait_for_selector("canvas", timeout=60_000)
     wait_until(lambda: canvas_drawn(pg), timeout=60)
     assert Path(cache_dir(units_trace)).is_dir()  # built on disk beside the trace

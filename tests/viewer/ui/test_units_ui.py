@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import canvas_drawn, page_pixels, require_chromium, served, wait_until  # noqa: E402
+from _browser import canvas_drawn, open_page, page_pixels, require_chromium, served, wait_until  # noqa: E402
 
 from dnntrace_viewer.views_units import panels  # noqa: E402
 
@@ -34,11 +34,7 @@ def units_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_units_views_in_the_browser(units_server: str, browser: Any) -> None:
-    pg = browser.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(units_server)
+    pg, errors = open_page(browser, units_server)
     pg.wait_for_selector("canvas", timeout=60_000)
     wait_until(lambda: canvas_drawn(pg), timeout=60)  # the units x steps heatmap
     before = page_pixels(pg)

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _browser import require_chromium, served, shot, wait_until  # noqa: E402
+from _browser import require_chromium, served, shot, wait_until, watch_errors  # noqa: E402
 
 from dnntrace_viewer.app import SESSION_VIEWS, TABS, build_app  # noqa: E402
 from dnntrace_viewer.data_store import RunStore  # noqa: E402
@@ -72,12 +72,10 @@ def hostile_server(hostile: str, demo_trace: str) -> Iterator[str]:
 
 def _open(browser: Any, url: str) -> tuple[Any, list[str], list[str], list[str]]:
     pg = browser.new_page()
-    errors: list[str] = []
     dialogs: list[str] = []
     foreign: list[str] = []
     pg.add_init_script(TRIPWIRE)
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
+    errors = watch_errors(pg)
     pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     pg.on(
         "request",
