@@ -199,7 +199,11 @@ class Pipeline:
             self._note_flush(t0)
             return False
         assert fresh is not None
-        t_names = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+        # host tensors are read here (no sync, and no torch ops on the training thread); device
+        # tensors are stacked and copied on the writer's side stream
+        t_names = [
+            k for k, v in scalars.items() if isinstance(v, torch.Tensor) and v.device.type != "cpu"
+        ]
         job = _Job(
             bank,
             rows,
@@ -207,7 +211,11 @@ class Pipeline:
             time.time(),
             labels,
             meta,
-            {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)},
+            {
+                k: float(v)
+                for k, v in scalars.items()
+                if not isinstance(v, torch.Tensor) or v.device.type == "cpu"
+            },
             torch.stack([scalars[n].detach().double().reshape(()) for n in t_names])
             if t_names
             else None,
