@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from _synthetic import UnitsSpec, units_spec, write_synthetic_units
 
 from dnntrace.storage import Layout, TraceWriter, load
 from dnntrace.storage import layout as L
 from dnntrace.storage.rows import hist_with_empty, state_to_batch, vector_state
 from dnntrace_viewer import units_data as U
-from dnntrace_viewer.synthetic import UnitsSpec, units_spec, write_synthetic_units
 from dnntrace_viewer.units_data import Pyramid, UnitData
 
 ROOT = Path(__file__).parents[2]
