@@ -57,8 +57,8 @@ def test_overview_draws(page: Any) -> None:
 
 def test_select_module_opens_detail(page: Any) -> None:
     views = page.dnt_views
-    detail = views["detail"]
     page.get_by_text("Histogram over time", exact=True).click()
+    detail = wait_until(lambda: views.get("detail"))  # built when its tab first opens
     canvas = plot(page, "detail")
     wait_until(lambda: colourful(pixels(canvas)) > 50)
     before = pixels(canvas)
@@ -73,8 +73,8 @@ def test_select_module_opens_detail(page: Any) -> None:
 
 
 def test_zoom_re_renders(page: Any) -> None:
-    detail = page.dnt_views["detail"]
     page.get_by_text("Histogram over time", exact=True).click()
+    detail = wait_until(lambda: page.dnt_views.get("detail"))
     canvas = plot(page, "detail")
     wait_until(lambda: colourful(pixels(canvas)) > 50)
     before = pixels(canvas)
