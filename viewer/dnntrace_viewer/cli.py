@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import ipaddress
 import os
 import secrets
@@ -141,15 +142,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.fps > 0 or args.fps > 100:
         print(f"{prog}: error: --fps must be in (0, 100], got {args.fps:g}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from dnntrace.storage import TraceError
+    from dnntrace.storage import TraceError, load
 
-    from .data_store import Run, RunStore, find_traces
+    from .paths import find_traces
 
+    # Panel, Bokeh and pandas import (~1 s, holding the GIL) while Arrow decompresses the
+    # traces (releasing it): on 2 cores the two overlap
+    importing = threading.Thread(
+        target=importlib.import_module, args=(f"{__package__}.data_store",), daemon=True
+    )
+    importing.start()
     try:
-        paths = find_traces(args.traces)
+        try:
+            paths = find_traces(args.traces)
+            traces = [load(p) for p in paths]
+        finally:
+            importing.join()
+        from .data_store import Run, RunStore
+
         runs = [
-            Run.open(p, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p)))
-            for p in paths
+            Run.open(
+                p, trace=t, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p))
+            )
+            for p, t in zip(paths, traces, strict=True)
         ]
         store = RunStore(runs=runs, paths=paths, follow=args.follow)
         if args.kind:

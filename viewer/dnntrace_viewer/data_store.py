@@ -34,6 +34,7 @@ from dnntrace.storage import kinds as K
 from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
 
 from .lod import SeriesLOD, YMap, choose_linthresh, open_lods
+from .paths import find_traces  # noqa: F401  (re-exported: callers import it from here)
 
 DEAD_ZERO_FRACTION = 0.99
 SATURATED_FRACTION = 0.25
@@ -64,20 +65,6 @@ _COLUMNS = [
     "max",
     "absmax",
 ]
-
-
-def find_traces(paths: Sequence[str]) -> list[str]:
-    """Trace files named on the command line; a folder stands for its ``*.arrow`` files."""
-    out: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".arrow"))
-            if not found:
-                raise TraceError(f"{p}: folder holds no .arrow trace files")
-            out += found
-        else:
-            out.append(p)
-    return out
 
 
 def _without_histograms(trace: Trace) -> Trace:
@@ -115,8 +102,10 @@ class Run:
         *,
         use_cache: bool = True,
         progress: Callable[[int, int, str], None] | None = None,
+        trace: Trace | None = None,
     ) -> Run:
-        trace = load(path)
+        """``trace``: ``path`` already loaded (the CLI loads it while Panel imports)."""
+        trace = trace if trace is not None else load(path)
         _scan_without_histograms(trace)
         lods, cached = open_lods(trace, use_cache=use_cache, progress=progress)
         return cls(path=path, trace=trace, lods=lods, from_cache=cached)
