@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +277,7 @@ def test_unwritable_folder_falls_back_to_temp_then_memory(
     blocker.write_text("")
     # root ignores permission bits: a path under a file cannot be created by anyone
     monkeypatch.setattr(U, "cache_dir", lambda p: str(blocker / "x.units"))
-    monkeypatch.setattr(U.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     d = UnitData(load(ragged[0]), min_cache_cells=0)
     e = d._stat_entry("m", "unit_mean")

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +27,9 @@ import pyarrow.compute as pc
 
 from dnntrace.storage import Layout, Trace
 
-LOD_VERSION = 1
+from .sidecar import Sidecar, beside, in_temp
+
+LOD_VERSION = 2  # 2: the sidecar layout (signature.json, tables/)
 Progress = Callable[[int, int, str], None]
 
 
@@ -293,22 +293,21 @@ def build_all(trace: Trace, progress: Progress | None = None) -> dict[tuple[str,
 
 # ---- cache ------------------------------------------------------------------------------------
 def cache_dir(path: str) -> str:
-    return os.fspath(path) + ".lod"
+    return beside(path, ".lod")
 
 
-def _signature(path: str) -> dict[str, int]:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": LOD_VERSION}
+def _sidecar(path: str) -> Sidecar:
+    return Sidecar(path, [cache_dir(path), in_temp(path, "dnntrace-lod")], LOD_VERSION)
 
 
 def load_cache(path: str) -> dict[tuple[str, str], SeriesLOD] | None:
     """The cached tables if they match the trace's size and mtime, memory-mapped; else None."""
-    d = cache_dir(path)
     try:
+        d = _sidecar(path).find("tables")
+        if d is None:
+            return None
         with open(os.path.join(d, "index.json")) as f:
             index = json.load(f)
-        if index.get("signature") != _signature(path):
-            return None
         out = {}
         for i, (mod, kind) in enumerate(index["series"]):
             arrs = [
@@ -322,15 +321,10 @@ def load_cache(path: str) -> dict[tuple[str, str], SeriesLOD] | None:
 
 
 def save_cache(path: str, lods: dict[tuple[str, str], SeriesLOD]) -> bool:
-    """Write the cache next to the trace (atomically: a temp folder renamed); False if the
-    folder is not writable."""
-    d = cache_dir(path)
-    parent = os.path.dirname(os.path.abspath(d))
-    try:
-        tmp = tempfile.mkdtemp(prefix=".lod-", dir=parent)
-    except OSError:
-        return False
-    try:
+    """Write the cache beside the trace, else in the temp folder (whole or not at all:
+    ``sidecar``); False if neither is writable."""
+
+    def fill(tmp: str) -> None:
         series = []
         for i, (key, lod) in enumerate(lods.items()):
             series.append(list(key))
@@ -338,13 +332,11 @@ def save_cache(path: str, lods: dict[tuple[str, str], SeriesLOD]) -> bool:
             np.save(os.path.join(tmp, f"{i}.edges.npy"), lod.edges)
             np.save(os.path.join(tmp, f"{i}.sat.npy"), np.asarray(lod.sat))
         with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump({"signature": _signature(path), "series": series}, f)
-        if os.path.isdir(d):
-            shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-        return True
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+            json.dump({"series": series}, f)
+
+    try:
+        return _sidecar(path).write("tables", fill) is not None
+    except OSError:  # the trace itself gone (stat)
         return False
 
 
