@@ -146,7 +146,8 @@ class Run:
             self._cache["row_kinds"] = (
                 set(col.cast("string").unique().to_pylist()) if t.num_rows else set()
             )
-        return self._cache["row_kinds"]
+        kinds: set[str] = self._cache["row_kinds"]
+        return kinds
 
     def has_unit_rows(self) -> bool:
         """Per-unit statistics or anomaly records: the Units tab."""
@@ -362,7 +363,8 @@ class Run:
         if "first_nonfinite" not in self._cache:  # a scan of the table: once per opened run
             an = [a for a in _without_histograms(self.trace).anomalies() if a["kind"] != "scalar"]
             self._cache["first_nonfinite"] = min(an, key=lambda a: a["step"]) if an else None
-        return self._cache["first_nonfinite"]
+        first: dict[str, Any] | None = self._cache["first_nonfinite"]
+        return first
 
     def _saturation(self, module: str, mtype: str) -> float:
         lod = self.lods.get((module, "activation"))

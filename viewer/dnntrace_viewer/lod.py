@@ -251,10 +251,9 @@ def build_series(cols: _Columns, rows: np.ndarray, lay: Layout) -> SeriesLOD:
         pos0 = max(b0, p)
         if b1 > pos0:
             full[si, pos0 + 2 : b1 + 2] += v[pos0 - b0 :]
-    np.add.at(full, (step_idx, p + 1), cols.zero_like[rows])
-    np.add.at(full, (step_idx, 0), cols.over_neg[rows])
-    np.add.at(full, (step_idx, ncol - 1), cols.over_pos[rows])
-    used = (full > 0).any(axis=0)
+    for col, w in ((p + 1, cols.zero_like), (0, cols.over_neg), (ncol - 1, cols.over_pos)):
+        full[:, col] += np.bincount(step_idx, weights=w[rows], minlength=n)
+    used: np.ndarray = np.asarray((full > 0).any(axis=0))
     ext = extended_edges(lay)
     if not used.any():
         used[p + 1] = True
