@@ -46,7 +46,10 @@ NO_EDITABLE = (
 )
 exec(NO_EDITABLE)
 
-from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
+# the synthetic trace builders are test fixtures (tests/viewer/_synthetic.py), of this checkout
+# appended: children get sys.path[:2] (ROOT's packages) as their PYTHONPATH
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "viewer"))
+from _synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -278,8 +281,10 @@ def interactive(ctx: Any, path: str, n: int, shots: str | None = None) -> dict[s
         while not pn.state.cache[SESSION_VIEWS]:
             time.sleep(0.05)
         views = pn.state.cache[SESSION_VIEWS][-1]
-        detail = views["detail"]
         page.get_by_text("Histogram over time", exact=True).click()
+        while "detail" not in views:  # built when its tab first opens (since the lazy tabs)
+            time.sleep(0.05)
+        detail = views["detail"]
         while page.evaluate(JS_COLOURS, "dnt-detail") < 50:
             time.sleep(0.05)
         time.sleep(1.0)

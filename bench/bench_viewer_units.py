@@ -4,9 +4,9 @@ re-render (server side), and zoom latency in headless Chromium, on a synthetic p
     PYTHONPATH=python:viewer .venv/bin/python bench/bench_viewer_units.py [--units-cells 1e9]
         [--quick] [--no-browser] [--out DIR] [--keep]
 
-The trace (``synthetic.write_synthetic_units``: one ReLU layer, ``unit_mean`` and
-``unit_firing``; 10**9 cells = 10**5 units × 10**4 steps, 8 GB uncompressed) is written once into
-``--out`` and reused. ``--quick`` is 10**4 × 10**3 (the test suite runs it).
+The trace (``write_synthetic_units`` of ``tests/viewer/_synthetic.py``: one ReLU layer,
+``unit_mean`` and ``unit_firing``; 10**9 cells = 10**5 units × 10**4 steps, 8 GB uncompressed) is
+written once into ``--out`` and reused. ``--quick`` is 10**4 × 10**3 (the test suite runs it).
 
 - build: a fresh process opens the trace and builds the ``unit_mean`` pyramid and the dead map
   (``.units`` cache beside the trace); peak anonymous memory is sampled every 20 ms, and the
@@ -38,7 +38,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "viewer")]
 
-from dnntrace_viewer.synthetic import units_spec, write_synthetic_units  # noqa: E402
+# the synthetic trace builders are test fixtures (tests/viewer/_synthetic.py), of this checkout
+# appended: children get sys.path[:2] (ROOT's packages) as their PYTHONPATH
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "viewer"))
+from _synthetic import units_spec, write_synthetic_units  # noqa: E402
 
 MODULE = "hidden_act"
 WIDTH, HEIGHT = 1000, 600

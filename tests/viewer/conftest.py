@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic
+from _synthetic import SyntheticSpec, write_synthetic
 
 SPEC = SyntheticSpec(
     steps=40,

@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from _synthetic import SyntheticSpec, write_synthetic
 
 from dnntrace.storage import TraceWriter, load
 from dnntrace_viewer.data_store import Run, RunStore, find_traces
-from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic
 
 
 def test_import_does_not_pull_torch() -> None:

@@ -9,6 +9,7 @@ import pandas as pd
 import panel as pn
 import pyarrow as pa
 import pytest
+from _synthetic import write_synthetic_ranks
 
 from dnntrace.storage.runs import open_runs, read_batches
 from dnntrace_viewer import ranks_data as R
@@ -19,7 +20,7 @@ RANKS, STEPS, MODULES = 4, 30, ("fc1", "fc2", "fc3")
 
 @pytest.fixture(scope="module")
 def rank_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return R.write_synthetic_ranks(tmp_path_factory.mktemp("ranks") / "run", ranks=RANKS,
+    return write_synthetic_ranks(tmp_path_factory.mktemp("ranks") / "run", ranks=RANKS,
                                    steps=STEPS, modules=MODULES)  # fmt: skip
 
 
@@ -107,7 +108,7 @@ def test_panels_render(rank_folder: str) -> None:
 
 
 def test_several_runs(rank_folder: str, tmp_path: Path) -> None:
-    other = R.write_synthetic_ranks(tmp_path / "other", ranks=2, steps=5, nan=None, seed=1)
+    other = write_synthetic_ranks(tmp_path / "other", ranks=2, steps=5, nan=None, seed=1)
     runs = open_runs([rank_folder, other])
     assert runs.runs == ["run", "other"] and runs.ranks("other") == [0, 1]
     g = R.grid(runs, "activation", "rms", run="other")

@@ -8,17 +8,18 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from _synthetic import UnitsSpec, units_spec, write_synthetic_units
 
 from dnntrace.storage import Layout, TraceWriter, load
 from dnntrace.storage import layout as L
 from dnntrace.storage.rows import hist_with_empty, state_to_batch, vector_state
 from dnntrace_viewer import units_data as U
-from dnntrace_viewer.synthetic import UnitsSpec, units_spec, write_synthetic_units
 from dnntrace_viewer.units_data import Pyramid, UnitData
 
 ROOT = Path(__file__).parents[2]
@@ -276,7 +277,7 @@ def test_unwritable_folder_falls_back_to_temp_then_memory(
     blocker.write_text("")
     # root ignores permission bits: a path under a file cannot be created by anyone
     monkeypatch.setattr(U, "cache_dir", lambda p: str(blocker / "x.units"))
-    monkeypatch.setattr(U.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     d = UnitData(load(ragged[0]), min_cache_cells=0)
     e = d._stat_entry("m", "unit_mean")

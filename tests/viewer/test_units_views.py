@@ -113,3 +113,19 @@ def test_panels_build(data: UnitData) -> None:
     heat = UnitHeatmap(_matrix_source(data), ["1"], ["unit_firing"], width=50, height=20)
     img = heat._image("1", "unit_firing", (2.0, 5.0), (0.0, 12.0))
     assert img.data["unit_firing"].shape == (12, 4)
+
+
+@pytest.mark.parametrize("name", ["demo_trace", "clean_trace"])
+def test_anomaly_text_agrees_with_the_timeline(name: str, request: pytest.FixtureRequest) -> None:
+    """'no NaN or Inf recorded' exactly when the NaN/Inf-per-step plot below it is flat: with
+    and without a NaN, and without anomaly rows (the reader's first NaN/Inf stands in)."""
+    from dnntrace_viewer.views_units import anomaly_view
+
+    data = UnitData.open(request.getfixturevalue(name))
+    text = anomaly_view(data).objects[0].object
+    bad = int(data.nonfinite_timeline()["bad_values"].sum())
+    assert ("no NaN or Inf recorded" in text) == (bad == 0)
+    assert (name == "demo_trace") == (bad > 0)  # the demo plants a NaN, the clean run none
+    if bad:
+        first = int(data.nonfinite_timeline().query("bad_values > 0")["step"].min())
+        assert f"step {first}:" in text

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import panel as pn
 from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import FIXED_SIZING_MODE
-
-from dnntrace.storage import kinds as K
 
 from . import data_store as ds
 from .data_store import RunStore
@@ -33,94 +32,81 @@ sum of squares unchanged at every step. Select a row to open the module."""
 SESSION_VIEWS = "dnntrace_views"
 TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
 
-# which rows open which tab: the registry of row kinds (dnntrace.storage.kinds)
-_UNIT_TAB_KINDS = {*K.UNIT_KINDS, "anomaly"}
-_SPECTRAL_TAB_KINDS = set(K.SPECTRAL_KINDS) - {"filter_norm", "trajectory_pca"}
-
-
-def extra_tabs(store: RunStore, scheduler: str | None = None) -> list[tuple[str, Any]]:
-    """(title, builder) of the views the trace has data for: per-unit statistics, spectra and
-    dynamics, ranks of a distributed run. Builders run when their tab is first opened."""
-    run = store.current
-    col = run.trace.table.column("kind")
-    kinds = set(col.cast("string").unique().to_pylist()) if run.trace.table.num_rows else set()
-    out: list[tuple[str, Any]] = []
-    if kinds & _UNIT_TAB_KINDS:
-        from .views_units import panels as unit_panels
-
-        out.append(("Units", lambda: unit_panels(run.trace)))
-    scalars = set(run.scalars()["name"]) if K.SCALAR_KIND in kinds else set()
-    if kinds & _SPECTRAL_TAB_KINDS or any(
-        n.startswith(K.SPECTRAL_SCALAR_PREFIXES) for n in scalars
-    ):
-        from .views_spectral import panels as spectral_panels
-
-        out.append(("Spectra & dynamics", lambda: spectral_panels(run.path)))
-    ranks = set(run.trace.table.column("rank").unique().to_pylist()) if kinds else set()
-    world = int(run.trace.metadata.get("world_size") or 1)
-    if world > 1 or len(ranks) > 1:
-        from .views_ranks import panels as rank_panels
-
-        paths = list(store.paths) or [run.path]
-        out.append(
-            ("Ranks", lambda: rank_panels(paths, use_dask=bool(scheduler), scheduler=scheduler))
-        )
-    return out
+# the tabs after the four fixed ones: (module, ``views.RunTab`` class, its ``rows`` predicate on
+# ``data_store.Run``); a module is imported when a run first has its rows (HoloViews and
+# Datashader cost seconds to import)
+EXTRA_TABS = (
+    ("views_units", "UnitsTab", "has_unit_rows"),
+    ("views_spectral", "SpectralTab", "has_spectral_rows"),
+    ("views_ranks", "RanksTab", "is_distributed"),
+)
 
 
 class ExtraTabs:
-    """The tabs after the four fixed ones, for the run selected: rebuilt when the Run selector
-    changes (each trace shows the tabs it has rows for), marked stale when a followed run grows
-    (the open one is rebuilt at once, the others when they are next opened)."""
+    """The tabs after the four fixed ones: one ``RunTab`` view per kind of extra rows, on the
+    store. The tabs the selected run has rows for are shown (the set changes with the Run
+    selector and as a followed run grows); the open one builds or rebuilds at once, the others
+    when they are next opened."""
 
     def __init__(self, store: RunStore, tabs: pn.Tabs, scheduler: str | None) -> None:
         self.store, self.tabs, self.scheduler = store, tabs, scheduler
-        self.entries: list[tuple[str, Any, pn.Column]] = []
-        self.built: dict[int, int] = {}  # tab index -> store.version it was built at
-        self.builds = 0
-        self._run: str | None = None
+        self.views: dict[str, Any] = {}  # class name -> RunTab, created on first need
+        self.shown: list[Any] = []
         tabs.param.watch(self._on_active, "active")
         store.param.watch(self.sync, ["run", "version"])
         self.sync()
 
     @property
     def titles(self) -> list[str]:
-        return [t for t, _, _ in self.entries]
+        return [v.title for v in self.shown]
+
+    @property
+    def builds(self) -> int:
+        return sum(v.builds for v in self.views.values())
+
+    def _view(self, module: str, name: str) -> Any:
+        if name not in self.views:
+            cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+            extra = {"scheduler": self.scheduler} if name == "RanksTab" else {}
+            self.views[name] = cls(store=self.store, **extra)
+        return self.views[name]
 
     def sync(self, *_: Any) -> None:
-        extras = extra_tabs(self.store, self.scheduler)
-        titles = [t for t, _ in extras]
-        if self.store.run != self._run or titles != self.titles:
-            self._run = self.store.run
+        run = self.store.current
+        want = [self._view(m, n) for m, n, rows in EXTRA_TABS if getattr(run, rows)()]
+        if want != self.shown:
             active = self.tabs.active
             title = self.tabs._names[active] if 0 <= active < len(self.tabs) else None
-            self.entries = [
-                (t, b, pn.Column(pn.pane.Markdown("loading…"), name=f"extra_{i}"))
-                for i, (t, b) in enumerate(extras)
-            ]
-            self.built = {}
+            self.shown = want
             fixed = list(zip(self.tabs._names[: len(TABS)], self.tabs[: len(TABS)], strict=True))
-            self.tabs[:] = [*fixed, *[(t, box) for t, _, box in self.entries]]
+            self.tabs[:] = [*fixed, *[(v.title, v.box) for v in want]]
             # stay on the tab of the same name when the new run has it
-            if title in titles:
-                self.tabs.active = len(TABS) + titles.index(title)
+            if title in self.titles:
+                self.tabs.active = len(TABS) + self.titles.index(title)
             elif active >= len(TABS):
                 self.tabs.active = 0
-        else:  # same tabs, more data: their builders read the re-opened run
-            boxes = [box for _, _, box in self.entries]
-            self.entries = [(t, b, box) for (t, b), box in zip(extras, boxes, strict=True)]
-        self._build(self.tabs.active - len(TABS))
+        self._show(self.tabs.active)
 
     def _on_active(self, event: Any) -> None:
-        self._build(event.new - len(TABS))
+        self._show(event.new)
 
-    def _build(self, i: int) -> None:
-        if not 0 <= i < len(self.entries) or self.built.get(i) == self.store.version:
-            return
-        self.built[i] = self.store.version
-        _, builder, box = self.entries[i]
-        box.objects = [pn.Tabs(*builder(), dynamic=False)]
-        self.builds += 1
+    def _show(self, active: int) -> None:
+        i = active - len(TABS)
+        for j, v in enumerate(self.shown):
+            v.show(j == i)
+        for v in self.views.values():
+            if v not in self.shown:
+                v.show(False)
+
+
+HEALTH_ROW_PX, HEALTH_HEADER_PX, HEALTH_MAX_PX = 29, 29, 620  # Tabulator's rows, measured
+
+
+def health_height(rows: int) -> int:
+    """The health table fits its rows (a small model's table has no empty band under it and
+    no hidden last row), up to a height that leaves the strips below it in view on a laptop
+    screen; more rows scroll inside the table."""
+    return min(HEALTH_HEADER_PX + HEALTH_ROW_PX * max(rows, 1) + 3, HEALTH_MAX_PX)
 
 
 def _module_options(store: RunStore, *, html: bool) -> dict[str, Any]:
@@ -134,7 +120,6 @@ def build_app(
 ) -> pn.viewable.Viewable:
     pn.extension("tabulator", notifications=False, inline=True)
     silence(FIXED_SIZING_MODE, True)  # HoloViews layouts with frame sizes: harmless
-    detail = HistogramOverTime(store=store)
     strips = LayerStrips(store=store)
     scalars = ScalarCurves(store)
 
@@ -143,7 +128,7 @@ def build_app(
         show_index=False,
         selectable=1,
         disabled=True,
-        height=380,
+        height=health_height(len(store.current.health())),
         width=820,
         layout="fit_data_table",
         stylesheets=[":host .tabulator-row {cursor: pointer;}"],
@@ -152,23 +137,28 @@ def build_app(
 
     def refresh_health(event: Any) -> None:
         health.selection = []  # a row of the previous run means nothing in this one
-        health.value = fmt_health(store.current.health())
+        h = store.current.health()
+        health.param.update(value=fmt_health(h), height=health_height(len(h)))
 
     store.param.watch(refresh_health, ["run", "version"])
     tabs = pn.Tabs(dynamic=False, name="views")
     views: dict[str, Any] = {
         "strips": strips,
-        "detail": detail,
         "tabs": tabs,
         "scalars": scalars,
         "health": health,
     }
 
-    # built when their tab first opens: Datashader's import alone costs seconds at start-up.
+    # built when their tab first opens: the first page draws the overview alone (Datashader's
+    # import alone costs seconds, and every figure built is one more for the page to lay out)
+    detail_box = pn.Column(pn.pane.Markdown("loading…"), name="detail")
     heat_box = pn.Column(pn.pane.Markdown("loading…"), name="heat_box")
     dist_box = pn.Column(pn.pane.Markdown("loading…"), name="dist_box")
 
     def open_tab(event: Any) -> None:
+        if event.new == 1 and "detail" not in views:
+            views["detail"] = HistogramOverTime(store=store)
+            detail_box.objects = [views["detail"].panel()]
         if event.new == 2 and "heat" not in views:
             views["heat"] = Heatmap(store=store)
             heat_box.objects = [views["heat"].panel()]
@@ -211,7 +201,7 @@ def build_app(
     tabs.extend(
         [
             (TABS[0], overview),
-            (TABS[1], pn.Column(detail.panel(), name="detail")),
+            (TABS[1], detail_box),
             (
                 TABS[2],
                 pn.Column(

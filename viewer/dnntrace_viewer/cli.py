@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import ipaddress
 import os
 import secrets
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .data_store import RunStore
 
 EXIT_BAD_INPUT = 2
+WARM_UP_DELAY_S = 2.0  # after the first page has loaded
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -140,15 +142,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.fps > 0 or args.fps > 100:
         print(f"{prog}: error: --fps must be in (0, 100], got {args.fps:g}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from dnntrace.storage import TraceError
+    from dnntrace.storage import TraceError, load
 
-    from .data_store import Run, RunStore, find_traces
+    from .paths import find_traces
 
+    # Panel, Bokeh and pandas import (~1 s, holding the GIL) while Arrow decompresses the
+    # traces (releasing it): on 2 cores the two overlap
+    importing = threading.Thread(
+        target=importlib.import_module, args=(f"{__package__}.data_store",), daemon=True
+    )
+    importing.start()
     try:
-        paths = find_traces(args.traces)
+        try:
+            paths = find_traces(args.traces)
+            traces = [load(p) for p in paths]
+        finally:
+            importing.join()
+        from .data_store import Run, RunStore
+
         runs = [
-            Run.open(p, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p)))
-            for p in paths
+            Run.open(
+                p, trace=t, use_cache=not args.no_cache, progress=_Progress(os.path.basename(p))
+            )
+            for p, t in zip(paths, traces, strict=True)
         ]
         store = RunStore(runs=runs, paths=paths, follow=args.follow)
         if args.kind:
@@ -210,14 +226,8 @@ def serve(
         origins=origins,
         follow_ms=follow_ms,
         scheduler=scheduler,
+        warm=True,
     )
-
-    def warm() -> None:
-        from .views import warm_up
-
-        warm_up()
-
-    threading.Timer(3.0, warm).start()  # after the first page is served
     url_host = f"[{host}]" if ":" in host else host
     print(f"dnntrace-view: serving http://{url_host}:{server.port}/  (Ctrl-C to stop)", flush=True)
     server.start()
@@ -236,10 +246,14 @@ def make_server(
     origins: Sequence[str] = (),
     follow_ms: int | None = 1000,
     scheduler: str | None = None,
+    warm: bool = False,
 ) -> Any:
     """The viewer's Bokeh server, not started: every route but the login page behind the
     password when there is one (``auth.gate``), Panel's and Bokeh's assets served by the
-    server itself (no CDN)."""
+    server itself (no CDN). ``warm``: once the first page has loaded in a browser, import
+    HoloViews and Datashader and compile their kernels (``views.warm_up``) in a thread, so the
+    first heatmap opens quickly; started any earlier, that work competes with the first paint
+    for the CPU (2 cores: measured, bench/RESULTS.md)."""
     os.environ.setdefault("BOKEH_RESOURCES", "server")  # Bokeh's JS from this server
     import panel as pn
 
@@ -256,8 +270,20 @@ def make_server(
     if provider is not None:
         kwargs["auth_provider"] = provider
         kwargs["cookie_secret"] = secrets.token_hex(32)
+    warming: list[threading.Timer] = []
+
+    def app() -> Any:
+        page = build_app(store.clone(), follow_ms=follow_ms, scheduler=scheduler)
+        if warm and not warming:
+            from .views import warm_up
+
+            warming.append(threading.Timer(WARM_UP_DELAY_S, warm_up))
+            warming[0].daemon = True
+            pn.state.onload(warming[0].start)
+        return page
+
     server = pn.serve(
-        {"/": lambda: build_app(store.clone(), follow_ms=follow_ms, scheduler=scheduler)},
+        {"/": app},
         port=port,
         address=host,
         websocket_origin=allowed,

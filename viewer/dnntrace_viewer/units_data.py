@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +43,8 @@ import pyarrow.compute as pc
 from dnntrace.storage import Trace, load
 from dnntrace.storage.kinds import UNIT_KINDS, tensor_rows
 from dnntrace.storage.schema import ANOMALY_FIELDS
+
+from .sidecar import Sidecar, beside, in_temp
 
 DEAD_WINDOW = 5
 SATURATED_THRESHOLD = 0.99
@@ -344,12 +344,11 @@ def _all_window_blocks(
 
 # ---- cache ------------------------------------------------------------------------------------
 def cache_dir(path: str) -> str:
-    return os.fspath(path) + ".units"
+    return beside(path, ".units")
 
 
 def _fallback_dir(path: str) -> str:
-    h = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "dnntrace-units", h)
+    return in_temp(path, "dnntrace-units")
 
 
 @dataclass
@@ -386,46 +385,15 @@ class UnitCache:
     ) -> None:
         self.trace = trace
         self.min_cells = min_cells
-        self.dirs = [cache_dir(trace.path), _fallback_dir(trace.path)] if use_disk else []
-        self._ready: dict[str, bool] = {}
+        dirs = [cache_dir(trace.path), _fallback_dir(trace.path)] if use_disk else []
+        self.sidecar = Sidecar(
+            trace.path, dirs, CACHE_VERSION, extra={"rows": trace.table.num_rows}
+        )
         self.builds = 0  # entries built (not loaded) by this object (tests)
 
-    def signature(self) -> dict[str, int]:
-        st = os.stat(self.trace.path)
-        return {
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "rows": self.trace.table.num_rows,
-            "version": CACHE_VERSION,
-        }
-
-    def _valid(self, d: str) -> bool:
-        try:
-            with open(os.path.join(d, "signature.json")) as f:
-                return bool(json.load(f) == self.signature())
-        except (OSError, ValueError):
-            return False
-
-    def _prepare(self, d: str) -> bool:
-        """The folder exists, is writable and holds only entries of this trace as it is now."""
-        if d in self._ready:
-            return self._ready[d]
-        try:
-            if not self._valid(d):
-                if os.path.isdir(d):
-                    shutil.rmtree(d)
-                os.makedirs(d, exist_ok=True)
-                tmp = os.path.join(d, ".signature.json.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(self.signature(), f)
-                os.replace(tmp, os.path.join(d, "signature.json"))
-            probe = tempfile.mkdtemp(prefix=".probe-", dir=d)
-            os.rmdir(probe)
-            ok = True
-        except OSError:
-            ok = False
-        self._ready[d] = ok
-        return ok
+    @property
+    def dirs(self) -> list[str]:
+        return self.sidecar.dirs
 
     @staticmethod
     def _name(key: tuple) -> str:
@@ -454,46 +422,35 @@ class UnitCache:
         """The entry of ``key``: loaded when cached and valid, else built (``cells``: its
         level-0 size, to choose memory or disk)."""
         if cells > 0 and cells >= self.min_cells:
+            name = self._name(key)
             for d in self.dirs:
-                if self._valid(d):
+                if self.sidecar.valid(d):
                     got = self._load(d, key)
                     if got is not None:
                         return got
-            for d in self.dirs:
-                if not self._prepare(d):
-                    continue
-                tmp = None
-                try:
-                    tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
-                    entry = build(_disk_alloc(tmp))
-                    self.builds += 1
-                    for a in entry.levels:
-                        if isinstance(a, np.memmap):
-                            a.flush()
-                    np.save(os.path.join(tmp, "steps.npy"), entry.steps)
-                    np.save(os.path.join(tmp, "stat.npy"), entry.stat)
-                    meta = {
-                        "key": key,
-                        "how": entry.how,
-                        "shapes": [list(a.shape) for a in entry.levels],
-                        "dtypes": [a.dtype.str for a in entry.levels],
-                    }
-                    with open(os.path.join(tmp, "meta.json"), "w") as f:
-                        json.dump(meta, f)
-                    final = os.path.join(d, self._name(key))
-                    try:
-                        os.rename(tmp, final)
-                        tmp = None
-                    except OSError:  # another process built it first: use theirs
-                        pass
-                    got = self._load(d, key)
-                    if got is not None:
-                        return got
-                except OSError:
-                    self._ready[d] = False  # full or read-only: try the next place
-                finally:
-                    if tmp is not None:
-                        shutil.rmtree(tmp, ignore_errors=True)
+
+            def fill(tmp: str) -> None:
+                entry = build(_disk_alloc(tmp))
+                self.builds += 1
+                for a in entry.levels:
+                    if isinstance(a, np.memmap):
+                        a.flush()
+                np.save(os.path.join(tmp, "steps.npy"), entry.steps)
+                np.save(os.path.join(tmp, "stat.npy"), entry.stat)
+                meta = {
+                    "key": key,
+                    "how": entry.how,
+                    "shapes": [list(a.shape) for a in entry.levels],
+                    "dtypes": [a.dtype.str for a in entry.levels],
+                }
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f)
+
+            final = self.sidecar.write(name, fill)
+            if final is not None:
+                got = self._load(os.path.dirname(final), key)
+                if got is not None:
+                    return got
         entry = build(memory_alloc)
         self.builds += 1
         entry.location = "memory"

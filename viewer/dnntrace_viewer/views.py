@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import colorcet as cc
 import numpy as np
@@ -756,6 +756,53 @@ class Distribution(param.Parameterized):
         return pn.Column(pn.Row(self.player, self.speed, self.label, height=120), self.pane)
 
 
+class RunTab(pn.viewable.Viewer):
+    """A tab of sub-tabs over the store's current run (Units, Spectra, Ranks): built the first
+    time it is shown, rebuilt when the Run selector or the data (``--follow``) changes while it
+    is shown, and marked stale otherwise (rebuilt when next shown). ``applies`` says whether the
+    current run has the rows this tab shows; the app adds and removes the tab by it."""
+
+    store = param.ClassSelector(class_=RunStore)
+    builds = param.Integer(default=0, doc="count of builds (tests)")
+    title: ClassVar[str] = ""
+    rows: ClassVar[str] = ""  # the ``data_store.Run`` predicate: does the run have our rows?
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.box = pn.Column(pn.pane.Markdown("loading…"), name=type(self).__name__)
+        self.shown = False
+        self._built: tuple[str | None, int] | None = None
+        self.store.param.watch(self._on_store, ["run", "version"])
+
+    @classmethod
+    def applies(cls, store: RunStore) -> bool:
+        return bool(getattr(store.current, cls.rows)())
+
+    def tabs(self) -> list[tuple[str, pn.viewable.Viewable]]:
+        """(title, view) of each sub-tab, for the store's current run."""
+        raise NotImplementedError
+
+    def show(self, shown: bool = True) -> None:
+        self.shown = shown
+        if shown:
+            self._build()
+
+    def _on_store(self, *_: Any) -> None:
+        if self.shown:
+            self._build()
+
+    def _build(self) -> None:
+        key = (self.store.run, self.store.version)
+        if key == self._built or self.store.run is None or not self.applies(self.store):
+            return
+        self._built = key
+        self.box.objects = [pn.Tabs(*self.tabs(), dynamic=False)]
+        self.builds += 1
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.box
+
+
 def scalar_curves(store: RunStore, run: str, version: int) -> pn.viewable.Viewable:
     """Loss, learning rate and other logged scalars over the steps (plain Bokeh: a HoloViews
     layout here, next to the strips' DynamicMap, stopped every later update from reaching the
@@ -828,4 +875,4 @@ def fmt_health(df: Any) -> Any:
     return out
 
 
-__all__ = ["STATS", "Distribution", "Heatmap", "HistogramOverTime", "LayerStrips"]
+__all__ = ["STATS", "Distribution", "Heatmap", "HistogramOverTime", "LayerStrips", "RunTab"]

@@ -16,11 +16,13 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
+import param
 
 from dnntrace.storage.runs import RunSet, open_runs
 
 from . import ranks_data as R
 from .safe import md_escape, module_label
+from .views import RunTab
 
 hv.extension("bokeh", logo=False)
 
@@ -210,4 +212,19 @@ def panels(
     ]
 
 
-__all__ = ["RanksViews", "panels"]
+class RanksTab(RunTab):
+    """The rank views of a distributed run: every trace open in the store read as one
+    ``RunSet`` (a folder of rank files opens as one trace per rank)."""
+
+    title = "Ranks"
+    scheduler = param.String(default=None, allow_None=True, doc="dask.distributed scheduler")
+
+    rows = "is_distributed"
+
+    def tabs(self) -> list[tuple[str, pn.viewable.Viewable]]:
+        # the distributed traces among those open (a single-process trace is not a rank)
+        paths = [r.path for r in self.store.runs.values() if r.is_distributed()]
+        return panels(paths, use_dask=bool(self.scheduler), scheduler=self.scheduler)
+
+
+__all__ = ["RanksTab", "RanksViews", "panels"]

@@ -18,6 +18,7 @@ import panel as pn
 
 from .safe import md_escape
 from .spectral_data import SpectralData, Spectrum
+from .views import RunTab
 
 hv.extension("bokeh", logo=False)
 
@@ -363,4 +364,15 @@ def panels(
     return out
 
 
-__all__ = ["LandscapeView", "SpectraView", "esd_plot", "panels"]
+class SpectralTab(RunTab):
+    """The spectral and dynamics views of the store's current run."""
+
+    title = "Spectra & dynamics"
+
+    rows = "has_spectral_rows"
+
+    def tabs(self) -> list[tuple[str, pn.viewable.Viewable]]:
+        return panels(self.store.current.path)
+
+
+__all__ = ["LandscapeView", "SpectraView", "SpectralTab", "esd_plot", "panels"]

@@ -22,7 +22,7 @@ import param
 
 from .safe import md_escape, module_label
 from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
-from .views import _prompt_ranges
+from .views import RunTab, _prompt_ranges
 
 hv.extension("bokeh", logo=False)
 
@@ -245,7 +245,10 @@ def topk_view(data: UnitData) -> pn.viewable.Viewable:
 
 def panels(store: Any) -> list[tuple[str, pn.viewable.Viewable]]:
     """(title, panel) for each per-unit view of ``store`` (a path, ``Trace`` or ``RunStore``)."""
-    data = UnitData.open(store)
+    return _panels(UnitData.open(store))
+
+
+def _panels(data: UnitData) -> list[tuple[str, pn.viewable.Viewable]]:
     return [
         ("Units × steps", units_view(data)),
         ("Dead / saturated", dead_view(data)),
@@ -253,3 +256,14 @@ def panels(store: Any) -> list[tuple[str, pn.viewable.Viewable]]:
         ("Attribution", attribution_view(data)),
         ("Top-k inputs", topk_view(data)),
     ]
+
+
+class UnitsTab(RunTab):
+    """The per-unit views of the store's current run."""
+
+    title = "Units"
+
+    rows = "has_unit_rows"
+
+    def tabs(self) -> list[tuple[str, pn.viewable.Viewable]]:
+        return _panels(UnitData.open(self.store.current.trace))

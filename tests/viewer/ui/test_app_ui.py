@@ -55,10 +55,21 @@ def test_overview_draws(page: Any) -> None:
     wait_until(lambda: colourful(pixels(canvas)) > 50)
 
 
+def test_health_table_fits_its_rows(page: Any) -> None:
+    """Every row of a small model's table in view, with no empty band under the last one."""
+    table = page.locator(".dnt-health")
+    rows = page.locator(".dnt-health .tabulator-row")
+    wait_until(lambda: rows.count() == len(page.dnt_views["strips"].store.current.health()))
+    box = table.bounding_box()
+    last = rows.nth(rows.count() - 1).bounding_box()
+    gap = box["y"] + box["height"] - (last["y"] + last["height"])
+    assert 0 <= gap < last["height"], f"{gap:.0f} px between the last row and the table's end"
+
+
 def test_select_module_opens_detail(page: Any) -> None:
     views = page.dnt_views
-    detail = views["detail"]
     page.get_by_text("Histogram over time", exact=True).click()
+    detail = wait_until(lambda: views.get("detail"))  # built when its tab first opens
     canvas = plot(page, "detail")
     wait_until(lambda: colourful(pixels(canvas)) > 50)
     before = pixels(canvas)
@@ -73,8 +84,8 @@ def test_select_module_opens_detail(page: Any) -> None:
 
 
 def test_zoom_re_renders(page: Any) -> None:
-    detail = page.dnt_views["detail"]
     page.get_by_text("Histogram over time", exact=True).click()
+    detail = wait_until(lambda: page.dnt_views.get("detail"))
     canvas = plot(page, "detail")
     wait_until(lambda: colourful(pixels(canvas)) > 50)
     before = pixels(canvas)

@@ -17,12 +17,12 @@ import numpy as np
 import panel as pn
 import pytest
 from _browser import open_page, require_chromium, served, shot, wait_until
+from _synthetic import SyntheticSpec, write_synthetic
 from PIL import Image
 
 from dnntrace.storage import TraceWriter, load
 from dnntrace_viewer.app import SESSION_VIEWS, TABS, build_app
 from dnntrace_viewer.data_store import RunStore
-from dnntrace_viewer.synthetic import SyntheticSpec, write_synthetic
 
 pytestmark = [
     pytest.mark.ui,

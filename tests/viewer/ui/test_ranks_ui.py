@@ -10,8 +10,8 @@ import numpy as np
 import panel as pn
 import pytest
 from _browser import canvas_drawn, open_page, page_pixels, require_chromium, served, wait_until  # noqa: E402
+from _synthetic import write_synthetic_ranks
 
-from dnntrace_viewer.ranks_data import write_synthetic_ranks
 from dnntrace_viewer.views_ranks import panels
 
 pytestmark = pytest.mark.ui

@@ -12,8 +12,8 @@ import numpy as np
 import panel as pn
 import pytest
 from _browser import canvas_drawn, open_page, page_pixels, require_chromium, served, wait_until
+from _synthetic import UnitsSpec, write_synthetic_units
 
-from dnntrace_viewer.synthetic import UnitsSpec, write_synthetic_units
 from dnntrace_viewer.units_data import MIN_CACHE_CELLS, UnitData, cache_dir
 from dnntrace_viewer.views_units import UnitHeatmap, _matrix_source, dead_view
 

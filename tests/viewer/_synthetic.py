@@ -1,4 +1,5 @@
-"""Synthetic traces that look like a real training run, for tests, the bench and the demo.
+"""Synthetic traces that look like a real training run: test fixtures, also used by
+bench/bench_viewer.py and bench/bench_viewer_units.py (which put this folder on ``sys.path``).
 
 A tanh MLP of ``layers`` blocks (``fc<i>`` Linear, ``act<i>`` Tanh): pre-activations widen over the
 run so deeper layers saturate (Glorot & Bengio 2010), gradients shrink with depth towards the input
@@ -373,8 +374,71 @@ def write_synthetic_units(
     return {"rows": rows, "bytes": nbytes, "cells": spec.cells}
 
 
+def write_synthetic_ranks(
+    folder: str | os.PathLike[str],
+    *,
+    ranks: int = 4,
+    steps: int = 30,
+    modules: Sequence[str] = ("fc1", "fc2", "fc3"),
+    nan: tuple[int, int, str] | None = (2, 20, "fc2"),
+    straggler: int | None = 1,
+    divergent: int | None = 3,
+    seed: int = 0,
+) -> str:
+    """Rank files of a made-up run (no torch): ``nan = (rank, step, module)`` where a NaN first
+    appears (the other ranks follow one step later), ``straggler`` a rank 50 ms late each step,
+    ``divergent`` a rank whose activations are twice as large. Returns the folder."""
+    rng = np.random.default_rng(seed)
+    lay = Layout()
+    os.makedirs(folder, exist_ok=True)
+    mods = [{"name": "", "type": "Net", "depth": 0, "params": {}}] + [
+        {"name": m, "type": "Linear", "depth": 1, "params": {"weight": [8, 8]}} for m in modules
+    ]
+    t0 = 1.7e9
+    for r in range(ranks):
+        meta = {"rank": r, "world_size": ranks, "layout": lay.to_dict(), "modules": mods}
+        with TraceWriter(os.path.join(os.fspath(folder), f"rank{r}.arrow"), meta) as w:
+            for s in range(steps):
+                n = len(modules)
+                counts = np.zeros((2 * n, lay.width), np.int64)
+                moments = np.zeros((2 * n, 8))
+                for i, m in enumerate(modules):
+                    for j, kind in enumerate(("activation", "weight_grad")):
+                        scale = (2.0 if r == divergent and kind == "activation" else 1.0) * (i + 1)
+                        v = rng.normal(0, scale, 64).astype(np.float32)
+                        if nan is not None and m == nan[2] and s >= nan[1] + (r != nan[0]):
+                            v[:3] = np.nan
+                        row = 2 * i + j
+                        fin = v[np.isfinite(v)]
+                        counts[row, 0] = v.size
+                        counts[row, 1] = np.isnan(v).sum()
+                        counts[row, 10] = 1
+                        moments[row, 0] = fin.sum()
+                        moments[row, 2] = (fin.astype(np.float64) ** 2).sum()
+                        moments[row, 4] = fin.min()
+                        moments[row, 5] = fin.max()
+                labels = [(m, k) for m in modules for k in ("activation", "weight_grad")]
+                wall = t0 + s + (0.05 if r == straggler else 0.0) + rng.uniform(0, 0.002)
+                w.write(
+                    state_to_batch(
+                        counts,
+                        moments,
+                        lay,
+                        step=s,
+                        module=[lb[0] for lb in labels],
+                        kind=[lb[1] for lb in labels],
+                        tensor=["" if lb[1] == "activation" else "weight" for lb in labels],
+                        dtype=["float32"] * len(labels),
+                        shape=[(64,)] * len(labels),
+                        rank=r,
+                        wall_time_s=wall,
+                    )
+                )
+    return os.fspath(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m dnntrace_viewer.synthetic OUT.arrow [--units-cells 1e9]``."""
+    """``python tests/viewer/_synthetic.py OUT.arrow [--units-cells 1e9]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
