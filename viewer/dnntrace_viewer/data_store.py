@@ -28,6 +28,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from dnntrace.sketch import merge as SK
 from dnntrace.storage import Trace, TraceError, load
 from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
 
@@ -191,14 +192,13 @@ class Run:
                 max=("max", "max"),
                 absmax=("absmax", "max"),
             ).reset_index()
-            finite = (out["count"] - out["nan_count"] - out["inf_count"]).astype(float)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                fin = finite.where(finite > 0)
-                out["mean"] = out["sum"] / fin
-                out["rms"] = np.sqrt(out["sumsq"] / fin)
-                out["std"] = np.sqrt(np.maximum(out["sumsq"] / fin - out["mean"] ** 2, 0.0))
-                out["l2"] = np.sqrt(out["sumsq"])
-                out["zero_frac"] = out["zero_count"] / fin
+            fin = out["count"] - out["nan_count"] - out["inf_count"]  # ±Inf counted together
+            fin = fin.astype(float)
+            out["mean"] = SK.mean(out["sum"], fin)  # header statistics: dnntrace.sketch.merge
+            out["rms"] = SK.rms(out["sumsq"], fin)
+            out["std"] = np.sqrt(SK.variance(out["sum"], out["sumsq"], fin))
+            out["l2"] = SK.l2(out["sumsq"])
+            out["zero_frac"] = SK.mean(out["zero_count"], fin)
             self._cache["stats"] = out
         return self._cache["stats"]
 

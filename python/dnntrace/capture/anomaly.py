@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..storage import layout as L
+from ..sketch import layout as L
 from .selection import iter_float_tensors
 from .tracer import AnomalyError, Extension, Tracer
 

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..storage import layout as L
+from ..sketch import layout as L
+from ..sketch.merge import merge_moments
 from ..storage.rows import state_to_batch
 from ..storage.schema import read_metadata
 from ..storage.writer import TraceWriter
@@ -70,6 +71,14 @@ def rank_path(path: str | os.PathLike[str], rank: int, world_size: int) -> str:
         return p
     stem, ext = os.path.splitext(p)
     return os.path.join(stem, f"rank{rank}{ext or '.arrow'}")
+
+
+def merge_ranks(moments: Sequence[np.ndarray]) -> np.ndarray:
+    """The merged moments rows ``[n, 8]`` of every rank's ``moments[r]`` (``[n, 8]``, rank
+    order): ``sketch.merge.merge_moments`` over the ranks of each row."""
+    stacked = np.stack(moments, axis=1)  # [n, world, 8]: the ranks of one row together
+    n, world = stacked.shape[:2]
+    return merge_moments(stacked.reshape(n * world, -1), np.repeat(np.arange(n), world), n)
 
 
 def _label_signature(labels: Sequence[SlotLabel]) -> int:
@@ -230,21 +239,17 @@ class RankMerge(Extension):
             c[at] = counts
             m[at] = moments
             counts, moments, labels, meta = c, m, order, [union[lb] for lb in order]
-        sums = moments[:, [L.SUM, L.SUM_COMP, L.SUMSQ, L.SUMSQ_COMP]].contiguous()
-        ext = torch.cat([moments[:, L.MIN], -moments[:, L.MAX]]).contiguous()
+        # counts add exactly in any order: one all-reduce; every rank's moments are gathered and
+        # merged in rank order by the one row merge (compensated sums), the same bits on every
+        # rank and in RunSet.merged_table
+        parts = [torch.empty_like(moments) for _ in range(world)]
         works = [
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=g, async_op=True),
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=g, async_op=True),
-            dist.all_reduce(ext, op=dist.ReduceOp.MIN, group=g, async_op=True),
+            dist.all_gather(parts, moments.contiguous(), group=g, async_op=True),
         ]
         for w in works:
             w.wait()
-        n = len(labels)
-        merged = torch.zeros_like(moments)
-        merged[:, [L.SUM, L.SUM_COMP, L.SUMSQ, L.SUMSQ_COMP]] = sums
-        merged[:, L.MIN] = ext[:n]
-        merged[:, L.MAX] = -ext[n:]
-        cn, mn = counts.numpy(), merged.numpy()
+        cn, mn = counts.numpy(), merge_ranks([p.numpy() for p in parts])
         used = np.flatnonzero(cn[:, L.CALLS] > 0)
         self.latest = MergedStep(job.step, [labels[i] for i in used], cn[used], mn[used])
         self.steps_merged += 1

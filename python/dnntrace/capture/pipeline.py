@@ -33,9 +33,9 @@ import pyarrow as pa
 import torch
 
 from .. import _C
+from ..sketch import layout as L
+from ..sketch.layout import Layout
 from ..stats.bank import StatBank, spans_from_nonzero
-from ..storage import layout as L
-from ..storage.layout import Layout
 from ..storage.rows import label_columns, scalar_state, state_to_batch
 from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter

@@ -769,7 +769,7 @@ def write_landscape(
     """Writes a grid as a small trace: ``landscape_axis`` rows (``tensor`` x / y: absolute
     coordinates, the trajectory's frame) and one ``landscape`` row per y index (``step`` = j,
     ``values`` = loss along x); ``metadata["landscape"]`` holds ``info``, span and timing."""
-    from ..storage.layout import Layout
+    from ..sketch.layout import Layout
     from ..storage.rows import state_to_batch, vector_state
     from ..storage.writer import TraceWriter
 

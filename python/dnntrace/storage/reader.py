@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import layout as L
+from ..sketch import layout as L
+from ..sketch.layout import Layout
+from ..sketch.merge import empty_moments, merge_rows
+from ..sketch.summary import Summary
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .layout import Layout
 from .rows import HEADER_COLUMNS
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
-from .summary import Summary
 
 
 def read_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any], bool]:
@@ -203,7 +204,7 @@ class Trace:
         rows = self.select(module, kind, step, tensor, phase)
         if rows.num_rows == 0:
             raise KeyError(f"no rows for module={module!r} kind={kind!r} step={step!r}")
-        return _merge(rows_to_summaries(rows))
+        return merge_table_rows(rows)[0]
 
     def quantiles(
         self,
@@ -216,11 +217,9 @@ class Trace:
     ) -> pa.Table:
         """A table with one row per step: ``step`` and one column ``q<q>`` per quantile."""
         rows = self.select(module, kind, None, tensor, phase)
-        steps = rows.column("step").to_numpy()
-        summaries = rows_to_summaries(rows)
-        by_step: dict[int, Summary] = {}
-        for s, summ in zip(steps, summaries, strict=True):
-            by_step[int(s)] = by_step[int(s)].merge(summ) if int(s) in by_step else summ
+        ordered_steps, group = np.unique(rows.column("step").to_numpy(), return_inverse=True)
+        merged = merge_table_rows(rows, group, ordered_steps.size)
+        by_step = {int(s): m for s, m in zip(ordered_steps, merged, strict=True)}
         ordered = sorted(by_step)
         cols: dict[str, Any] = {"step": pa.array(ordered, pa.int64())}
         qa = np.asarray(qs, dtype=np.float64)
@@ -267,49 +266,85 @@ class Trace:
         return sorted(out, key=lambda a: (a["step"], a["kind"]))
 
 
-def rows_to_summaries(rows: pa.Table) -> list[Summary]:
-    """One ``Summary`` per row of a trace table."""
+def rows_to_state(rows: pa.Table) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray]]:
+    """The state rows of a trace table, vectorised: one ``(layout, row indices, counts
+    int64[n, width], moments float64[n, 8])`` per layout present (usually one). Sums are read
+    back with zero compensation (a row stores ``sum + compensation``); an absent min/max (no
+    finite value, stored as NaN) becomes the empty state's ``+inf``/``-inf``."""
     n = rows.num_rows
-    out: list[Summary] = []
     if n == 0:
-        return out
+        return []
     ks = rows.column("k").to_numpy()
     emins = rows.column("emin").to_numpy()
     octs = rows.column("octaves").to_numpy()
-    offs = rows.column("hist_offset").to_numpy()
+    offs = rows.column("hist_offset").to_numpy().astype(np.int64)
     hist = rows.column("hist").combine_chunks()
-    hist_off = hist.offsets.to_numpy()
+    hist_off = hist.offsets.to_numpy().astype(np.int64)
     hist_vals = hist.values.to_numpy(zero_copy_only=False)
     header = {name: rows.column(name).to_numpy() for name in HEADER_COLUMNS}
-    s = rows.column("sum").to_numpy(zero_copy_only=False)
-    ss = rows.column("sumsq").to_numpy(zero_copy_only=False)
+    sums = rows.column("sum").to_numpy(zero_copy_only=False)
+    sumsqs = rows.column("sumsq").to_numpy(zero_copy_only=False)
     mn = rows.column("min").to_numpy(zero_copy_only=False)
     mx = rows.column("max").to_numpy(zero_copy_only=False)
-    layouts: dict[tuple[int, int, int], Layout] = {}
-    for i in range(n):
-        key = (int(ks[i]), int(emins[i]), int(octs[i]))
-        lay = layouts.get(key) or layouts.setdefault(key, Layout(*key))
-        counts = np.zeros(lay.width, np.int64)
-        for name, idx in HEADER_COLUMNS.items():
-            counts[idx] = header[name][i]
-        seg = hist_vals[hist_off[i] : hist_off[i + 1]]
-        if seg.size:
-            start = L.HEADER + int(offs[i])
-            counts[start : start + seg.size] = seg
-        m = np.zeros(L.NUM_MOMENTS)
-        m[L.SUM], m[L.SUMSQ] = s[i], ss[i]
-        m[L.MIN] = mn[i] if not np.isnan(mn[i]) else np.inf
-        m[L.MAX] = mx[i] if not np.isnan(mx[i]) else -np.inf
-        out.append(Summary(counts, m, lay))
+    keys = np.stack([ks.astype(np.int64), emins.astype(np.int64), octs.astype(np.int64)], 1)
+    out = []
+    for key in np.unique(keys, axis=0):
+        idx = np.flatnonzero((keys == key).all(axis=1))
+        lay = Layout(*(int(v) for v in key))
+        counts = np.zeros((idx.size, lay.width), np.int64)
+        for name, col in HEADER_COLUMNS.items():
+            counts[:, col] = header[name][idx]
+        starts, lens = hist_off[idx], hist_off[idx + 1] - hist_off[idx]
+        total = int(lens.sum())
+        if total:
+            first = np.cumsum(lens) - lens  # where each row's run starts in the gathered values
+            within = np.arange(total) - np.repeat(first, lens)
+            row_of = np.repeat(np.arange(idx.size), lens)
+            col_of = L.HEADER + np.repeat(offs[idx], lens) + within
+            counts[row_of, col_of] = hist_vals[np.repeat(starts, lens) + within]
+        moments = empty_moments(idx.size)
+        moments[:, L.SUM], moments[:, L.SUMSQ] = sums[idx], sumsqs[idx]
+        moments[:, L.MIN] = np.where(np.isnan(mn[idx]), np.inf, mn[idx])
+        moments[:, L.MAX] = np.where(np.isnan(mx[idx]), -np.inf, mx[idx])
+        out.append((lay, idx, counts, moments))
     return out
 
 
-def _merge(items: Iterable[Summary]) -> Summary:
-    it = iter(items)
-    acc = next(it)
-    for s in it:
-        acc = acc.merge(s)
-    return acc
+def rows_to_summaries(rows: pa.Table) -> list[Summary]:
+    """One ``Summary`` per row of a trace table."""
+    out: list[Summary | None] = [None] * rows.num_rows
+    for lay, idx, counts, moments in rows_to_state(rows):
+        for j, i in enumerate(idx):
+            out[i] = Summary(counts[j], moments[j], lay)
+    return out  # type: ignore[return-value]
+
+
+def merge_table_rows(
+    rows: pa.Table, group: np.ndarray | None = None, ngroups: int | None = None
+) -> list[Summary]:
+    """The rows of a trace table merged per ``group`` (``int[n]`` in ``0 .. ngroups-1``;
+    default: all in one) by the one row merge, ``sketch.merge_rows``: one ``Summary`` per
+    group. Rows of one group must share a layout (``ValueError`` naming both otherwise)."""
+    n = rows.num_rows
+    g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
+    ng = (int(g.max()) + 1 if n else 0) if ngroups is None else int(ngroups)
+    parts = rows_to_state(rows)
+    if len(parts) == 1:
+        lay, _, counts, moments = parts[0]
+        c, m = merge_rows(counts, moments, g, ng)
+        return [Summary(c[i], m[i], lay) for i in range(ng)]
+    out: list[Summary | None] = [None] * ng
+    for lay, idx, counts, moments in parts:
+        c, m = merge_rows(counts, moments, g[idx], ng)
+        for gi in np.unique(g[idx]):
+            s = Summary(c[gi], m[gi], lay)
+            prev = out[gi]
+            if prev is not None and prev.layout != lay:
+                raise ValueError(
+                    f"cannot merge summaries with different layouts: {prev.layout} vs {lay}"
+                )
+            out[gi] = s
+    return out  # type: ignore[return-value]
 
 
 def load(path: str | os.PathLike[str]) -> Trace:
@@ -317,4 +352,13 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-__all__ = ["COUNT_COLUMNS", "Trace", "TraceError", "load", "read_table", "rows_to_summaries"]
+__all__ = [
+    "COUNT_COLUMNS",
+    "Trace",
+    "TraceError",
+    "load",
+    "merge_table_rows",
+    "read_table",
+    "rows_to_state",
+    "rows_to_summaries",
+]

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import layout as L
-from .layout import Layout
+from ..sketch import layout as L
+from ..sketch.layout import Layout
+from ..sketch.merge import finite_of_counts
 from .schema import BASE_SCHEMA
 
 # trace column -> index in a slot's counts row
@@ -170,8 +171,7 @@ def state_to_batch(
         raise ValueError(
             f"state rows of shape {counts.shape}/{moments.shape} do not fit layout {layout}"
         )
-    finite = counts[:, L.COUNT] - counts[:, L.NAN] - counts[:, L.POSINF] - counts[:, L.NEGINF]
-    has = finite > 0
+    has = finite_of_counts(counts) > 0
     mn = np.where(has, moments[:, L.MIN], np.nan)
     mx = np.where(has, moments[:, L.MAX], np.nan)
     offsets, lists = sparse_hist(counts[:, L.HEADER :]) if hist is None else hist

@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..sketch.summary import Summary
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .reader import _merge, read_table, rows_to_summaries
+from .reader import merge_table_rows, read_table
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
-from .summary import Summary
 
 _RANK_FILE = re.compile(r"^(rank\d+|merged)\.arrow$")
 LIST_COLUMNS = ("shape", "hist", "values")
@@ -211,7 +211,7 @@ class RunSet:
         )  # fmt: skip
         if rows.num_rows == 0:
             raise KeyError(f"no rank rows for module={module!r} kind={kind!r} step={step!r}")
-        return _merge(rows_to_summaries(rows))
+        return merge_table_rows(rows)[0]
 
     def _rank_rows(self) -> pa.Table:
         return self.table.filter(pc.greater_equal(self.table.column("rank"), 0))
@@ -229,33 +229,38 @@ class RunSet:
             return _with_run(BASE_SCHEMA.empty_table(), "").slice(0, 0)
         keys = {k: t.column(k).cast(pa.string()).to_pylist() for k in _KEY if k != "step"}
         steps = t.column("step").to_pylist()
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[tuple[Any, ...], int] = {}
+        group = np.empty(t.num_rows, np.int64)
         for i in range(t.num_rows):
             key = (keys["run"][i], steps[i], keys["module"][i], keys["kind"][i],
                    keys["tensor"][i], keys["phase"][i])  # fmt: skip
-            groups.setdefault(key, []).append(i)
-        summaries = rows_to_summaries(t)
+            group[i] = groups.setdefault(key, len(groups))
+        # the one row merge (sketch.merge), each group's rows in rank order as RankMerge does
+        by_rank = np.lexsort((t.column("rank").to_numpy(), group))
+        merged = merge_table_rows(t.take(by_rank), group[by_rank], len(groups))
         wall = t.column("wall_time_s").to_numpy()
+        last_wall = np.full(len(groups), -np.inf)
+        np.maximum.at(last_wall, group, wall)
+        first_row = np.full(len(groups), t.num_rows, np.int64)
+        np.minimum.at(first_row, group, np.arange(t.num_rows))
         dtypes = t.column("dtype").cast(pa.string()).to_pylist()
         shapes = t.column("shape").to_pylist()
         batches = []
-        for (run, step, module, kind, tensor, phase), idx in sorted(
-            groups.items(), key=lambda kv: kv[1][0]
-        ):
-            merged = _merge(summaries[i] for i in idx)
+        for (run, step, module, kind, tensor, phase), gi in groups.items():  # first-row order
+            m, i0 = merged[gi], int(first_row[gi])
             b = state_to_batch(
-                merged.counts[None, :],
-                merged.moments[None, :],
-                merged.layout,
+                m.counts[None, :],
+                m.moments[None, :],
+                m.layout,
                 step=step,
                 module=[module],
                 kind=[kind],
                 tensor=[tensor],
                 phase=[phase],
-                dtype=[dtypes[idx[0]]],
-                shape=[shapes[idx[0]]],
+                dtype=[dtypes[i0]],
+                shape=[shapes[i0]],
                 rank=-1,
-                wall_time_s=float(max(wall[i] for i in idx)),
+                wall_time_s=float(last_wall[gi]),
             )
             batches.append(_with_run(pa.Table.from_batches([b]), run))
         return pa.concat_tables(batches)
