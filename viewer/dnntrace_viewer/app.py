@@ -34,8 +34,8 @@ SESSION_VIEWS = "dnntrace_views"
 TABS = ("Overview", "Histogram over time", "Layer × step", "Distribution at a step")
 
 # which rows open which tab: the registry of row kinds (dnntrace.storage.kinds)
-_UNIT_TAB_KINDS = {*K.UNIT_KINDS, "anomaly"}
-_SPECTRAL_TAB_KINDS = set(K.SPECTRAL_KINDS) - {"filter_norm", "trajectory_pca"}
+_UNIT_TAB_KINDS = K.tab_kinds("units")
+_SPECTRAL_TAB_KINDS = K.tab_kinds("spectral")
 
 
 def extra_tabs(store: RunStore, scheduler: str | None = None) -> list[tuple[str, Any]]:

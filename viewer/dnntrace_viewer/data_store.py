@@ -30,17 +30,19 @@ import param
 
 from dnntrace.sketch import merge as SK
 from dnntrace.storage import Trace, TraceError, load
+from dnntrace.storage import kinds as K
+from dnntrace.storage.files import is_trace_file
 from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
 
 from .lod import SeriesLOD, YMap, choose_linthresh, open_lods
 
 DEAD_ZERO_FRACTION = 0.99
 SATURATED_FRACTION = 0.25
-SATURATION_MARGIN = 0.03
+SATURATION_MARGIN = K.SATURATION_MARGIN  # saturation: the one definition in storage.kinds
 GRAD_RATIO = 1e3
 FROZEN_RTOL = 1e-12
-TANH_LIKE = {"Tanh", "Hardtanh", "Softsign"}
-SIGMOID_LIKE = {"Sigmoid", "Hardsigmoid"}
+TANH_LIKE = {t for t in K.NONLINEARITIES if K.saturation_family(t) == "tanh"}
+SIGMOID_LIKE = {t for t in K.NONLINEARITIES if K.saturation_family(t) == "sigmoid"}
 QUANTILES = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
 KINDS = TENSOR_KINDS
 STATS = ("rms", "mean", "std", "absmax", "l2", "zero_frac", "nan_count", "inf_count", "min", "max")
@@ -67,7 +69,7 @@ def find_traces(paths: Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".arrow"))
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if is_trace_file(f))
             if not found:
                 raise TraceError(f"{p}: folder holds no .arrow trace files")
             out += found
@@ -205,7 +207,7 @@ class Run:
     def scalars(self) -> pd.DataFrame:
         """Scalar rows (loss, lr, ...): columns step, name, value."""
         if "scalars" not in self._cache:
-            t = self.trace.select(kind="scalar").select(["step", "tensor", "sum"])
+            t = self.trace.select(kind=K.SCALAR).select(["step", "tensor", "sum"])
             df = t.to_pandas()
             df = df.rename(columns={"tensor": "name", "sum": "value"})
             df["name"] = df["name"].astype(str)
@@ -280,8 +282,8 @@ class Run:
             zf = sat = math.nan
             if name in first_bad:
                 flags.append("nan")
-            if (name, "activation") in last.index:
-                zf = float(last.loc[(name, "activation"), "zero_frac"])
+            if (name, K.ACTIVATION) in last.index:
+                zf = float(last.loc[(name, K.ACTIVATION), "zero_frac"])
                 if zf >= DEAD_ZERO_FRACTION:
                     flags.append("dead")
                 sat = self._saturation(name, types.get(name, ""))
@@ -315,11 +317,11 @@ class Run:
     def first_nonfinite(self) -> dict[str, Any] | None:
         """The earliest NaN/Inf: {step, module, kind, nan_count, inf_count}, module in forward
         order at that step; None for a clean run."""
-        an = [a for a in self.trace.anomalies() if a["kind"] != "scalar"]
+        an = [a for a in self.trace.anomalies() if a["kind"] != K.SCALAR]
         return min(an, key=lambda a: a["step"]) if an else None
 
     def _saturation(self, module: str, mtype: str) -> float:
-        lod = self.lods.get((module, "activation"))
+        lod = self.lods.get((module, K.ACTIVATION))
         if lod is None or lod.steps.size == 0 or not (mtype in TANH_LIKE or mtype in SIGMOID_LIKE):
             return math.nan
         cdf = lod.step_cdf(lod.steps.size - 1)
@@ -334,7 +336,7 @@ class Run:
 
     def _grad_ratios(self) -> dict[str, float]:
         df = self.stats()
-        for kind in ("activation_grad", "weight_grad"):
+        for kind in (K.ACTIVATION_GRAD, K.WEIGHT_GRAD):
             g = df[df["kind"] == kind]
             if len(g):
                 break
@@ -353,7 +355,7 @@ class Run:
         return {m: float(med[m]) for m in mods}
 
     def _frozen(self) -> dict[str, bool]:
-        t = self.trace.select(kind="weight").select(["module", "tensor", "step", "sum", "sumsq"])
+        t = self.trace.select(kind=K.WEIGHT).select(["module", "tensor", "step", "sum", "sumsq"])
         if t.num_rows == 0:
             return {}
         df = t.to_pandas()
@@ -382,7 +384,7 @@ class RunStore(pn.viewable.Viewer):
     run = param.Selector(default=None, objects=[], doc="run shown")
     compare = param.Selector(default=None, objects=[None], doc="second run to compare")
     module = param.Selector(default=None, objects=[], doc="module in detail")
-    kind = param.Selector(default="activation", objects=list(KINDS))
+    kind = param.Selector(default=K.ACTIVATION, objects=list(KINDS))
     step = param.Integer(default=0, doc="step of the distribution view")
     compare_step = param.Integer(default=None, allow_None=True, doc="a second step to overlay")
     overlay = param.ListSelector(default=[], objects=[], doc="modules overlaid at a step")

@@ -36,6 +36,7 @@ from .. import _C
 from ..sketch import layout as L
 from ..sketch.layout import Layout
 from ..stats.bank import StatBank, spans_from_nonzero
+from ..storage import kinds as K
 from ..storage.rows import label_columns, scalar_state, state_to_batch
 from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter
@@ -274,7 +275,7 @@ class Pipeline:
                 self.layout,
                 step=0,
                 module=[""],
-                kind=["scalar"],
+                kind=[K.SCALAR],
                 tensor=[""],
                 dtype=[""],
                 shape=[()],
@@ -530,7 +531,7 @@ class Pipeline:
             sc, sm = scalar_state(svalues, self.layout, width=L.HEADER)
             extra_c.append(sc)
             extra_m.append(sm)
-            labels += [("", "scalar", name, "train") for name in names]
+            labels += [("", K.SCALAR, name, "train") for name in names]
             meta += [("float64", ())] * len(names)
         vecs: list[np.ndarray] = []
         if part.vectors is not None:  # vector rows too

@@ -15,6 +15,7 @@ from ..sketch import layout as L
 from ..sketch.layout import Layout
 from ..sketch.merge import empty_moments, merge_rows
 from ..sketch.summary import Summary
+from . import kinds as K
 from .kinds import culprit, nonfinite_mask, tensor_rows
 from .rows import HEADER_COLUMNS
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
@@ -106,8 +107,10 @@ class Trace:
         if t.num_rows:
             kind = t.column("kind").cast(pa.string())
             tensor = t.column("tensor").cast(pa.string())
-            ex = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "forward")))
-            calls = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "first_call")))
+            ex = t.filter(pc.and_(pc.equal(kind, K.EXEC_ORDER), pc.equal(tensor, K.EXEC_FORWARD)))
+            calls = t.filter(
+                pc.and_(pc.equal(kind, K.EXEC_ORDER), pc.equal(tensor, K.EXEC_FIRST_CALL))
+            )
             if calls.num_rows and tree:
                 # the tracer's own record: each step's modules called for the first time
                 steps = calls.column("step").to_pylist()
@@ -118,7 +121,7 @@ class Trace:
                 idx = ex.column("values")[0].as_py() or []
                 fired = [tree[int(i)] for i in idx if 0 <= int(i) < len(tree)]
             else:
-                act = t.filter(pc.equal(kind, "activation")).column("module").cast(pa.string())
+                act = t.filter(pc.equal(kind, K.ACTIVATION)).column("module").cast(pa.string())
                 fired = [m for m in pc.unique(act).to_pylist() if m is not None]
         if not tree:
             return fired

@@ -11,6 +11,7 @@ import pyarrow as pa
 from ..sketch import layout as L
 from ..sketch.layout import Layout
 from ..sketch.merge import finite_of_counts
+from . import kinds as K
 from .schema import BASE_SCHEMA
 
 # trace column -> index in a slot's counts row
@@ -267,7 +268,7 @@ def scalar_batch(
         layout,
         step=step,
         module=[""] * n,
-        kind=["scalar"] * n,
+        kind=[K.SCALAR] * n,
         tensor=list(names),
         dtype=["float64"] * n,
         shape=[()] * n,

@@ -15,7 +15,6 @@ Imports numpy and pyarrow; dask only inside ``to_dask``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..sketch.summary import Summary
+from . import kinds as K
+from .files import is_rank_file, is_trace_file
 from .kinds import culprit, nonfinite_mask, tensor_rows
 from .reader import merge_table_rows, read_table
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
 
-_RANK_FILE = re.compile(r"^(rank\d+|merged)\.arrow$")
 LIST_COLUMNS = ("shape", "hist", "values")
 _KEY = ("run", "step", "module", "kind", "tensor", "phase")
 
@@ -53,13 +53,11 @@ def _expand(source: str | os.PathLike[str]) -> list[tuple[str, str]]:
     p = os.fspath(source)
     if os.path.isfile(p):
         folder, name = os.path.split(os.path.abspath(p))
-        run = os.path.basename(folder) if _RANK_FILE.match(name) else os.path.splitext(name)[0]
+        run = os.path.basename(folder) if is_rank_file(name) else os.path.splitext(name)[0]
         return [(p, run)]
     if not os.path.isdir(p):
         raise TraceError(f"{p}: no such file or folder")
-    files = sorted(
-        os.path.join(p, f) for f in os.listdir(p) if f.endswith(".arrow") and not f.startswith(".")
-    )
+    files = sorted(os.path.join(p, f) for f in os.listdir(p) if is_trace_file(f))
     if not files:  # a folder of runs
         out: list[tuple[str, str]] = []
         for sub in sorted(os.listdir(p)):
@@ -69,7 +67,7 @@ def _expand(source: str | os.PathLike[str]) -> list[tuple[str, str]]:
             raise TraceError(f"{p}: no .arrow trace files in this folder or its subfolders")
         return out
     own = os.path.basename(os.path.abspath(p))
-    if all(_RANK_FILE.match(os.path.basename(f)) for f in files):
+    if all(is_rank_file(f) for f in files):
         return [(f, own) for f in files]
     return [(f, os.path.splitext(os.path.basename(f))[0]) for f in files]
 
@@ -222,7 +220,7 @@ class RunSet:
         and the latest ``wall_time_s``. What ``merged.arrow`` holds, computed when reading."""
         t = self._rank_rows()
         t = t.filter(pc.is_null(t.column("values")))
-        t = t.filter(pc.not_equal(t.column("kind").cast(pa.string()), "scalar"))
+        t = t.filter(pc.not_equal(t.column("kind").cast(pa.string()), K.SCALAR))
         if kinds is not None:
             t = t.filter(pc.is_in(t.column("kind").cast(pa.string()), pa.array(list(kinds))))
         if t.num_rows == 0:
