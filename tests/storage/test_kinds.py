@@ -108,10 +108,10 @@ def test_anomaly_fields_keep_their_file_order() -> None:
 
 
 def test_fields_rows_by_name() -> None:
-    vals = K.pack(K.ESD, {"alpha": 2.5, "step": 7, "n_eigs": 64})
+    vals = K.pack(K.ESD, {"alpha": 2.5, "step": 7, "n_eigenvalues": 64})
     assert len(vals) == len(K.KINDS[K.ESD].fields)
     back = K.unpack(K.ESD, vals)
-    assert (back["step"], back["alpha"], back["n_eigs"]) == (7.0, 2.5, 64.0)
+    assert (back["step"], back["alpha"], back["n_eigenvalues"]) == (7.0, 2.5, 64.0)
     assert math.isnan(back["ks_distance"]) and math.isnan(back["xmin"])
     with pytest.raises(ValueError, match="alhpa"):
         K.pack(K.ESD, {"alhpa": 1.0})

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sketch import layout as L
+from ..sketch import merge as M
 from ..storage import kinds as K
 from .selection import iter_float_tensors
 from .tracer import AnomalyError, Extension, Tracer
@@ -220,8 +221,8 @@ class AnomalyWatch(Extension):
                 "inf_count": inf,
                 "min": float(m[idx, L.MIN].min()) if fin else math.nan,
                 "max": float(m[idx, L.MAX].max()) if fin else math.nan,
-                "mean": s / fin if fin else math.nan,
-                "rms": math.sqrt(ss / fin) if fin else math.nan,
+                "mean": float(M.mean(s, fin)),  # header statistics: dnntrace.sketch.merge
+                "rms": float(M.rms(ss, fin)),
             }
 
         out: dict[str, Any] = {"step": p.step, "forward": None, "backward": None}

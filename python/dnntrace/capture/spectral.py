@@ -291,8 +291,14 @@ class WeightSpectra(Extension):
                     else S.PowerLawFit(math.nan, math.nan, math.nan, 0)
                 )
                 rows.append((m, K.SPECTRUM, n, s))
-                esd = {"step": step, "alpha": fit.alpha, "ks_distance": fit.ks_distance,
-                       "xmin": fit.xmin, "n_tail": fit.n_tail, "n_eigs": lam.size}  # fmt: skip
+                esd = {
+                    "step": step,
+                    "alpha": fit.alpha,
+                    "ks_distance": fit.ks_distance,
+                    "xmin": fit.xmin,
+                    "n_tail": fit.n_tail,
+                    "n_eigenvalues": lam.size,
+                }
                 rows.append((m, K.ESD, n, np.array(K.pack(K.ESD, esd))))
             return rows
 

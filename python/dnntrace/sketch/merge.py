@@ -103,12 +103,20 @@ def merge_rows(
     moments: np.ndarray,
     group: np.ndarray | None = None,
     ngroups: int | None = None,
+    *,
+    hist: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    width: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge state rows: ``counts int64[n, w]``, ``moments float64[n, 8]`` into one row per
     group. ``group`` (``int[n]``, values in ``0 .. ngroups-1``; default all rows in group 0)
     names each row's group; returns ``(int64[ngroups, w], float64[ngroups, 8])``, the rows of
     a group merged in their order (a group with no rows gets the empty state). Counts, min and
-    max are exact whatever the order; the sums are compensated (module docstring)."""
+    max are exact whatever the order; the sums are compensated (module docstring).
+
+    Rows as a trace stores them (a histogram is mostly zeros): ``counts`` holds only the
+    header columns and ``hist = (first, start, stop, values)`` the histograms, row ``i``'s
+    being ``values[start[i]:stop[i]]`` from histogram bucket ``first[i]`` on; ``width`` is the
+    full counts-row width of the result. No dense ``[n, width]`` matrix is built."""
     counts = np.asarray(counts, dtype=np.int64)
     moments = np.asarray(moments, dtype=np.float64)
     if counts.ndim != 2 or moments.ndim != 2 or moments.shape != (counts.shape[0], NUM_MOMENTS):
@@ -116,18 +124,30 @@ def merge_rows(
             f"merge_rows: expected counts [n, width] and moments [n, {NUM_MOMENTS}], got "
             f"{counts.shape} and {moments.shape}"
         )
-    n, width = counts.shape
+    n, cols = counts.shape
+    if hist is not None and (width is None or width < cols):
+        raise ValueError(f"merge_rows: hist needs the row width (>= {cols}), got {width}")
     g = np.zeros(n, np.int64) if group is None else np.asarray(group, dtype=np.int64)
     if g.shape != (n,):
         raise ValueError(f"merge_rows: group has shape {g.shape}, expected ({n},)")
     ng = (int(g.max()) + 1 if n else 1) if ngroups is None else int(ngroups)
     if n and (g.min() < 0 or g.max() >= ng):
         raise ValueError(f"merge_rows: group ids must be in 0..{ng - 1}")
-    out_c = np.zeros((ng, width), np.int64)
+    out_c = np.zeros((ng, cols if hist is None else int(width)), np.int64)  # type: ignore[arg-type]
     if n:
         order = np.argsort(g, kind="stable")
-        starts = _group_starts(g[order])
-        out_c[g[order][starts]] = np.add.reduceat(counts[order], starts, axis=0)
+        sorted_g = g[order]
+        starts = _group_starts(sorted_g)
+        rows = counts if np.array_equal(order, np.arange(n)) else counts[order]
+        out_c[sorted_g[starts], :cols] = np.add.reduceat(rows, starts, axis=0)
+    if hist is not None:
+        first, start, stop, values = (np.asarray(a) for a in hist)
+        if not first.shape == start.shape == stop.shape == (n,):
+            raise ValueError(f"merge_rows: hist has {first.shape}/{start.shape} for {n} rows")
+        for i in np.flatnonzero(stop > start):  # each row's run is contiguous: a slice add
+            a, b = int(start[i]), int(stop[i])
+            lo = cols + int(first[i])
+            out_c[g[i], lo : lo + b - a] += values[a:b]
     return out_c, merge_moments(moments, g, ng)
 
 

@@ -155,7 +155,7 @@ KINDS: dict[str, Kind] = {
             _S,
             "fields",
             "power-law fit of the eigenvalue spectral density",
-            fields=("step", "alpha", "ks_distance", "xmin", "n_tail", "n_eigs"),
+            fields=("step", "alpha", "ks_distance", "xmin", "n_tail", "n_eigenvalues"),
             tab="spectral",
         ),
         Kind(FEATURE_EIGS, _S, "vector", "top eigenvalues of A^T A / rows", tab="spectral"),

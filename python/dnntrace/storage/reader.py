@@ -269,84 +269,109 @@ class Trace:
         return sorted(out, key=lambda a: (a["step"], a["kind"]))
 
 
-def rows_to_state(rows: pa.Table) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray]]:
-    """The state rows of a trace table, vectorised: one ``(layout, row indices, counts
-    int64[n, width], moments float64[n, 8])`` per layout present (usually one). Sums are read
-    back with zero compensation (a row stores ``sum + compensation``); an absent min/max (no
-    finite value, stored as NaN) becomes the empty state's ``+inf``/``-inf``."""
+def _row_parts(
+    rows: pa.Table,
+) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]]:
+    """The state rows of a trace table as stored: one ``(layout, row indices, header
+    int64[n, HEADER], moments float64[n, 8], (first, start, stop, values))`` per layout present
+    (usually one); row ``i``'s histogram is ``values[start[i]:stop[i]]`` from bucket
+    ``first[i]``. Sums come back with zero compensation (a row stores ``sum +
+    compensation``); an absent min/max (stored as NaN) is the empty state's ``+inf``/``-inf``."""
     n = rows.num_rows
     if n == 0:
         return []
-    ks = rows.column("k").to_numpy()
-    emins = rows.column("emin").to_numpy()
-    octs = rows.column("octaves").to_numpy()
+    keys = np.stack(
+        [rows.column(c).to_numpy().astype(np.int64) for c in ("k", "emin", "octaves")], 1
+    )
     offs = rows.column("hist_offset").to_numpy().astype(np.int64)
     hist = rows.column("hist").combine_chunks()
     hist_off = hist.offsets.to_numpy().astype(np.int64)
     hist_vals = hist.values.to_numpy(zero_copy_only=False)
-    header = {name: rows.column(name).to_numpy() for name in HEADER_COLUMNS}
-    sums = rows.column("sum").to_numpy(zero_copy_only=False)
-    sumsqs = rows.column("sumsq").to_numpy(zero_copy_only=False)
+    header = np.zeros((n, L.HEADER), np.int64)
+    for name, col in HEADER_COLUMNS.items():
+        header[:, col] = rows.column(name).to_numpy()
+    moments = empty_moments(n)
+    moments[:, L.SUM] = rows.column("sum").to_numpy(zero_copy_only=False)
+    moments[:, L.SUMSQ] = rows.column("sumsq").to_numpy(zero_copy_only=False)
     mn = rows.column("min").to_numpy(zero_copy_only=False)
     mx = rows.column("max").to_numpy(zero_copy_only=False)
-    keys = np.stack([ks.astype(np.int64), emins.astype(np.int64), octs.astype(np.int64)], 1)
+    moments[:, L.MIN] = np.where(np.isnan(mn), np.inf, mn)
+    moments[:, L.MAX] = np.where(np.isnan(mx), -np.inf, mx)
     out = []
-    for key in np.unique(keys, axis=0):
-        idx = np.flatnonzero((keys == key).all(axis=1))
+    uniq = np.unique(keys, axis=0)
+    for key in uniq:
+        idx = np.arange(n) if len(uniq) == 1 else np.flatnonzero((keys == key).all(axis=1))
         lay = Layout(*(int(v) for v in key))
-        counts = np.zeros((idx.size, lay.width), np.int64)
-        for name, col in HEADER_COLUMNS.items():
-            counts[:, col] = header[name][idx]
-        starts, lens = hist_off[idx], hist_off[idx + 1] - hist_off[idx]
-        total = int(lens.sum())
-        if total:
-            first = np.cumsum(lens) - lens  # where each row's run starts in the gathered values
-            within = np.arange(total) - np.repeat(first, lens)
-            row_of = np.repeat(np.arange(idx.size), lens)
-            col_of = L.HEADER + np.repeat(offs[idx], lens) + within
-            counts[row_of, col_of] = hist_vals[np.repeat(starts, lens) + within]
-        moments = empty_moments(idx.size)
-        moments[:, L.SUM], moments[:, L.SUMSQ] = sums[idx], sumsqs[idx]
-        moments[:, L.MIN] = np.where(np.isnan(mn[idx]), np.inf, mn[idx])
-        moments[:, L.MAX] = np.where(np.isnan(mx[idx]), -np.inf, mx[idx])
-        out.append((lay, idx, counts, moments))
+        spans = (offs[idx], hist_off[idx], hist_off[idx + 1], hist_vals)
+        out.append((lay, idx, header[idx], moments[idx], spans))
     return out
 
 
 def rows_to_summaries(rows: pa.Table) -> list[Summary]:
     """One ``Summary`` per row of a trace table."""
     out: list[Summary | None] = [None] * rows.num_rows
-    for lay, idx, counts, moments in rows_to_state(rows):
+    for lay, idx, header, moments, (first, start, stop, values) in _row_parts(rows):
         for j, i in enumerate(idx):
-            out[i] = Summary(counts[j], moments[j], lay)
+            counts = np.zeros(lay.width, np.int64)
+            counts[: L.HEADER] = header[j]
+            a, b = int(start[j]), int(stop[j])
+            if b > a:
+                lo = L.HEADER + int(first[j])
+                counts[lo : lo + b - a] = values[a:b]
+            out[i] = Summary(counts, moments[j], lay)
     return out  # type: ignore[return-value]
+
+
+def merge_table_state(
+    rows: pa.Table,
+    group: np.ndarray | None = None,
+    ngroups: int | None = None,
+    order: np.ndarray | None = None,
+) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows of a trace table merged per ``group`` (``int[n]`` in ``0 .. ngroups-1``;
+    default: all in one) by the one row merge, ``sketch.merge_rows``, on the stored sparse
+    histograms: ``(layout, group ids, counts [k, width], moments [k, 8])`` per layout present,
+    ids ascending. A group's rows merge in table order, or in the order of the permutation
+    ``order`` (row indices). Rows of one group must share a layout (``ValueError`` naming
+    both)."""
+    n = rows.num_rows
+    g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
+    ng = (int(g.max()) + 1 if n else 0) if ngroups is None else int(ngroups)
+    if n and (g.min() < 0 or g.max() >= ng):
+        raise ValueError(f"merge_table_state: group ids must be in 0..{ng - 1}")
+    out = []
+    seen: dict[int, Layout] = {}
+    at = None
+    if order is not None:  # each row's place in the merge order
+        at = np.empty(n, np.int64)
+        at[np.asarray(order, np.int64)] = np.arange(n)
+    for lay, idx, header, moments, spans in _row_parts(rows):
+        if at is not None:
+            p = np.argsort(at[idx], kind="stable")
+            idx, header, moments = idx[p], header[p], moments[p]
+            spans = (spans[0][p], spans[1][p], spans[2][p], spans[3])
+        ids = np.unique(g[idx])
+        for gi in ids.tolist():
+            if seen.setdefault(gi, lay) != lay:
+                raise ValueError(
+                    f"cannot merge summaries with different layouts: {seen[gi]} vs {lay}"
+                )
+        dense = np.searchsorted(ids, g[idx])  # only the groups present: no empty rows
+        c, m = merge_rows(header, moments, dense, ids.size, hist=spans, width=lay.width)
+        out.append((lay, ids, c, m))
+    return out
 
 
 def merge_table_rows(
     rows: pa.Table, group: np.ndarray | None = None, ngroups: int | None = None
 ) -> list[Summary]:
-    """The rows of a trace table merged per ``group`` (``int[n]`` in ``0 .. ngroups-1``;
-    default: all in one) by the one row merge, ``sketch.merge_rows``: one ``Summary`` per
-    group. Rows of one group must share a layout (``ValueError`` naming both otherwise)."""
-    n = rows.num_rows
-    g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
-    ng = (int(g.max()) + 1 if n else 0) if ngroups is None else int(ngroups)
-    parts = rows_to_state(rows)
-    if len(parts) == 1:
-        lay, _, counts, moments = parts[0]
-        c, m = merge_rows(counts, moments, g, ng)
-        return [Summary(c[i], m[i], lay) for i in range(ng)]
-    out: list[Summary | None] = [None] * ng
-    for lay, idx, counts, moments in parts:
-        c, m = merge_rows(counts, moments, g[idx], ng)
-        for gi in np.unique(g[idx]):
-            s = Summary(c[gi], m[gi], lay)
-            prev = out[gi]
-            if prev is not None and prev.layout != lay:
-                raise ValueError(
-                    f"cannot merge summaries with different layouts: {prev.layout} vs {lay}"
-                )
-            out[gi] = s
+    """``merge_table_state`` as one ``Summary`` per group."""
+    if ngroups is None:
+        ngroups = int(np.max(group)) + 1 if group is not None and rows.num_rows else 1
+    out: list[Summary | None] = [None] * ngroups
+    for lay, ids, c, m in merge_table_state(rows, group, ngroups):
+        for j, gi in enumerate(ids.tolist()):
+            out[gi] = Summary(c[j], m[j], lay)
     return out  # type: ignore[return-value]
 
 
@@ -361,7 +386,7 @@ __all__ = [
     "TraceError",
     "load",
     "merge_table_rows",
+    "merge_table_state",
     "read_table",
-    "rows_to_state",
     "rows_to_summaries",
 ]

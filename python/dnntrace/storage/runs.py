@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 
 from ..sketch.summary import Summary
 from . import kinds as K
-from .files import is_rank_file, is_trace_file
+from .files import MERGED_RANK, is_rank_file, is_trace_file
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .reader import merge_table_rows, read_table
+from .reader import merge_table_rows, merge_table_state, read_table
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
 
@@ -233,35 +233,39 @@ class RunSet:
             key = (keys["run"][i], steps[i], keys["module"][i], keys["kind"][i],
                    keys["tensor"][i], keys["phase"][i])  # fmt: skip
             group[i] = groups.setdefault(key, len(groups))
-        # the one row merge (sketch.merge), each group's rows in rank order as RankMerge does
-        by_rank = np.lexsort((t.column("rank").to_numpy(), group))
-        merged = merge_table_rows(t.take(by_rank), group[by_rank], len(groups))
-        wall = t.column("wall_time_s").to_numpy()
-        last_wall = np.full(len(groups), -np.inf)
-        np.maximum.at(last_wall, group, wall)
+        labels = list(groups)  # in first-row order
+        wall = np.full(len(groups), -np.inf)
+        np.maximum.at(wall, group, t.column("wall_time_s").to_numpy())
         first_row = np.full(len(groups), t.num_rows, np.int64)
         np.minimum.at(first_row, group, np.arange(t.num_rows))
         dtypes = t.column("dtype").cast(pa.string()).to_pylist()
         shapes = t.column("shape").to_pylist()
-        batches = []
-        for (run, step, module, kind, tensor, phase), gi in groups.items():  # first-row order
-            m, i0 = merged[gi], int(first_row[gi])
+        # the one row merge (sketch.merge), each group's rows in rank order as RankMerge does
+        by_rank = np.lexsort((t.column("rank").to_numpy(), group))
+        parts, order = [], []
+        for lay, ids, c, m in merge_table_state(t, group, len(groups), by_rank):
+            lb = [labels[i] for i in ids.tolist()]
+            i0 = first_row[ids].tolist()
             b = state_to_batch(
-                m.counts[None, :],
-                m.moments[None, :],
-                m.layout,
-                step=step,
-                module=[module],
-                kind=[kind],
-                tensor=[tensor],
-                phase=[phase],
-                dtype=[dtypes[i0]],
-                shape=[shapes[i0]],
-                rank=-1,
-                wall_time_s=float(last_wall[gi]),
+                c,
+                m,
+                lay,
+                step=np.array([x[1] for x in lb], np.int64),
+                module=[x[2] for x in lb],
+                kind=[x[3] for x in lb],
+                tensor=[x[4] for x in lb],
+                phase=[x[5] for x in lb],
+                dtype=[dtypes[i] for i in i0],
+                shape=[shapes[i] for i in i0],
+                rank=MERGED_RANK,
+                wall_time_s=wall[ids],
             )
-            batches.append(_with_run(pa.Table.from_batches([b]), run))
-        return pa.concat_tables(batches)
+            run = pa.array([x[0] for x in lb], pa.string()).dictionary_encode()
+            run = run.cast(pa.dictionary(pa.int32(), pa.string()))
+            parts.append(pa.Table.from_batches([b]).add_column(0, "run", run))
+            order.append(ids)
+        out = pa.concat_tables(parts)
+        return out if len(parts) == 1 else out.take(np.argsort(np.concatenate(order)))
 
     def first_nonfinite(self) -> list[dict[str, Any]]:
         """Per (run, rank): the first step with a NaN or Inf row, the module that produced it
