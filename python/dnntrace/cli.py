@@ -104,10 +104,12 @@ def _scalar_anomalies(table: Any) -> list[dict[str, Any]]:
     """Per scalar (loss, lr, ...) with a NaN or Inf: the first step and how many steps."""
     import pyarrow.compute as pc
 
+    from .storage import kinds as K
+
     if table.num_rows == 0:
         return []
     kind = table.column("kind").cast("string")
-    t = table.filter(pc.equal(kind, "scalar"))
+    t = table.filter(pc.equal(kind, K.SCALAR))
     bad = pc.greater(
         pc.add(pc.add(t.column("nan_count"), t.column("posinf_count")), t.column("neginf_count")),
         0,

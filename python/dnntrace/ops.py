@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers torch.ops.dnntrace.*)
-from .storage.layout import DEFAULT_EMIN, DEFAULT_K, DEFAULT_OCTAVES, NUM_MOMENTS, Layout
+from .sketch.layout import DEFAULT_EMIN, DEFAULT_K, DEFAULT_OCTAVES, NUM_MOMENTS, Layout
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 

@@ -29,6 +29,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from dnntrace.sketch import merge as SK
 from dnntrace.storage import Trace, TraceError, load
 from dnntrace.storage import kinds as K
 from dnntrace.storage.kinds import TENSOR_KINDS, tensor_rows
@@ -38,17 +39,18 @@ from .paths import find_traces  # noqa: F401  (re-exported: callers import it fr
 
 DEAD_ZERO_FRACTION = 0.99
 SATURATED_FRACTION = 0.25
-SATURATION_MARGIN = 0.03
+SATURATION_MARGIN = K.SATURATION_MARGIN  # saturation: the one definition in storage.kinds
 GRAD_RATIO = 1e3
 FROZEN_RTOL = 1e-12
-TANH_LIKE = {"Tanh", "Hardtanh", "Softsign"}
-SIGMOID_LIKE = {"Sigmoid", "Hardsigmoid"}
+TANH_LIKE = {t for t in K.NONLINEARITIES if K.saturation_family(t) == "tanh"}
+SIGMOID_LIKE = {t for t in K.NONLINEARITIES if K.saturation_family(t) == "sigmoid"}
 QUANTILES = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
 KINDS = TENSOR_KINDS
 STATS = ("rms", "mean", "std", "absmax", "l2", "zero_frac", "nan_count", "inf_count", "min", "max")
 # which rows open which of the extra tabs (the registry of row kinds, dnntrace.storage.kinds)
-_UNIT_TAB_KINDS = {*K.UNIT_KINDS, "anomaly"}
-_SPECTRAL_TAB_KINDS = set(K.SPECTRAL_KINDS) - {"filter_norm", "trajectory_pca"}
+# which rows open which tab: the registry of row kinds
+_UNIT_TAB_KINDS = K.tab_kinds("units")
+_SPECTRAL_TAB_KINDS = K.tab_kinds("spectral")
 _COLUMNS = [
     "step",
     "module",
@@ -236,21 +238,20 @@ class Run:
                 max=("max", "max"),
                 absmax=("absmax", "max"),
             ).reset_index()
-            finite = (out["count"] - out["nan_count"] - out["inf_count"]).astype(float)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                fin = finite.where(finite > 0)
-                out["mean"] = out["sum"] / fin
-                out["rms"] = np.sqrt(out["sumsq"] / fin)
-                out["std"] = np.sqrt(np.maximum(out["sumsq"] / fin - out["mean"] ** 2, 0.0))
-                out["l2"] = np.sqrt(out["sumsq"])
-                out["zero_frac"] = out["zero_count"] / fin
+            fin = out["count"] - out["nan_count"] - out["inf_count"]  # ±Inf counted together
+            fin = fin.astype(float)
+            out["mean"] = SK.mean(out["sum"], fin)  # header statistics: dnntrace.sketch.merge
+            out["rms"] = SK.rms(out["sumsq"], fin)
+            out["std"] = np.sqrt(SK.variance(out["sum"], out["sumsq"], fin))
+            out["l2"] = SK.l2(out["sumsq"])
+            out["zero_frac"] = SK.mean(out["zero_count"], fin)
             self._cache["stats"] = out
         return self._cache["stats"]
 
     def scalars(self) -> pd.DataFrame:
         """Scalar rows (loss, lr, ...): columns step, name, value."""
         if "scalars" not in self._cache:
-            t = self.trace.select(kind="scalar").select(["step", "tensor", "sum"])
+            t = self.trace.select(kind=K.SCALAR).select(["step", "tensor", "sum"])
             df = t.to_pandas()
             df = df.rename(columns={"tensor": "name", "sum": "value"})
             df["name"] = df["name"].astype(str)
@@ -325,8 +326,8 @@ class Run:
             zf = sat = math.nan
             if name in first_bad:
                 flags.append("nan")
-            if (name, "activation") in last.index:
-                zf = float(last.loc[(name, "activation"), "zero_frac"])
+            if (name, K.ACTIVATION) in last.index:
+                zf = float(last.loc[(name, K.ACTIVATION), "zero_frac"])
                 if zf >= DEAD_ZERO_FRACTION:
                     flags.append("dead")
                 sat = self._saturation(name, types.get(name, ""))
@@ -361,13 +362,13 @@ class Run:
         """The earliest NaN/Inf: {step, module, kind, nan_count, inf_count}, module in forward
         order at that step; None for a clean run."""
         if "first_nonfinite" not in self._cache:  # a scan of the table: once per opened run
-            an = [a for a in _without_histograms(self.trace).anomalies() if a["kind"] != "scalar"]
+            an = [a for a in _without_histograms(self.trace).anomalies() if a["kind"] != K.SCALAR]
             self._cache["first_nonfinite"] = min(an, key=lambda a: a["step"]) if an else None
         first: dict[str, Any] | None = self._cache["first_nonfinite"]
         return first
 
     def _saturation(self, module: str, mtype: str) -> float:
-        lod = self.lods.get((module, "activation"))
+        lod = self.lods.get((module, K.ACTIVATION))
         if lod is None or lod.steps.size == 0 or not (mtype in TANH_LIKE or mtype in SIGMOID_LIKE):
             return math.nan
         cdf = lod.step_cdf(lod.steps.size - 1)
@@ -382,7 +383,7 @@ class Run:
 
     def _grad_ratios(self) -> dict[str, float]:
         df = self.stats()
-        for kind in ("activation_grad", "weight_grad"):
+        for kind in (K.ACTIVATION_GRAD, K.WEIGHT_GRAD):
             g = df[df["kind"] == kind]
             if len(g):
                 break
@@ -401,7 +402,7 @@ class Run:
         return {m: float(med[m]) for m in mods}
 
     def _frozen(self) -> dict[str, bool]:
-        t = self.trace.select(kind="weight").select(["module", "tensor", "step", "sum", "sumsq"])
+        t = self.trace.select(kind=K.WEIGHT).select(["module", "tensor", "step", "sum", "sumsq"])
         if t.num_rows == 0:
             return {}
         df = t.to_pandas()
@@ -430,7 +431,7 @@ class RunStore(pn.viewable.Viewer):
     run = param.Selector(default=None, objects=[], doc="run shown")
     compare = param.Selector(default=None, objects=[None], doc="second run to compare")
     module = param.Selector(default=None, objects=[], doc="module in detail")
-    kind = param.Selector(default="activation", objects=list(KINDS))
+    kind = param.Selector(default=K.ACTIVATION, objects=list(KINDS))
     step = param.Integer(default=0, doc="step of the distribution view")
     compare_step = param.Integer(default=None, allow_None=True, doc="a second step to overlay")
     overlay = param.ListSelector(default=[], objects=[], doc="modules overlaid at a step")

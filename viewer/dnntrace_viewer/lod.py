@@ -26,8 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dnntrace.storage import Layout, Trace
+from dnntrace.storage import kinds as K
+from dnntrace.storage.files import sidecar
 
-from .sidecar import Sidecar, beside, in_temp
+from .sidecar import Sidecar, in_temp
 
 LOD_VERSION = 2  # 2: the sidecar layout (signature.json, tables/)
 Progress = Callable[[int, int, str], None]
@@ -185,7 +187,7 @@ def series_keys(table: pa.Table) -> tuple[np.ndarray, list[tuple[str, str]]]:
     kind = table.column("kind").cast(pa.string())
     phase = table.column("phase").cast(pa.string())
     key = pc.binary_join_element_wise(mod, kind, "\x00")
-    keep = pc.and_(pc.not_equal(kind, "scalar"), pc.not_equal(phase, "eval"))
+    keep = pc.and_(pc.not_equal(kind, K.SCALAR), pc.not_equal(phase, "eval"))
     key = pc.if_else(keep, key, pa.scalar(None, pa.string()))
     enc = pc.dictionary_encode(key).combine_chunks()
     codes = enc.indices.to_numpy(zero_copy_only=False)
@@ -292,7 +294,7 @@ def build_all(trace: Trace, progress: Progress | None = None) -> dict[tuple[str,
 
 # ---- cache ------------------------------------------------------------------------------------
 def cache_dir(path: str) -> str:
-    return beside(path, ".lod")
+    return sidecar(path, "lod")
 
 
 def _sidecar(path: str) -> Sidecar:

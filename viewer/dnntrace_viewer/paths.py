@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 from dnntrace.storage import TraceError
+from dnntrace.storage.files import is_trace_file
 
 
 def find_traces(paths: Sequence[str]) -> list[str]:
@@ -14,7 +15,7 @@ def find_traces(paths: Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".arrow"))
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if is_trace_file(f))
             if not found:
                 raise TraceError(f"{p}: folder holds no .arrow trace files")
             out += found

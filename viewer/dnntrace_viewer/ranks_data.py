@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import xarray as xr
 
+from dnntrace.sketch import merge as SK
 from dnntrace.storage.runs import RunSet, open_runs
 
 STATS = ("rms", "mean", "absmax", "nonfinite", "sumsq")
@@ -82,9 +83,9 @@ def _stat(parts: xr.Dataset, stat: str) -> xr.DataArray:
     finite = parts["finite"]
     with np.errstate(divide="ignore", invalid="ignore"):
         if stat == "rms":
-            out = np.sqrt(parts["sumsq"] / finite)
+            out = SK.rms(parts["sumsq"], finite)
         elif stat == "mean":
-            out = parts["sum"] / finite
+            out = SK.mean(parts["sum"], finite)
         elif stat == "sumsq":
             out = parts["sumsq"].where(parts["n"] > 0)
         elif stat == "absmax":

@@ -22,11 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def beside(path: str | os.PathLike[str], suffix: str) -> str:
-    """The cache folder next to the trace: ``<trace><suffix>``."""
-    return os.fspath(path) + suffix
-
-
 def in_temp(path: str | os.PathLike[str], name: str) -> str:
     """The fallback folder for a trace whose own folder is not writable."""
     h = hashlib.sha1(os.path.abspath(os.fspath(path)).encode()).hexdigest()[:16]
@@ -125,4 +120,4 @@ class Sidecar:
         return None
 
 
-__all__ = ["Sidecar", "beside", "in_temp"]
+__all__ = ["Sidecar", "in_temp"]

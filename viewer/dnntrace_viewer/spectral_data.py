@@ -15,8 +15,10 @@ import pandas as pd
 import pyarrow as pa
 
 from dnntrace.storage import Trace, load
+from dnntrace.storage import kinds as K
+from dnntrace.storage.files import landscape_path
 
-LAYER_KINDS = ("sigma_max", "stable_rank", "frobenius_norm", "update_ratio")
+LAYER_KINDS = (K.SIGMA_MAX, K.STABLE_RANK, K.FROBENIUS_NORM, K.UPDATE_RATIO)
 
 
 def _layer(module: str, tensor: str) -> str:
@@ -87,7 +89,7 @@ class SpectralData:
     def spectra(self) -> list[Spectrum]:
         """Full spectra with their power-law fits, ordered by layer then source step. The
         ``spectrum`` and ``esd`` rows of one (step, module, tensor) pair up in order."""
-        sp, es = self._rows("spectrum"), self._rows("esd")
+        sp, es = self._rows(K.SPECTRUM), self._rows(K.ESD)
         if sp.num_rows == 0 or es.num_rows == 0:
             return []
         pending: dict[tuple[int, str, str], list[np.ndarray]] = {}
@@ -99,7 +101,9 @@ class SpectralData:
             if not lst:
                 continue
             sv = lst.pop(0)
-            out.append(Spectrum(int(v[0]), _layer(m, x), sv, v[1], v[2], v[3], int(v[4])))
+            f = K.unpack(K.ESD, v)  # by name (storage.kinds)
+            out.append(Spectrum(int(f["step"]), _layer(m, x), sv, f["alpha"], f["ks_distance"],
+                                f["xmin"], int(f["n_tail"])))  # fmt: skip
         return sorted(out, key=lambda z: (z.layer, z.source_step))
 
     def esd_table(self) -> pd.DataFrame:
@@ -114,7 +118,7 @@ class SpectralData:
 
     def scalars(self, names: list[str]) -> pd.DataFrame:
         """``step, name, value`` of scalar rows with these names."""
-        t = self._rows("scalar")
+        t = self._rows(K.SCALAR)
         if t.num_rows == 0:
             return pd.DataFrame({"step": [], "name": [], "value": []})
         df = pd.DataFrame(
@@ -127,21 +131,21 @@ class SpectralData:
         return df[df["name"].isin(names)].reset_index(drop=True)
 
     def rankme(self) -> pd.DataFrame:
-        t = self._rows("rankme")
+        t = self._rows(K.RANKME)
         if t.num_rows == 0:
             return pd.DataFrame({"step": [], "layer": [], "value": []})
         _, mods, tens, vals = self._cols(t)
         return pd.DataFrame(
             {
-                "step": [int(v[0]) for v in vals],
+                "step": [int(K.unpack(K.RANKME, v)["step"]) for v in vals],
                 "layer": [_layer(m, x) for m, x in zip(mods, tens, strict=True)],
-                "value": [v[1] for v in vals],
+                "value": [K.unpack(K.RANKME, v)["rankme"] for v in vals],
             }
         ).sort_values(["layer", "step"])
 
     def trajectory(self) -> pd.DataFrame:
         """``step, x, y`` on the first two random directions (``trajectory`` rows)."""
-        t = self._rows("trajectory")
+        t = self._rows(K.TRAJECTORY)
         if t.num_rows == 0:
             return pd.DataFrame({"step": [], "x": [], "y": []})
         steps, _, tens, vals = self._cols(t)
@@ -159,12 +163,12 @@ class SpectralData:
     def grid(self) -> Grid | None:
         p = self.landscape_path
         if p is None:
-            guess = os.path.splitext(self.path)[0] + "-landscape.arrow"
+            guess = landscape_path(self.path)
             p = guess if os.path.exists(guess) else None
         if p is None:
             return None
         lt = load(p)
-        ax = lt.select(kind="landscape_axis")
+        ax = lt.select(kind=K.LANDSCAPE_AXIS)
         axes = dict(
             zip(
                 ax.column("tensor").cast(pa.string()).to_pylist(),
@@ -172,7 +176,7 @@ class SpectralData:
                 strict=True,
             )
         )
-        rows = lt.select(kind="landscape")
+        rows = lt.select(kind=K.LANDSCAPE)
         order = np.argsort(rows.column("step").to_numpy())
         vals = rows.column("values").to_pylist()
         loss = np.array([vals[i] for i in order], np.float64)

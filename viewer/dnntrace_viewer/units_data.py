@@ -41,10 +41,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dnntrace.storage import Trace, load
+from dnntrace.storage import kinds as K
+from dnntrace.storage.files import sidecar
 from dnntrace.storage.kinds import UNIT_KINDS, tensor_rows
-from dnntrace.storage.schema import ANOMALY_FIELDS
 
-from .sidecar import Sidecar, beside, in_temp
+from .sidecar import Sidecar, in_temp
 
 DEAD_WINDOW = 5
 SATURATED_THRESHOLD = 0.99
@@ -344,7 +345,7 @@ def _all_window_blocks(
 
 # ---- cache ------------------------------------------------------------------------------------
 def cache_dir(path: str) -> str:
-    return beside(path, ".units")
+    return sidecar(path, "units")
 
 
 def _fallback_dir(path: str) -> str:
@@ -477,7 +478,7 @@ class UnitData:
         return cls(as_trace(store), **kw)
 
     # ---- structure --------------------------------------------------------------------------
-    def modules(self, kind: str = "unit_mean") -> list[str]:
+    def modules(self, kind: str = K.UNIT_MEAN) -> list[str]:
         """Modules with rows of ``kind``, in model order."""
         t = self.trace.table
         if t.num_rows == 0:
@@ -530,7 +531,7 @@ class UnitData:
             b = PyramidBuilder((len(rows), rows.units), "mean", alloc, dtype=np.bool_)
             frac = np.zeros(len(rows))
             conds = (
-                (b0, blk == 0 if kind == "unit_firing" else blk >= threshold)
+                (b0, blk == 0 if kind == K.UNIT_FIRING else blk >= threshold)
                 for b0, blk in rows.blocks(self.chunk_cells)
             )
             for b0, out in _all_window_blocks(conds, window):
@@ -539,7 +540,7 @@ class UnitData:
                     frac[b0 : b0 + len(out)] = out.mean(axis=1)
             return Entry(rows.steps, frac, b.close(), "mean", "")
 
-        thr = threshold if kind != "unit_firing" else None
+        thr = threshold if kind != K.UNIT_FIRING else None
         return self._entry(("map", module, kind, window, thr), module, kind, "mean", make)
 
     def matrix(self, module: str, kind: str) -> UnitMatrix:
@@ -566,13 +567,13 @@ class UnitData:
         return out
 
     def dead(self, module: str, window: int = DEAD_WINDOW) -> UnitMatrix:
-        e = self._map_entry(module, "unit_firing", window, SATURATED_THRESHOLD)
+        e = self._map_entry(module, K.UNIT_FIRING, window, SATURATED_THRESHOLD)
         return UnitMatrix(module, "dead", e.steps, e.levels[0].T)
 
     def saturated(
         self, module: str, window: int = DEAD_WINDOW, threshold: float = SATURATED_THRESHOLD
     ) -> UnitMatrix:
-        e = self._map_entry(module, "unit_saturated", window, threshold)
+        e = self._map_entry(module, K.UNIT_SATURATED, window, threshold)
         return UnitMatrix(module, "saturated", e.steps, e.levels[0].T)
 
     def map_pyramid(
@@ -584,7 +585,7 @@ class UnitData:
     ) -> tuple[np.ndarray, Pyramid]:
         """(steps, pyramid) of the ``dead`` or ``saturated`` map (1 = dead; coarser levels hold
         the fraction of dead unit-steps in the cell)."""
-        kind = "unit_firing" if which == "dead" else "unit_saturated"
+        kind = K.UNIT_FIRING if which == "dead" else K.UNIT_SATURATED
         e = self._map_entry(module, kind, window, threshold)
         return e.steps, Pyramid.stored(e.levels, "mean")
 
@@ -593,11 +594,11 @@ class UnitData:
     ) -> pd.DataFrame:
         """Per layer and step: ``dead`` and ``saturated`` fractions of its units."""
         frames = []
-        for m in self.modules("unit_firing"):
-            d = self._map_entry(m, "unit_firing", window, threshold)
+        for m in self.modules(K.UNIT_FIRING):
+            d = self._map_entry(m, K.UNIT_FIRING, window, threshold)
             row: dict[str, Any] = {"module": m, "step": d.steps, "dead": d.stat}
-            if "unit_saturated" in self.trace.kinds:
-                s = self._map_entry(m, "unit_saturated", window, threshold)
+            if K.UNIT_SATURATED in self.trace.kinds:
+                s = self._map_entry(m, K.UNIT_SATURATED, window, threshold)
                 same = s.steps.size == d.steps.size
                 row["saturated"] = s.stat if same else 0.0 if s.stat.size == 0 else np.nan
             frames.append(pd.DataFrame(row))
@@ -613,16 +614,16 @@ class UnitData:
     def attribution_totals(self) -> pd.DataFrame:
         """Per layer and step: ``attr`` (Σ unit_attr) and ``attr_abs`` (Σ unit_attr_abs)."""
         frames = []
-        for m in self.modules("unit_attr_abs"):
-            steps = self.steps(m, "unit_attr_abs")
-            signed = self.column_sums(m, "unit_attr") if self.n_units(m, "unit_attr") else np.nan
+        for m in self.modules(K.UNIT_ATTR_ABS):
+            steps = self.steps(m, K.UNIT_ATTR_ABS)
+            signed = self.column_sums(m, K.UNIT_ATTR) if self.n_units(m, K.UNIT_ATTR) else np.nan
             frames.append(
                 pd.DataFrame(
                     {
                         "module": m,
                         "step": steps,
                         "attr": signed,
-                        "attr_abs": self.column_sums(m, "unit_attr_abs"),
+                        "attr_abs": self.column_sums(m, K.UNIT_ATTR_ABS),
                     }
                 )
             )
@@ -633,20 +634,20 @@ class UnitData:
     def anomalies(self) -> pd.DataFrame:
         """One row per ``anomaly`` row (origin in execution order); without any, the reader's
         first NaN/Inf per kind (model order), marked ``source = "model order"``."""
-        t = self.trace.select(kind="anomaly")
+        t = self.trace.select(kind=K.ANOMALY)
         rows = []
         for r in t.to_pylist():
-            vals = dict(zip(ANOMALY_FIELDS, r["values"] or [], strict=False))
+            vals = K.unpack(K.ANOMALY, r["values"])  # by name; NaN for a field a row lacks
             rows.append(
                 {
-                    "step": int(vals.get("step", r["step"])),
+                    "step": r["step"] if math.isnan(vals["step"]) else int(vals["step"]),
                     "module": r["module"],
                     "direction": r["tensor"],
-                    "nan_count": vals.get("nan_count", math.nan),
-                    "inf_count": vals.get("inf_count", math.nan),
-                    "input_min": vals.get("input_min", math.nan),
-                    "input_max": vals.get("input_max", math.nan),
-                    "input_rms": vals.get("input_rms", math.nan),
+                    "nan_count": vals["nan_count"],
+                    "inf_count": vals["inf_count"],
+                    "input_min": vals["input_min"],
+                    "input_max": vals["input_max"],
+                    "input_rms": vals["input_rms"],
                     "source": "execution order",
                 }
             )
@@ -684,11 +685,11 @@ class UnitData:
     def topk(self, module: str, unit: int) -> pd.DataFrame:
         """The latest top-k list of ``unit``: rank, value, sample id, step."""
         cols: dict[str, np.ndarray] = {}
-        n_units = self.n_units(module, "unit_mean") or None
+        n_units = self.n_units(module, K.UNIT_MEAN) or None
         for kind, name in (
-            ("unit_topk_value", "value"),
-            ("unit_topk_index", "sample"),
-            ("unit_topk_step", "step"),
+            (K.UNIT_TOPK_VALUE, "value"),
+            (K.UNIT_TOPK_INDEX, "sample"),
+            (K.UNIT_TOPK_STEP, "step"),
         ):
             t = self.trace.select(module=module, kind=kind)
             if t.num_rows == 0:

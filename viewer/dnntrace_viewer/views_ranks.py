@@ -18,6 +18,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from dnntrace.storage import kinds as K
 from dnntrace.storage.runs import RunSet, open_runs
 
 from . import ranks_data as R
@@ -26,7 +27,7 @@ from .views import RunTab
 
 hv.extension("bokeh", logo=False)
 
-GRAD_KINDS = ("grad_diversity", "gns_b_simple", "gns_g2", "gns_trace_sigma")
+GRAD_KINDS = (K.GRAD_DIVERSITY, K.GNS_B_SIMPLE, K.GNS_G2, K.GNS_TRACE_SIGMA)
 _ALL = "(all modules)"
 
 
@@ -64,9 +65,8 @@ class RanksViews:
         self.runs = runs
         self.use_dask = use_dask
         self.scheduler = scheduler
-        tensor_kinds = [k for k in runs.kinds if k not in ("scalar", *GRAD_KINDS)]
-        tensor_kinds = [k for k in tensor_kinds if not k.startswith("grad_sqnorm")]
-        default = "activation" if "activation" in tensor_kinds else (tensor_kinds or [""])[0]
+        tensor_kinds = [k for k in runs.kinds if K.is_histogram_kind(k)]  # storage.kinds
+        default = K.ACTIVATION if K.ACTIVATION in tensor_kinds else (tensor_kinds or [""])[0]
         self.run = pn.widgets.Select(label="run", options=runs.runs, value=runs.runs[0])
         self.kind = pn.widgets.Select(label="kind", options=tensor_kinds, value=default)
         self.stat = pn.widgets.Select(label="statistic", options=list(R.STATS), value="rms")

@@ -16,6 +16,9 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
+from dnntrace.storage import kinds as K
+from dnntrace.storage.files import landscape_path
+
 from .safe import md_escape
 from .spectral_data import SpectralData, Spectrum
 from .views import RunTab
@@ -132,7 +135,7 @@ class SpectraView:
     def panel(self) -> pn.viewable.Viewable:
         esd = self.data.esd_table()
         alpha = _curves(esd.rename(columns={"alpha": "value"}), "layer", "power-law α")
-        sr = self.data.layer_series("stable_rank")
+        sr = self.data.layer_series(K.STABLE_RANK)
         return pn.Column(
             pn.Row(self.layer, self.player),
             pn.pane.HoloViews(self.plot, name="esd"),
@@ -154,7 +157,7 @@ class SpectraView:
 
 def layers_panel(data: SpectralData) -> pn.viewable.Viewable:
     parts: list[Any] = []
-    for kind, label in (("sigma_max", "σ_max"), ("stable_rank", "stable rank")):
+    for kind, label in ((K.SIGMA_MAX, "σ_max"), (K.STABLE_RANK, "stable rank")):
         df = data.layer_series(kind)
         if len(df):
             parts.append(
@@ -173,7 +176,7 @@ def layers_panel(data: SpectralData) -> pn.viewable.Viewable:
 
 # ---- update ratios ------------------------------------------------------------------------
 def update_ratio_panel(data: SpectralData, max_steps: int = 400) -> pn.viewable.Viewable:
-    df = data.layer_series("update_ratio")
+    df = data.layer_series(K.UPDATE_RATIO)
     if not len(df):
         return _note("No `update_ratio` rows (enable with `dynamics=True`).")
     steps = np.sort(df["step"].unique())
@@ -182,7 +185,7 @@ def update_ratio_panel(data: SpectralData, max_steps: int = 400) -> pn.viewable.
         df = df.assign(step=edges[np.searchsorted(edges, df["step"], side="right") - 1].astype(int))
         df = df.groupby(["step", "layer"], as_index=False)["value"].median()
     df = df.assign(log10_ratio=np.log10(df["value"].clip(lower=1e-12)))
-    layers = list(dict.fromkeys(data.layer_series("update_ratio")["layer"]))
+    layers = list(dict.fromkeys(data.layer_series(K.UPDATE_RATIO)["layer"]))
     heat = hv.HeatMap(df, ["step", "layer"], "log10_ratio").opts(
         cmap="RdBu_r",
         clim=(-5, -1),
@@ -304,9 +307,7 @@ class LandscapeView:
         if g is None:
             note = (
                 "No landscape file beside the trace (dnntrace landscape … \\-\\-out "
-                + md_escape(
-                    f"{os.path.splitext(os.path.basename(self.data.path))[0]}-landscape.arrow"
-                )
+                + md_escape(os.path.basename(landscape_path(self.data.path)))
                 + "): the trajectory alone."
             )
         else:
@@ -357,7 +358,7 @@ def panels(
         (
             "Landscape",
             LandscapeView(data).panel()
-            if data.has("trajectory")
+            if data.has(K.TRAJECTORY)
             else _note("No `trajectory` rows (add `capture.spectral.Trajectory`)."),
         )
     )

@@ -20,6 +20,8 @@ import pandas as pd
 import panel as pn
 import param
 
+from dnntrace.storage import kinds as K
+
 from .safe import md_escape, module_label
 from .units_data import DEAD_WINDOW, SATURATED_THRESHOLD, UNIT_KINDS, Pyramid, UnitData
 from .views import RunTab, _prompt_ranges
@@ -145,7 +147,7 @@ def _curves(
 
 def units_view(data: UnitData) -> pn.viewable.Viewable:
     kinds = [k for k in UNIT_KINDS if k in data.kinds()]
-    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_mean"), kinds)
+    heat = UnitHeatmap(_matrix_source(data), data.modules(K.UNIT_MEAN), kinds)
     return pn.Column(heat.panel(), name="units")
 
 
@@ -157,7 +159,7 @@ def dead_view(data: UnitData) -> pn.viewable.Viewable:
         "saturated at each of them."
     )
     heat = UnitHeatmap(
-        _matrix_source(data), data.modules("unit_firing"), ["dead", "saturated"], binary=True
+        _matrix_source(data), data.modules(K.UNIT_FIRING), ["dead", "saturated"], binary=True
     )
 
     def dead_text(m: str | None) -> str:
@@ -210,8 +212,8 @@ def anomaly_view(data: UnitData) -> pn.viewable.Viewable:
 
 
 def attribution_view(data: UnitData) -> pn.viewable.Viewable:
-    kinds: list[str] = [k for k in ("unit_attr_abs", "unit_attr") if k in data.kinds()]
-    heat = UnitHeatmap(_matrix_source(data), data.modules("unit_attr_abs"), kinds)
+    kinds: list[str] = [k for k in (K.UNIT_ATTR_ABS, K.UNIT_ATTR) if k in data.kinds()]
+    heat = UnitHeatmap(_matrix_source(data), data.modules(K.UNIT_ATTR_ABS), kinds)
     tot = data.attribution_totals()
     return pn.Column(
         pn.pane.HoloViews(_curves(tot, "attr_abs", "Σ |activation × gradient| per layer")),
@@ -221,7 +223,7 @@ def attribution_view(data: UnitData) -> pn.viewable.Viewable:
 
 
 def topk_view(data: UnitData) -> pn.viewable.Viewable:
-    mods = data.modules("unit_topk_value")
+    mods = data.modules(K.UNIT_TOPK_VALUE)
     module = pn.widgets.Select(
         label="module", options=mods, value=mods[0] if mods else None, width=220
     )
@@ -230,7 +232,7 @@ def topk_view(data: UnitData) -> pn.viewable.Viewable:
     def table(m: str | None, u: int) -> pn.viewable.Viewable:
         if not m:
             return pn.pane.Markdown("no top-k rows in this trace")
-        n = data.n_units(m, "unit_mean")
+        n = data.n_units(m, K.UNIT_MEAN)
         if n and not 0 <= u < n:
             return pn.pane.Markdown(f"unit must be in 0 … {n - 1}")
         return pn.pane.DataFrame(data.topk(m, u), index=False, name="topk_table")

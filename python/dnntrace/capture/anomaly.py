@@ -32,7 +32,7 @@ a sequential model), and says so (``input_source``).
 **Rows**: kind ``exec_order``, module ``""``, tensor ``forward`` / ``backward``: indices into the
 metadata ``modules`` list in execution order, written at a step whenever the order changed.
 Kind ``anomaly``, module = the origin, tensor ``forward`` / ``backward``, values
-``dnntrace.storage.schema.ANOMALY_FIELDS``.
+``dnntrace.storage.kinds.KINDS["anomaly"].fields`` (``kinds.pack``/``unpack``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..storage import layout as L
+from ..sketch import layout as L
+from ..sketch import merge as M
+from ..storage import kinds as K
 from .selection import iter_float_tensors
 from .tracer import AnomalyError, Extension, Tracer
 
@@ -105,7 +107,7 @@ class AnomalyWatch(Extension):
             if order and order != self._last_order.get(direction):
                 self._last_order[direction] = order
                 idx = torch.tensor([float(self._index[n]) for n in order], device=tracer.device)
-                tracer.record_vector("", "exec_order", direction, idx)
+                tracer.record_vector("", K.EXEC_ORDER, direction, idx)
         if fwd or bwd:
             self._snapshot(tracer, fwd, bwd)
         self._poll(tracer, wait=False)
@@ -136,7 +138,7 @@ class AnomalyWatch(Extension):
             if self.inputs:
                 for pos, x in iter_float_tensors(inputs):
                     if x.device == tracer.device:
-                        self._accumulate_input(tracer, (name, "input", pos, phase), x)
+                        self._accumulate_input(tracer, (name, K.INPUT, pos, phase), x)
             if phase == "train" and tracer.trace_activation_grads:
                 t = next((t for _, t in iter_float_tensors(output) if t.requires_grad), None)
                 if t is not None:
@@ -219,30 +221,30 @@ class AnomalyWatch(Extension):
                 "inf_count": inf,
                 "min": float(m[idx, L.MIN].min()) if fin else math.nan,
                 "max": float(m[idx, L.MAX].max()) if fin else math.nan,
-                "mean": s / fin if fin else math.nan,
-                "rms": math.sqrt(ss / fin) if fin else math.nan,
+                "mean": float(M.mean(s, fin)),  # header statistics: dnntrace.sketch.merge
+                "rms": float(M.rms(ss, fin)),
             }
 
         out: dict[str, Any] = {"step": p.step, "forward": None, "backward": None}
-        fmod = first(p.forward, "activation")
+        fmod = first(p.forward, K.ACTIVATION)
         if fmod is not None:
             src = "input rows"
-            ins = stats(fmod, "input")
+            ins = stats(fmod, K.INPUT)
             if not ins:
                 k = p.forward.index(fmod)
                 prev = p.forward[k - 1] if k else None
-                ins = stats(prev, "activation") if prev else {}
+                ins = stats(prev, K.ACTIVATION) if prev else {}
                 src = f"output of {prev!r}" if prev else "model input (not traced)"
-            out["forward"] = {"module": fmod, **stats(fmod, "activation")}
+            out["forward"] = {"module": fmod, **stats(fmod, K.ACTIVATION)}
             out["forward_inputs"] = ins
             out["input_source"] = src
-        bmod = first(p.backward, "activation_grad")
+        bmod = first(p.backward, K.ACTIVATION_GRAD)
         if bmod is None:  # no output gradient: the parameter gradients, in backward order
-            order = tuple(reversed([lb[0] for lb in p.labels if lb[1] == "weight_grad"]))
-            bmod = first(order, "weight_grad")
-            bkind = "weight_grad"
+            order = tuple(reversed([lb[0] for lb in p.labels if lb[1] == K.WEIGHT_GRAD]))
+            bmod = first(order, K.WEIGHT_GRAD)
+            bkind = K.WEIGHT_GRAD
         else:
-            bkind = "activation_grad"
+            bkind = K.ACTIVATION_GRAD
         if bmod is not None:
             out["backward"] = {"module": bmod, "kind": bkind, **stats(bmod, bkind)}
         if out["forward"] is None and out["backward"] is None:
@@ -258,13 +260,17 @@ class AnomalyWatch(Extension):
             if f is None:
                 continue
             ins = found.get("forward_inputs", {}) if direction == "forward" else {}
-            vals = [float(step), f.get("nan_count", 0.0), f.get("inf_count", 0.0)]
-            vals += [
-                ins.get(k, math.nan)
-                for k in ("count", "nan_count", "inf_count", "min", "max", "mean", "rms")
-            ]
+            vals = K.pack(  # by name: the registry orders them (kinds.KINDS["anomaly"])
+                K.ANOMALY,
+                {
+                    "step": float(step),
+                    "nan_count": f.get("nan_count", 0.0),
+                    "inf_count": f.get("inf_count", 0.0),
+                    **{f"input_{k}": v for k, v in ins.items()},
+                },
+            )
             tracer.record_vector(
-                f["module"], "anomaly", direction, torch.tensor(vals, device=tracer.device)
+                f["module"], K.ANOMALY, direction, torch.tensor(vals, device=tracer.device)
             )
         msg = describe(found)
         if self.mode == "warn":

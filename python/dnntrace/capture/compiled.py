@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..storage import kinds as K
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -32,8 +33,8 @@ def preassign_slots(tracer: Tracer) -> None:
     """Slots of every traced module's single-tensor output, so compiled graphs find them."""
     for name, _ in tracer.traced_modules:
         if tracer.trace_activations:
-            tracer._slot((name, "activation", "", "train"))
-            tracer._slot((name, "activation", "", "eval"))
+            tracer._slot((name, K.ACTIVATION, "", "train"))
+            tracer._slot((name, K.ACTIVATION, "", "eval"))
 
 
 def record(tracer: Tracer, name: str, module: nn.Module, output: Any) -> None:
@@ -50,7 +51,7 @@ def record(tracer: Tracer, name: str, module: nn.Module, output: Any) -> None:
     phase = "train" if (flows or (grad_on and module.training)) else "eval"
     lay = tracer.layout
     if tracer.trace_activations:
-        slot = tracer._slot_of.get((name, "activation", "", phase))
+        slot = tracer._slot_of.get((name, K.ACTIVATION, "", phase))
         if slot is not None and tracer._pipe is not None:
             bank = tracer._pipe.bank
             ops.tensor_summary_out(output.detach(), slot, bank.counts, bank.moments, lay)

@@ -48,28 +48,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..storage import layout as L
+from ..sketch import layout as L
+from ..sketch.merge import merge_moments
+from ..storage import kinds as K
+from ..storage.files import MERGED_FILE, MERGED_RANK, merged_path, rank_path
+from ..storage.kinds import DEFAULT_MERGE_KINDS
 from ..storage.rows import state_to_batch
 from ..storage.schema import read_metadata
 from ..storage.writer import TraceWriter
 from .pipeline import SlotLabel
 from .tracer import Extension, Tracer
 
-MERGED_FILE = "merged.arrow"
-MERGED_RANK = -1
-DEFAULT_MERGE_KINDS = ("activation", "activation_grad")
 
-
-def rank_path(path: str | os.PathLike[str], rank: int, world_size: int) -> str:
-    """The file of ``rank``: ``path`` formatted when it holds ``{rank}``; else, when
-    ``world_size > 1``, ``<path without suffix>/rank<rank>.arrow``; else ``path`` itself."""
-    p = os.fspath(path)
-    if "{rank" in p or "{world_size" in p:
-        return p.format(rank=rank, world_size=world_size)
-    if world_size <= 1:
-        return p
-    stem, ext = os.path.splitext(p)
-    return os.path.join(stem, f"rank{rank}{ext or '.arrow'}")
+def merge_ranks(moments: Sequence[np.ndarray]) -> np.ndarray:
+    """The merged moments rows ``[n, 8]`` of every rank's ``moments[r]`` (``[n, 8]``, rank
+    order): ``sketch.merge.merge_moments`` over the ranks of each row."""
+    stacked = np.stack(moments, axis=1)  # [n, world, 8]: the ranks of one row together
+    n, world = stacked.shape[:2]
+    return merge_moments(stacked.reshape(n * world, -1), np.repeat(np.arange(n), world), n)
 
 
 def _label_signature(labels: Sequence[SlotLabel]) -> int:
@@ -138,7 +134,7 @@ class RankMerge(Extension):
         self._tracer = tracer
         self._layout = tracer.layout
         if self.path is None:
-            self.path = os.path.join(os.path.dirname(os.path.abspath(tracer.path)), MERGED_FILE)
+            self.path = merged_path(tracer.path)
         # a group of its own: its collectives never queue behind (or in front of) the model's
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         self._thread = threading.Thread(target=self._run, name="dnntrace-merge", daemon=True)
@@ -230,21 +226,17 @@ class RankMerge(Extension):
             c[at] = counts
             m[at] = moments
             counts, moments, labels, meta = c, m, order, [union[lb] for lb in order]
-        sums = moments[:, [L.SUM, L.SUM_COMP, L.SUMSQ, L.SUMSQ_COMP]].contiguous()
-        ext = torch.cat([moments[:, L.MIN], -moments[:, L.MAX]]).contiguous()
+        # counts add exactly in any order: one all-reduce; every rank's moments are gathered and
+        # merged in rank order by the one row merge (compensated sums), the same bits on every
+        # rank and in RunSet.merged_table
+        parts = [torch.empty_like(moments) for _ in range(world)]
         works = [
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=g, async_op=True),
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=g, async_op=True),
-            dist.all_reduce(ext, op=dist.ReduceOp.MIN, group=g, async_op=True),
+            dist.all_gather(parts, moments.contiguous(), group=g, async_op=True),
         ]
         for w in works:
             w.wait()
-        n = len(labels)
-        merged = torch.zeros_like(moments)
-        merged[:, [L.SUM, L.SUM_COMP, L.SUMSQ, L.SUMSQ_COMP]] = sums
-        merged[:, L.MIN] = ext[:n]
-        merged[:, L.MAX] = -ext[n:]
-        cn, mn = counts.numpy(), merged.numpy()
+        cn, mn = counts.numpy(), merge_ranks([p.numpy() for p in parts])
         used = np.flatnonzero(cn[:, L.CALLS] > 0)
         self.latest = MergedStep(job.step, [labels[i] for i in used], cn[used], mn[used])
         self.steps_merged += 1
@@ -376,7 +368,7 @@ class DDPGradStats(Extension):
             name = self._names.get(id(p))
             if name is None or g.device != tr.device:
                 continue
-            slot = tr._slot((name[0], "weight_grad_local", name[1], "train"))
+            slot = tr._slot((name[0], K.WEIGHT_GRAD_LOCAL, name[1], "train"))
             tr._note(slot, g)
             xs.append(g)
             slots.append(slot)
@@ -396,18 +388,18 @@ class DDPGradStats(Extension):
         avg = torch.cat([pending[i][2] for i in order])
         w = float(self._world)
         rec = tracer.record_vector
-        rec("", "grad_sqnorm_local", "bucket", local)
-        rec("", "grad_sqnorm_rank_mean", "bucket", mean)
-        rec("", "grad_sqnorm_avg", "bucket", avg)
+        rec("", K.GRAD_SQNORM_LOCAL, "bucket", local)
+        rec("", K.GRAD_SQNORM_RANK_MEAN, "bucket", mean)
+        rec("", K.GRAD_SQNORM_AVG, "bucket", avg)
         sq_small, sq_big = mean.sum().reshape(1), avg.sum().reshape(1)
-        rec("", "grad_diversity", "", sq_small / (w * sq_big))
+        rec("", K.GRAD_DIVERSITY, "", sq_small / (w * sq_big))
         if self._world > 1:
             b = float(self.batch_size or 1)
             g2, s, b_simple = noise_scale(sq_small, sq_big, b, b * w)
             unit = "" if self.batch_size else "per_rank_batch"
-            rec("", "gns_g2", "", g2)
-            rec("", "gns_trace_sigma", unit, s)
-            rec("", "gns_b_simple", unit, b_simple)
+            rec("", K.GNS_G2, "", g2)
+            rec("", K.GNS_TRACE_SIGMA, unit, s)
+            rec("", K.GNS_B_SIMPLE, unit, b_simple)
 
 
 __all__ = [

@@ -33,9 +33,10 @@ import pyarrow as pa
 import torch
 
 from .. import _C
+from ..sketch import layout as L
+from ..sketch.layout import Layout
 from ..stats.bank import StatBank, spans_from_nonzero
-from ..storage import layout as L
-from ..storage.layout import Layout
+from ..storage import kinds as K
 from ..storage.rows import label_columns, scalar_state, state_to_batch
 from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter
@@ -282,7 +283,7 @@ class Pipeline:
                 self.layout,
                 step=0,
                 module=[""],
-                kind=["scalar"],
+                kind=[K.SCALAR],
                 tensor=[""],
                 dtype=[""],
                 shape=[()],
@@ -538,7 +539,7 @@ class Pipeline:
             sc, sm = scalar_state(svalues, self.layout, width=L.HEADER)
             extra_c.append(sc)
             extra_m.append(sm)
-            labels += [("", "scalar", name, "train") for name in names]
+            labels += [("", K.SCALAR, name, "train") for name in names]
             meta += [("float64", ())] * len(names)
         vecs: list[np.ndarray] = []
         if part.vectors is not None:  # vector rows too

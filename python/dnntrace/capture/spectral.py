@@ -52,6 +52,8 @@ from ..stats import curvature as C
 from ..stats import dynamics as D
 from ..stats import landscape as LS
 from ..stats import spectral as S
+from ..storage import kinds as K
+from ..storage.files import sidecar
 from .selection import iter_float_tensors
 from .tracer import Extension
 
@@ -178,6 +180,10 @@ class _BlasThreads:
             self._set(self._old)
 
 
+def _rankme(step: int, z: Tensor) -> dict[str, float]:
+    return {"step": step, "rankme": S.rankme(z.float()), "rows": z.shape[0]}
+
+
 def _record_late(tracer: Tracer, rows: Sequence[Late]) -> None:
     for module, kind, tensor, values in rows:
         t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
@@ -255,9 +261,9 @@ class WeightSpectra(Extension):
             sigma, fro = self._pi.step()
             sr = S.stable_rank(sigma, fro)
             for i, (m, n, _) in enumerate(self._mats):
-                tracer.record_vector(m, "sigma_max", n, sigma[i : i + 1])
-                tracer.record_vector(m, "frobenius_norm", n, fro[i : i + 1])
-                tracer.record_vector(m, "stable_rank", n, sr[i : i + 1])
+                tracer.record_vector(m, K.SIGMA_MAX, n, sigma[i : i + 1])
+                tracer.record_vector(m, K.FROBENIUS_NORM, n, fro[i : i + 1])
+                tracer.record_vector(m, K.STABLE_RANK, n, sr[i : i + 1])
         if self._worker is not None and tracer.sampled(self.full_every):
             if self._worker.busy():
                 self._worker.skipped += 1
@@ -284,17 +290,16 @@ class WeightSpectra(Extension):
                     if lam.size >= min_esd
                     else S.PowerLawFit(math.nan, math.nan, math.nan, 0)
                 )
-                rows.append((m, "spectrum", n, s))
-                rows.append(
-                    (
-                        m,
-                        "esd",
-                        n,
-                        np.array(
-                            [step, fit.alpha, fit.ks_distance, fit.xmin, fit.n_tail, lam.size]
-                        ),
-                    )
-                )
+                rows.append((m, K.SPECTRUM, n, s))
+                esd = {
+                    "step": step,
+                    "alpha": fit.alpha,
+                    "ks_distance": fit.ks_distance,
+                    "xmin": fit.xmin,
+                    "n_tail": fit.n_tail,
+                    "n_eigenvalues": lam.size,
+                }
+                rows.append((m, K.ESD, n, np.array(K.pack(K.ESD, esd))))
             return rows
 
         return run
@@ -395,7 +400,7 @@ class ActivationSketch(Extension):
         for name, fd in self._fd.items():
             if fd.rows_seen:
                 eig = fd.eigenvalues() / fd.rows_seen
-                tracer.record_vector(name, "feature_eigs", "", eig)
+                tracer.record_vector(name, K.FEATURE_EIGS, "", eig)
                 fd.reset()
         if self._worker is not None and self._sample and not self._worker.busy():
             names = list(self._sample)
@@ -406,7 +411,7 @@ class ActivationSketch(Extension):
                 if ev is not None:
                     ev.synchronize()
                 return [
-                    (n, "rankme", "", np.array([step, S.rankme(z.float()), z.shape[0]]))
+                    (n, K.RANKME, "", np.array(K.pack(K.RANKME, _rankme(step, z))))
                     for n, z in zip(names, snap, strict=True)
                 ]
 
@@ -484,7 +489,7 @@ class UpdateRatio(Extension):
         ratio = dn / bn.clamp_min(1e-30)
         for j, i in enumerate(keep):
             m, n, _ = self._params[i]
-            tracer.record_vector(m, "update_ratio", n, ratio[j : j + 1])
+            tracer.record_vector(m, K.UPDATE_RATIO, n, ratio[j : j + 1])
 
 
 class GradientNoiseScale(Extension):
@@ -635,11 +640,11 @@ class Trajectory(Extension):
         if not self._wrote_norms:
             for (m, n, _), fn in zip(self._params, self._norms, strict=True):
                 if fn is not None:
-                    tracer.record_vector(m, "filter_norm", n, fn)
+                    tracer.record_vector(m, K.FILTER_NORM, n, fn)
             self._wrote_norms = True
         ps = [p for _, _, p in self._params]
         coords = self._proj(ps).float()
-        tracer.record_vector("", "trajectory", f"random:{self.seed}", coords)
+        tracer.record_vector("", K.TRAJECTORY, f"random:{self.seed}", coords)
         if self.pca_snapshots and (tracer.step_index // self.every) % self._snap_every == 0:
             self._snaps.append((tracer.step_index, [p.detach().to("cpu", copy=True) for p in ps]))
             if len(self._snaps) > self.pca_snapshots:  # keep every other: evenly spaced, bounded
@@ -660,13 +665,13 @@ class Trajectory(Extension):
                 "steps": [s for s, _ in self._snaps],
                 "params": [f"{m}.{n}" if m else n for m, n, _ in self._params],
             },
-            tracer.path + ".pca.pt",
+            sidecar(tracer.path, "pca"),
         )
         proj = LS.Projector(dirs)
         rows: list[Late] = []
         for step, snap in self._snaps:
             c = proj(snap).numpy()
-            rows.append(("", "trajectory_pca", "pca", np.concatenate([[step], c])))
+            rows.append(("", K.TRAJECTORY_PCA, "pca", np.concatenate([[step], c])))
         _record_late(tracer, rows)
 
 
@@ -723,7 +728,7 @@ def load_directions(
     if kind == "pca":
         if trace is None:
             raise ValueError("load_directions: PCA directions need the training trace")
-        saved = torch.load(os.fspath(trace) + ".pca.pt", map_location="cpu", weights_only=True)
+        saved = torch.load(sidecar(trace, "pca"), map_location="cpu", weights_only=True)
         dirs = [
             [d.to(p.device, p.dtype) for d, p in zip(ds, params, strict=True)]
             for ds in saved["directions"]
@@ -737,12 +742,12 @@ def load_directions(
         from ..storage import load
 
         tr = load(trace)
-        t = tr.select(kind="trajectory")
+        t = tr.select(kind=K.TRAJECTORY)
         tensors = sorted(set(t.column("tensor").cast("string").to_pylist())) if t.num_rows else []
         randoms = [x for x in tensors if x.startswith("random:")]
         if seed is None and randoms:
             seed = int(randoms[0].split(":", 1)[1])
-        fn = tr.select(kind="filter_norm")
+        fn = tr.select(kind=K.FILTER_NORM)
         by_name: dict[tuple[str, str], np.ndarray] = {}
         mods = fn.column("module").cast("string").to_pylist()
         tens = fn.column("tensor").cast("string").to_pylist()
@@ -769,7 +774,7 @@ def write_landscape(
     """Writes a grid as a small trace: ``landscape_axis`` rows (``tensor`` x / y: absolute
     coordinates, the trajectory's frame) and one ``landscape`` row per y index (``step`` = j,
     ``values`` = loss along x); ``metadata["landscape"]`` holds ``info``, span and timing."""
-    from ..storage.layout import Layout
+    from ..sketch.layout import Layout
     from ..storage.rows import state_to_batch, vector_state
     from ..storage.writer import TraceWriter
 
@@ -786,7 +791,7 @@ def write_landscape(
         "modules": [],
     }
     vecs = [grid.xs, grid.ys] + [grid.loss[j] for j in range(grid.loss.shape[0])]
-    kinds = ["landscape_axis", "landscape_axis"] + ["landscape"] * grid.loss.shape[0]
+    kinds = [K.LANDSCAPE_AXIS, K.LANDSCAPE_AXIS] + [K.LANDSCAPE] * grid.loss.shape[0]
     tens = ["x", "y"] + ["loss"] * grid.loss.shape[0]
     steps = np.array([0, 0] + list(range(grid.loss.shape[0])), np.int64)
     counts, moments = vector_state(vecs, lay)

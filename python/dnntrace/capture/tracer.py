@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .._version import __version__
-from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
+from ..sketch.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 from ..storage.writer import TraceWriter
 from . import compiled as _compiled
 from . import optim as _optim

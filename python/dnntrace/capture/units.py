@@ -15,10 +15,12 @@ module, each sampled step, one vector row per statistic (kinds below, one value 
   ``nn.Sequential``; elsewhere dim 1 for 4-D and 5-D outputs (images, volumes), the last dim
   otherwise.
 
-**Saturation** uses the nonlinearity that follows: an activation module's own outputs (Tanh
-``|y| >= 0.97``, Sigmoid ``y <= 0.03 or y >= 0.97``, ReLU ``y == 0``, ReLU6 also ``y >= 6``), or,
-for a module directly followed by one in an ``nn.Sequential``, its inputs to it (thresholds mapped
-through the inverse: ``|x| >= atanh(0.97)``, ...). Other modules have no saturated units (0).
+**Saturation** uses the nonlinearity that follows (``dnntrace.storage.kinds.NONLINEARITIES``, the
+definition the viewer's flag uses too): an activation module's own outputs (Tanh, Hardtanh,
+Softsign ``|y| >= 0.97``; Sigmoid, Hardsigmoid ``y <= 0.03 or y >= 0.97``; ReLU ``y == 0``, ReLU6
+also ``y >= 6``), or, for a module directly followed by one in an ``nn.Sequential``, its inputs
+to it (thresholds mapped through the inverse: ``|x| >= atanh(0.97)``, ...). Other modules have no
+saturated units (0).
 
 **Rows** (``kind``; ``tensor`` is the output position, ``""`` for a single tensor):
 ``unit_mean``, ``unit_sq_mean``, ``unit_firing`` (fraction > 0), ``unit_saturated`` (fraction),
@@ -54,6 +56,7 @@ from torch import Tensor, nn
 
 from .. import ops_units
 from ..stats import units as U
+from ..storage import kinds as K
 from .selection import iter_float_tensors
 from .tracer import Extension, Tracer
 
@@ -71,11 +74,8 @@ _CHANNEL_LAST: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embe
 if hasattr(nn, "RMSNorm"):
     _CHANNEL_LAST += (nn.RMSNorm,)
 _NONLINEARITY: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-}
+    getattr(nn, name): nl for name, nl in K.NONLINEARITIES.items()
+}  # the one definition of saturation: dnntrace.storage.kinds
 _ELEMENTWISE: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -226,8 +226,8 @@ class UnitStats(Extension):
     attribution: bool = True
     topk: int = 8
     topk_every: int = 50
-    tanh: float = U.TANH_SATURATION
-    sigmoid: tuple[float, float] = U.SIGMOID_SATURATION
+    tanh: float = K.TANH_SATURATION
+    sigmoid: tuple[float, float] = K.SIGMOID_SATURATION
     states: dict[str, _State] = field(default_factory=dict, init=False, repr=False)
     _plans: dict[str, UnitPlan] = field(default_factory=dict, init=False, repr=False)
     _ids: Tensor | None = field(default=None, init=False, repr=False)
@@ -280,11 +280,11 @@ class UnitStats(Extension):
         sts = arena.states
         if any(st.act_seen for st in sts):
             self._record_block(
-                tracer, U.ACT_KINDS, U.act_block(arena.act), [s.act_seen for s in sts]
+                tracer, K.UNIT_ACT_KINDS, U.act_block(arena.act), [s.act_seen for s in sts]
             )
             U.reset_act_acc(arena.act)
         if any(st.grad_seen for st in sts):
-            kinds = U.GRAD_KINDS if self.attribution else U.GRAD_KINDS[:1]
+            kinds = K.UNIT_GRAD_KINDS if self.attribution else K.UNIT_GRAD_KINDS[:1]
             block = U.grad_block(arena.grad, self.attribution)
             self._record_block(tracer, kinds, block, [s.grad_seen for s in sts])
             arena.grad.zero_()
@@ -333,7 +333,7 @@ class UnitStats(Extension):
         dirty = [st.topk_dirty for st in sts]
         if not any(dirty):
             return
-        kinds = ("unit_topk_value", "unit_topk_index", "unit_topk_step")
+        kinds = K.UNIT_TOPK_KINDS
         tensors = (arena.topk.values, arena.topk.ids, arena.topk.steps)
         k = arena.topk.k
         for kind, t in zip(kinds, tensors, strict=True):

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..storage import layout as L
-from ..storage.layout import Layout
-from ..storage.summary import Summary
+from ..sketch import layout as L
+from ..sketch.layout import Layout
+from ..sketch.summary import Summary
 
 
 class StatBank:

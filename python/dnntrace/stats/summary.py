@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
-from ..storage.summary import Summary
+from ..sketch.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
+from ..sketch.summary import Summary
 
 
 def summarize(

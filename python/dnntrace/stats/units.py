@@ -25,7 +25,9 @@ ACT_COLS = 6  # count sum sumsq firing saturated max
 GRAD_COLS = 5  # rows count g^2 x*g |x*g|
 NO_BOUND = math.nan  # a saturation bound that never matches
 
-# Saturation of the outputs of bounded nonlinearities (configurable by the caller):
+# Saturation of the outputs of bounded nonlinearities (configurable by the caller); the trace's
+# definition is dnntrace.storage.kinds (SATURATION_MARGIN, NONLINEARITIES), which capture passes
+# in; tests/storage/test_kinds.py checks these defaults against it.
 TANH_SATURATION = 0.97  # |tanh(x)| >= 0.97
 SIGMOID_SATURATION = (0.03, 0.97)  # sigmoid(x) <= 0.03 or >= 0.97
 
@@ -39,17 +41,25 @@ def saturation_bounds(
 ) -> tuple[float, float]:
     """``(lo, hi)``: a value is saturated when ``x <= lo or x >= hi``.
 
-    ``nonlinearity`` is ``"tanh"``, ``"sigmoid"``, ``"relu"`` (ReLU family: saturated means the
-    output is exactly 0), ``"relu6"`` or None (never saturated). ``pre_activation`` maps the bounds
-    through the inverse nonlinearity, for the input of the nonlinearity (a Linear followed by it).
+    ``nonlinearity`` is tanh-like (``"tanh"``, ``"hardtanh"``, ``"softsign"``: outputs in
+    [-1, 1], saturated at ``|y| >= tanh``), sigmoid-like (``"sigmoid"``, ``"hardsigmoid"``:
+    outputs in [0, 1], saturated at ``y <= sigmoid[0]`` or ``y >= sigmoid[1]``), ``"relu"``
+    (ReLU family: saturated means the output is exactly 0), ``"relu6"`` or None (never
+    saturated). ``pre_activation`` maps the bounds through the inverse nonlinearity, for the
+    input of the nonlinearity (a Linear followed by it).
     """
-    if nonlinearity == "tanh":
-        t = math.atanh(tanh) if pre_activation else tanh
-        return -t, t
-    if nonlinearity == "sigmoid":
-        lo, hi = sigmoid
+    if nonlinearity in ("tanh", "hardtanh", "softsign"):
+        t = tanh
         if pre_activation:
+            # tanh: atanh; hardtanh: the identity inside [-1, 1]; softsign x/(1+|x|): y/(1-|y|)
+            t = {"tanh": math.atanh(t), "hardtanh": t, "softsign": t / (1 - t)}[nonlinearity]
+        return -t, t
+    if nonlinearity in ("sigmoid", "hardsigmoid"):
+        lo, hi = sigmoid
+        if pre_activation and nonlinearity == "sigmoid":
             return math.log(lo / (1 - lo)), math.log(hi / (1 - hi))
+        if pre_activation:  # hardsigmoid: clamp(x / 6 + 1/2, 0, 1)
+            return 6 * (lo - 0.5), 6 * (hi - 0.5)
         return lo, hi
     if nonlinearity == "relu":
         return 0.0, NO_BOUND

@@ -1,10 +1,10 @@
 """Trace file format: schema, writer, reader. Imports only numpy and pyarrow (no torch)."""
 
-from .layout import Layout, row_index
+from ..sketch.layout import Layout, row_index
+from ..sketch.summary import Summary
 from .reader import Trace, load, read_table, rows_to_summaries
 from .rows import scalar_batch, state_to_batch
 from .schema import SCHEMA_VERSION, TraceError, make_schema, read_metadata
-from .summary import Summary
 from .writer import TraceWriter
 
 __all__ = [

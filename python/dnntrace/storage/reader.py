@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import layout as L
+from ..sketch import layout as L
+from ..sketch.layout import Layout
+from ..sketch.merge import empty_moments, merge_rows
+from ..sketch.summary import Summary
+from . import kinds as K
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .layout import Layout
 from .rows import HEADER_COLUMNS
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
-from .summary import Summary
 
 
 def read_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any], bool]:
@@ -105,8 +107,10 @@ class Trace:
         if t.num_rows:
             kind = t.column("kind").cast(pa.string())
             tensor = t.column("tensor").cast(pa.string())
-            ex = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "forward")))
-            calls = t.filter(pc.and_(pc.equal(kind, "exec_order"), pc.equal(tensor, "first_call")))
+            ex = t.filter(pc.and_(pc.equal(kind, K.EXEC_ORDER), pc.equal(tensor, K.EXEC_FORWARD)))
+            calls = t.filter(
+                pc.and_(pc.equal(kind, K.EXEC_ORDER), pc.equal(tensor, K.EXEC_FIRST_CALL))
+            )
             if calls.num_rows and tree:
                 # the tracer's own record: each step's modules called for the first time
                 steps = calls.column("step").to_pylist()
@@ -117,7 +121,7 @@ class Trace:
                 idx = ex.column("values")[0].as_py() or []
                 fired = [tree[int(i)] for i in idx if 0 <= int(i) < len(tree)]
             else:
-                act = t.filter(pc.equal(kind, "activation")).column("module").cast(pa.string())
+                act = t.filter(pc.equal(kind, K.ACTIVATION)).column("module").cast(pa.string())
                 fired = [m for m in pc.unique(act).to_pylist() if m is not None]
         if not tree:
             return fired
@@ -203,7 +207,7 @@ class Trace:
         rows = self.select(module, kind, step, tensor, phase)
         if rows.num_rows == 0:
             raise KeyError(f"no rows for module={module!r} kind={kind!r} step={step!r}")
-        return _merge(rows_to_summaries(rows))
+        return merge_table_rows(rows)[0]
 
     def quantiles(
         self,
@@ -216,11 +220,9 @@ class Trace:
     ) -> pa.Table:
         """A table with one row per step: ``step`` and one column ``q<q>`` per quantile."""
         rows = self.select(module, kind, None, tensor, phase)
-        steps = rows.column("step").to_numpy()
-        summaries = rows_to_summaries(rows)
-        by_step: dict[int, Summary] = {}
-        for s, summ in zip(steps, summaries, strict=True):
-            by_step[int(s)] = by_step[int(s)].merge(summ) if int(s) in by_step else summ
+        ordered_steps, group = np.unique(rows.column("step").to_numpy(), return_inverse=True)
+        merged = merge_table_rows(rows, group, ordered_steps.size)
+        by_step = {int(s): m for s, m in zip(ordered_steps, merged, strict=True)}
         ordered = sorted(by_step)
         cols: dict[str, Any] = {"step": pa.array(ordered, pa.int64())}
         qa = np.asarray(qs, dtype=np.float64)
@@ -267,49 +269,110 @@ class Trace:
         return sorted(out, key=lambda a: (a["step"], a["kind"]))
 
 
-def rows_to_summaries(rows: pa.Table) -> list[Summary]:
-    """One ``Summary`` per row of a trace table."""
+def _row_parts(
+    rows: pa.Table,
+) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]]:
+    """The state rows of a trace table as stored: one ``(layout, row indices, header
+    int64[n, HEADER], moments float64[n, 8], (first, start, stop, values))`` per layout present
+    (usually one); row ``i``'s histogram is ``values[start[i]:stop[i]]`` from bucket
+    ``first[i]``. Sums come back with zero compensation (a row stores ``sum +
+    compensation``); an absent min/max (stored as NaN) is the empty state's ``+inf``/``-inf``."""
     n = rows.num_rows
-    out: list[Summary] = []
     if n == 0:
-        return out
-    ks = rows.column("k").to_numpy()
-    emins = rows.column("emin").to_numpy()
-    octs = rows.column("octaves").to_numpy()
-    offs = rows.column("hist_offset").to_numpy()
+        return []
+    keys = np.stack(
+        [rows.column(c).to_numpy().astype(np.int64) for c in ("k", "emin", "octaves")], 1
+    )
+    offs = rows.column("hist_offset").to_numpy().astype(np.int64)
     hist = rows.column("hist").combine_chunks()
-    hist_off = hist.offsets.to_numpy()
+    hist_off = hist.offsets.to_numpy().astype(np.int64)
     hist_vals = hist.values.to_numpy(zero_copy_only=False)
-    header = {name: rows.column(name).to_numpy() for name in HEADER_COLUMNS}
-    s = rows.column("sum").to_numpy(zero_copy_only=False)
-    ss = rows.column("sumsq").to_numpy(zero_copy_only=False)
+    header = np.zeros((n, L.HEADER), np.int64)
+    for name, col in HEADER_COLUMNS.items():
+        header[:, col] = rows.column(name).to_numpy()
+    moments = empty_moments(n)
+    moments[:, L.SUM] = rows.column("sum").to_numpy(zero_copy_only=False)
+    moments[:, L.SUMSQ] = rows.column("sumsq").to_numpy(zero_copy_only=False)
     mn = rows.column("min").to_numpy(zero_copy_only=False)
     mx = rows.column("max").to_numpy(zero_copy_only=False)
-    layouts: dict[tuple[int, int, int], Layout] = {}
-    for i in range(n):
-        key = (int(ks[i]), int(emins[i]), int(octs[i]))
-        lay = layouts.get(key) or layouts.setdefault(key, Layout(*key))
-        counts = np.zeros(lay.width, np.int64)
-        for name, idx in HEADER_COLUMNS.items():
-            counts[idx] = header[name][i]
-        seg = hist_vals[hist_off[i] : hist_off[i + 1]]
-        if seg.size:
-            start = L.HEADER + int(offs[i])
-            counts[start : start + seg.size] = seg
-        m = np.zeros(L.NUM_MOMENTS)
-        m[L.SUM], m[L.SUMSQ] = s[i], ss[i]
-        m[L.MIN] = mn[i] if not np.isnan(mn[i]) else np.inf
-        m[L.MAX] = mx[i] if not np.isnan(mx[i]) else -np.inf
-        out.append(Summary(counts, m, lay))
+    moments[:, L.MIN] = np.where(np.isnan(mn), np.inf, mn)
+    moments[:, L.MAX] = np.where(np.isnan(mx), -np.inf, mx)
+    out = []
+    uniq = np.unique(keys, axis=0)
+    for key in uniq:
+        idx = np.arange(n) if len(uniq) == 1 else np.flatnonzero((keys == key).all(axis=1))
+        lay = Layout(*(int(v) for v in key))
+        spans = (offs[idx], hist_off[idx], hist_off[idx + 1], hist_vals)
+        out.append((lay, idx, header[idx], moments[idx], spans))
     return out
 
 
-def _merge(items: Iterable[Summary]) -> Summary:
-    it = iter(items)
-    acc = next(it)
-    for s in it:
-        acc = acc.merge(s)
-    return acc
+def rows_to_summaries(rows: pa.Table) -> list[Summary]:
+    """One ``Summary`` per row of a trace table."""
+    out: list[Summary | None] = [None] * rows.num_rows
+    for lay, idx, header, moments, (first, start, stop, values) in _row_parts(rows):
+        for j, i in enumerate(idx):
+            counts = np.zeros(lay.width, np.int64)
+            counts[: L.HEADER] = header[j]
+            a, b = int(start[j]), int(stop[j])
+            if b > a:
+                lo = L.HEADER + int(first[j])
+                counts[lo : lo + b - a] = values[a:b]
+            out[i] = Summary(counts, moments[j], lay)
+    return out  # type: ignore[return-value]
+
+
+def merge_table_state(
+    rows: pa.Table,
+    group: np.ndarray | None = None,
+    ngroups: int | None = None,
+    order: np.ndarray | None = None,
+) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows of a trace table merged per ``group`` (``int[n]`` in ``0 .. ngroups-1``;
+    default: all in one) by the one row merge, ``sketch.merge_rows``, on the stored sparse
+    histograms: ``(layout, group ids, counts [k, width], moments [k, 8])`` per layout present,
+    ids ascending. A group's rows merge in table order, or in the order of the permutation
+    ``order`` (row indices). Rows of one group must share a layout (``ValueError`` naming
+    both)."""
+    n = rows.num_rows
+    g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
+    ng = (int(g.max()) + 1 if n else 0) if ngroups is None else int(ngroups)
+    if n and (g.min() < 0 or g.max() >= ng):
+        raise ValueError(f"merge_table_state: group ids must be in 0..{ng - 1}")
+    out = []
+    seen: dict[int, Layout] = {}
+    at = None
+    if order is not None:  # each row's place in the merge order
+        at = np.empty(n, np.int64)
+        at[np.asarray(order, np.int64)] = np.arange(n)
+    for lay, idx, header, moments, spans in _row_parts(rows):
+        if at is not None:
+            p = np.argsort(at[idx], kind="stable")
+            idx, header, moments = idx[p], header[p], moments[p]
+            spans = (spans[0][p], spans[1][p], spans[2][p], spans[3])
+        ids = np.unique(g[idx])
+        for gi in ids.tolist():
+            if seen.setdefault(gi, lay) != lay:
+                raise ValueError(
+                    f"cannot merge summaries with different layouts: {seen[gi]} vs {lay}"
+                )
+        dense = np.searchsorted(ids, g[idx])  # only the groups present: no empty rows
+        c, m = merge_rows(header, moments, dense, ids.size, hist=spans, width=lay.width)
+        out.append((lay, ids, c, m))
+    return out
+
+
+def merge_table_rows(
+    rows: pa.Table, group: np.ndarray | None = None, ngroups: int | None = None
+) -> list[Summary]:
+    """``merge_table_state`` as one ``Summary`` per group."""
+    if ngroups is None:
+        ngroups = int(np.max(group)) + 1 if group is not None and rows.num_rows else 1
+    out: list[Summary | None] = [None] * ngroups
+    for lay, ids, c, m in merge_table_state(rows, group, ngroups):
+        for j, gi in enumerate(ids.tolist()):
+            out[gi] = Summary(c[j], m[j], lay)
+    return out  # type: ignore[return-value]
 
 
 def load(path: str | os.PathLike[str]) -> Trace:
@@ -317,4 +380,13 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-__all__ = ["COUNT_COLUMNS", "Trace", "TraceError", "load", "read_table", "rows_to_summaries"]
+__all__ = [
+    "COUNT_COLUMNS",
+    "Trace",
+    "TraceError",
+    "load",
+    "merge_table_rows",
+    "merge_table_state",
+    "read_table",
+    "rows_to_summaries",
+]

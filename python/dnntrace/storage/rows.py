@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import layout as L
-from .layout import Layout
+from ..sketch import layout as L
+from ..sketch.layout import Layout
+from ..sketch.merge import finite_of_counts
+from . import kinds as K
 from .schema import BASE_SCHEMA
 
 # trace column -> index in a slot's counts row
@@ -170,8 +172,7 @@ def state_to_batch(
         raise ValueError(
             f"state rows of shape {counts.shape}/{moments.shape} do not fit layout {layout}"
         )
-    finite = counts[:, L.COUNT] - counts[:, L.NAN] - counts[:, L.POSINF] - counts[:, L.NEGINF]
-    has = finite > 0
+    has = finite_of_counts(counts) > 0
     mn = np.where(has, moments[:, L.MIN], np.nan)
     mx = np.where(has, moments[:, L.MAX], np.nan)
     offsets, lists = sparse_hist(counts[:, L.HEADER :]) if hist is None else hist
@@ -267,7 +268,7 @@ def scalar_batch(
         layout,
         step=step,
         module=[""] * n,
-        kind=["scalar"] * n,
+        kind=[K.SCALAR] * n,
         tensor=list(names),
         dtype=["float64"] * n,
         shape=[()] * n,

@@ -15,7 +15,6 @@ Imports numpy and pyarrow; dask only inside ``to_dask``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..sketch.summary import Summary
+from . import kinds as K
+from .files import MERGED_RANK, is_rank_file, is_trace_file
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .reader import _merge, read_table, rows_to_summaries
+from .reader import merge_table_rows, merge_table_state, read_table
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
-from .summary import Summary
 
-_RANK_FILE = re.compile(r"^(rank\d+|merged)\.arrow$")
 LIST_COLUMNS = ("shape", "hist", "values")
 _KEY = ("run", "step", "module", "kind", "tensor", "phase")
 
@@ -53,13 +53,11 @@ def _expand(source: str | os.PathLike[str]) -> list[tuple[str, str]]:
     p = os.fspath(source)
     if os.path.isfile(p):
         folder, name = os.path.split(os.path.abspath(p))
-        run = os.path.basename(folder) if _RANK_FILE.match(name) else os.path.splitext(name)[0]
+        run = os.path.basename(folder) if is_rank_file(name) else os.path.splitext(name)[0]
         return [(p, run)]
     if not os.path.isdir(p):
         raise TraceError(f"{p}: no such file or folder")
-    files = sorted(
-        os.path.join(p, f) for f in os.listdir(p) if f.endswith(".arrow") and not f.startswith(".")
-    )
+    files = sorted(os.path.join(p, f) for f in os.listdir(p) if is_trace_file(f))
     if not files:  # a folder of runs
         out: list[tuple[str, str]] = []
         for sub in sorted(os.listdir(p)):
@@ -69,7 +67,7 @@ def _expand(source: str | os.PathLike[str]) -> list[tuple[str, str]]:
             raise TraceError(f"{p}: no .arrow trace files in this folder or its subfolders")
         return out
     own = os.path.basename(os.path.abspath(p))
-    if all(_RANK_FILE.match(os.path.basename(f)) for f in files):
+    if all(is_rank_file(f) for f in files):
         return [(f, own) for f in files]
     return [(f, os.path.splitext(os.path.basename(f))[0]) for f in files]
 
@@ -211,7 +209,7 @@ class RunSet:
         )  # fmt: skip
         if rows.num_rows == 0:
             raise KeyError(f"no rank rows for module={module!r} kind={kind!r} step={step!r}")
-        return _merge(rows_to_summaries(rows))
+        return merge_table_rows(rows)[0]
 
     def _rank_rows(self) -> pa.Table:
         return self.table.filter(pc.greater_equal(self.table.column("rank"), 0))
@@ -222,43 +220,52 @@ class RunSet:
         and the latest ``wall_time_s``. What ``merged.arrow`` holds, computed when reading."""
         t = self._rank_rows()
         t = t.filter(pc.is_null(t.column("values")))
-        t = t.filter(pc.not_equal(t.column("kind").cast(pa.string()), "scalar"))
+        t = t.filter(pc.not_equal(t.column("kind").cast(pa.string()), K.SCALAR))
         if kinds is not None:
             t = t.filter(pc.is_in(t.column("kind").cast(pa.string()), pa.array(list(kinds))))
         if t.num_rows == 0:
             return _with_run(BASE_SCHEMA.empty_table(), "").slice(0, 0)
         keys = {k: t.column(k).cast(pa.string()).to_pylist() for k in _KEY if k != "step"}
         steps = t.column("step").to_pylist()
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[tuple[Any, ...], int] = {}
+        group = np.empty(t.num_rows, np.int64)
         for i in range(t.num_rows):
             key = (keys["run"][i], steps[i], keys["module"][i], keys["kind"][i],
                    keys["tensor"][i], keys["phase"][i])  # fmt: skip
-            groups.setdefault(key, []).append(i)
-        summaries = rows_to_summaries(t)
-        wall = t.column("wall_time_s").to_numpy()
+            group[i] = groups.setdefault(key, len(groups))
+        labels = list(groups)  # in first-row order
+        wall = np.full(len(groups), -np.inf)
+        np.maximum.at(wall, group, t.column("wall_time_s").to_numpy())
+        first_row = np.full(len(groups), t.num_rows, np.int64)
+        np.minimum.at(first_row, group, np.arange(t.num_rows))
         dtypes = t.column("dtype").cast(pa.string()).to_pylist()
         shapes = t.column("shape").to_pylist()
-        batches = []
-        for (run, step, module, kind, tensor, phase), idx in sorted(
-            groups.items(), key=lambda kv: kv[1][0]
-        ):
-            merged = _merge(summaries[i] for i in idx)
+        # the one row merge (sketch.merge), each group's rows in rank order as RankMerge does
+        by_rank = np.lexsort((t.column("rank").to_numpy(), group))
+        parts, order = [], []
+        for lay, ids, c, m in merge_table_state(t, group, len(groups), by_rank):
+            lb = [labels[i] for i in ids.tolist()]
+            i0 = first_row[ids].tolist()
             b = state_to_batch(
-                merged.counts[None, :],
-                merged.moments[None, :],
-                merged.layout,
-                step=step,
-                module=[module],
-                kind=[kind],
-                tensor=[tensor],
-                phase=[phase],
-                dtype=[dtypes[idx[0]]],
-                shape=[shapes[idx[0]]],
-                rank=-1,
-                wall_time_s=float(max(wall[i] for i in idx)),
+                c,
+                m,
+                lay,
+                step=np.array([x[1] for x in lb], np.int64),
+                module=[x[2] for x in lb],
+                kind=[x[3] for x in lb],
+                tensor=[x[4] for x in lb],
+                phase=[x[5] for x in lb],
+                dtype=[dtypes[i] for i in i0],
+                shape=[shapes[i] for i in i0],
+                rank=MERGED_RANK,
+                wall_time_s=wall[ids],
             )
-            batches.append(_with_run(pa.Table.from_batches([b]), run))
-        return pa.concat_tables(batches)
+            run = pa.array([x[0] for x in lb], pa.string()).dictionary_encode()
+            run = run.cast(pa.dictionary(pa.int32(), pa.string()))
+            parts.append(pa.Table.from_batches([b]).add_column(0, "run", run))
+            order.append(ids)
+        out = pa.concat_tables(parts)
+        return out if len(parts) == 1 else out.take(np.argsort(np.concatenate(order)))
 
     def first_nonfinite(self) -> list[dict[str, Any]]:
         """Per (run, rank): the first step with a NaN or Inf row, the module that produced it

@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import kinds as _K
 from .kinds import SCALAR_KIND, TENSOR_KINDS
 
 SCHEMA_VERSION = 1
@@ -14,19 +15,8 @@ METADATA_KEY = b"dnntrace"
 
 KINDS = (*TENSOR_KINDS, SCALAR_KIND)  # the histogram kinds; vector kinds: see kinds.py
 
-# The values of an ``anomaly`` vector row, in order (capture.anomaly writes them, viewers read).
-ANOMALY_FIELDS = (
-    "step",
-    "nan_count",
-    "inf_count",
-    "input_count",
-    "input_nan_count",
-    "input_inf_count",
-    "input_min",
-    "input_max",
-    "input_mean",
-    "input_rms",
-)
+# The values of an ``anomaly`` vector row, in order: the registry's fields (kinds.pack/unpack).
+ANOMALY_FIELDS = _K.KINDS[_K.ANOMALY].fields
 PHASES = ("train", "eval")
 
 COUNT_COLUMNS = (
