@@ -23,9 +23,6 @@ ALLOWED = {
     # stats may not import storage (layering): its block-row names are checked equal below
     "python/dnntrace/stats/units.py": {"unit_" + n for n in (
         "mean", "sq_mean", "firing", "saturated", "max", "grad_rms", "attr", "attr_abs")},
-    # synthetic trace builders: test fixtures, moving to tests/ (issue #15 item 4)
-    "viewer/dnntrace_viewer/synthetic.py": None,
-    "viewer/dnntrace_viewer/ranks_data.py": None,
     # the `dnntrace landscape` subcommand; the landscape file's metadata key
     "python/dnntrace/cli.py": {"landscape"},
     "python/dnntrace/capture/spectral.py": {"landscape"},
