@@ -50,26 +50,13 @@ import torch.distributed as dist
 
 from ..storage import layout as L
 from ..storage.rows import state_to_batch
-from ..storage.schema import read_metadata
 from ..storage.writer import TraceWriter
-from .pipeline import SlotLabel
-from .tracer import Extension, Tracer
+from .contract import Extension, RowLabel, TraceContext, option_dict, register_extension
+from .paths import MERGED_FILE, rank_path
 
-MERGED_FILE = "merged.arrow"
+SlotLabel = RowLabel
 MERGED_RANK = -1
 DEFAULT_MERGE_KINDS = ("activation", "activation_grad")
-
-
-def rank_path(path: str | os.PathLike[str], rank: int, world_size: int) -> str:
-    """The file of ``rank``: ``path`` formatted when it holds ``{rank}``; else, when
-    ``world_size > 1``, ``<path without suffix>/rank<rank>.arrow``; else ``path`` itself."""
-    p = os.fspath(path)
-    if "{rank" in p or "{world_size" in p:
-        return p.format(rank=rank, world_size=world_size)
-    if world_size <= 1:
-        return p
-    stem, ext = os.path.splitext(p)
-    return os.path.join(stem, f"rank{rank}{ext or '.arrow'}")
 
 
 def _label_signature(labels: Sequence[SlotLabel]) -> int:
@@ -131,7 +118,7 @@ class RankMerge(Extension):
         self._writer: TraceWriter | None = None
         self._group: Any = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         if tracer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return  # one process: its own file is the merge
         self._active = True
@@ -145,30 +132,29 @@ class RankMerge(Extension):
         self._thread.start()
 
     # ---- the training thread ------------------------------------------------------------
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if not self._active or self.error is not None:
             return
         if not tracer.sampled() or (tracer.step_index // tracer.every) % self.every:
             return
-        labels = tuple(tracer._labels)
-        meta = tuple(tracer._meta)
+        labels = tracer.row_labels()
+        meta = tracer.row_meta()
         keep = [i for i, lb in enumerate(labels) if self.kinds is None or lb[1] in self.kinds]
-        bank = tracer._pipe.bank
-        idx = torch.tensor(keep, dtype=torch.long, device=bank.counts.device)
+        counts, moments = tracer.snapshot_rows(keep)
         job = _MergeJob(
             tracer.step_index,
             time.time(),
             tuple(labels[i] for i in keep),
             tuple(meta[i] for i in keep),
-            bank.counts.index_select(0, idx),
-            bank.moments.index_select(0, idx),
+            counts,
+            moments,
         )
-        if bank.counts.device.type == "cuda":
+        if counts.device.type == "cuda":
             job.event = torch.cuda.Event()
             job.event.record()
         self._jobs.put(job)
 
-    def close(self, tracer: Tracer) -> None:
+    def close(self, tracer: TraceContext) -> None:
         if not self._active or self._thread is None:
             return
         self._jobs.put(None)
@@ -256,7 +242,7 @@ class RankMerge(Extension):
     ) -> None:
         if self._writer is None:
             tr = self._tracer
-            md = read_metadata(tr._writer.schema, tr.path)
+            md = tr.file_metadata()
             md.pop("schema_version", None)
             md.update(rank=MERGED_RANK, merged=True, pid=os.getpid())
             md["merge"] = {"kinds": None if self.kinds is None else sorted(self.kinds)}
@@ -312,7 +298,7 @@ class DDPGradStats(Extension):
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         model = self.ddp_model if self.ddp_model is not None else tracer.model
@@ -370,22 +356,16 @@ class DDPGradStats(Extension):
     def _bucket_stats(self, bucket: Any) -> None:
         if not self.local_grads:
             return
-        tr = self._tracer
-        xs, slots = [], []
+        labels, xs = [], []
         for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
             name = self._names.get(id(p))
-            if name is None or g.device != tr.device:
-                continue
-            slot = tr._slot((name[0], "weight_grad_local", name[1], "train"))
-            tr._note(slot, g)
-            xs.append(g)
-            slots.append(slot)
-        if xs:
-            tr._pipe.bank.accumulate_many(xs, slots)
-            tr._recorded = True
+            if name is not None:
+                labels.append((name[0], "weight_grad_local", name[1]))
+                xs.append(g)
+        self._tracer.accumulate_many(labels, xs)
 
     # ---- the tracer's side --------------------------------------------------------------
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
@@ -420,3 +400,15 @@ __all__ = [
     "noise_scale",
     "rank_path",
 ]
+
+
+def _merge_ranks(value: Any) -> list[Extension]:
+    return [RankMerge(**option_dict(value))]
+
+
+def _ddp_hook(value: Any) -> list[Extension]:
+    return [DDPGradStats(**option_dict(value))]
+
+
+register_extension("merge_ranks", _merge_ranks)
+register_extension("ddp_hook", _ddp_hook)
