@@ -10,7 +10,12 @@ is checked against the fields by a test, and the file metadata ``options`` dict 
 
 **Cadences.** ``every=n`` records weights and weight gradients at steps 0, n, 2n, ...
 ``activations_every=m`` records activations and activation gradients at steps 0, m, 2m, ...
-(a step count of its own, not a multiple of ``every``). Unset (``None``) it is ``every``.
+(its own step count: with ``every=2, activations_every=5`` weights are recorded at steps 0, 2,
+4, ... and activations at 0, 5, 10, ...). Unset (``None``) it is ``10 * every``: activations
+and activation gradients at every 10th step that records weights. That is the default set,
+the one meant to be left on (weights and weight gradients every step, activations and their
+gradients every 10th step: activations are most of the bytes read).
+``activations_every=1`` records everything every step.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..storage.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
 
 ANOMALY_MODES = ("warn", "raise", "record")
 COMPRESSIONS = ("zstd", "lz4", None)
-ACTIVATIONS_EVERY_FACTOR = 1
+ACTIVATIONS_EVERY_FACTOR = 10
 """Unset ``activations_every`` is ``ACTIVATIONS_EVERY_FACTOR * every``."""
 
 
@@ -42,7 +47,8 @@ class TraceConfig:
     every: int = _opt(1, "record weights and weight gradients every n-th step")
     activations_every: int | None = _opt(
         None,
-        "record activations and activation gradients every n-th step (default ``every``)",
+        "record activations and activation gradients every n-th step (default ``10 * every``; "
+        "``1``: everything every step)",
     )
     activations: bool = _opt(True, "record module outputs (kind ``activation``)")
     activation_grads: bool | None = _opt(

@@ -216,7 +216,7 @@ class UnitStats(Extension):
 
     ``modules``: names (globs) among the tracer's modules to restrict to (default all that the
     axis rule covers); ``every``: cadence in steps (default ``UNITS_EVERY`` times the tracer's
-    ``activations_every``; 1 for every step);
+    ``activations_every`` if given, else its ``every``; 1 for every step);
     ``gradients``: ``unit_grad_rms``; ``attribution``: ``unit_attr*`` (holds the output until
     backward); ``topk``: inputs kept per unit (0: none); ``tanh`` / ``sigmoid``: thresholds."""
 
@@ -298,7 +298,9 @@ class UnitStats(Extension):
 
     # ---- internals ------------------------------------------------------------------------
     def _every(self, tracer: TraceContext) -> int:
-        return self.every or UNITS_EVERY * tracer.activations_every
+        # an explicit activations_every sets the base cadence; the default set's 10 x every for
+        # activation rows does not (units stay at every 10th recorded step)
+        return self.every or UNITS_EVERY * (tracer.config.activations_every or tracer.every)
 
     def _packed(self) -> _Arena | None:
         """The arena of all states, repacked when a module was first seen since."""
