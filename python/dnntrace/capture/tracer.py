@@ -102,6 +102,9 @@ class Tracer:
         self.config = cfg
         kinds = cfg.kinds
         self.layout = cfg.layout
+        # plain attributes (read in every hook): the cadences of weight / activation rows
+        self.every: int = cfg.every
+        self.activations_every: int = cfg.activation_cadence
         self.model = model
         self.path = os.fspath(path)
         self.trace_activations = "activation" in kinds
@@ -628,16 +631,6 @@ class Tracer:
             self._finish()
 
     # ---- the extension contract (capture.contract.TraceContext) -----------------------------
-    @property
-    def every(self) -> int:
-        """The cadence of weight and weight-gradient rows."""
-        return self.config.every
-
-    @property
-    def activations_every(self) -> int:
-        """The cadence of activation and activation-gradient rows (``TraceConfig``)."""
-        return self.config.activation_cadence
-
     def records(self, kind: str) -> bool:
         """Whether rows of built-in ``kind`` are recorded (``TraceConfig.kinds``)."""
         return kind in self.config.kinds
