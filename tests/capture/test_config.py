@@ -114,6 +114,12 @@ def test_tracer_takes_a_config(tmp_path: Path) -> None:
         assert not tr.records("activation") and tr.records("weight_grad")
     with pytest.raises(TypeError, match="TraceConfig"):
         dnntrace.Tracer(model, tmp_path / "u.arrow", {"every": 1})  # type: ignore[arg-type]
+    with dnntrace.Tracer(model, tmp_path / "v.arrow", every=2) as tr:
+        assert tr.config.every == 2
+    with pytest.raises(TypeError, match="unknown option 'evry'"):
+        dnntrace.Tracer(model, tmp_path / "w.arrow", evry=2)
+    with pytest.raises(TypeError, match="not both"):
+        dnntrace.Tracer(model, tmp_path / "w.arrow", cfg, every=2)
 
 
 def _readme_options() -> list[str]:

@@ -77,7 +77,9 @@ def _in_reentrant_checkpoint() -> bool:
 
 
 class Tracer:
-    """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``.
+    """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``, or
+    ``Tracer(model, path, TraceConfig(...))`` (keyword options work too). Extensions see it as a
+    ``TraceContext`` (``capture.contract``).
 
     A context manager: ``with dnntrace.enable(model) as tr: ...`` closes on exit (also when the
     block raises). ``step()`` ends a step by hand (not needed when an optimizer steps);
@@ -91,12 +93,15 @@ class Tracer:
         model: nn.Module,
         path: str | os.PathLike[str] = "trace.arrow",
         config: TraceConfig | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch.compile's wrapper: its hooks run in its graph
-        cfg = TraceConfig() if config is None else config
+        if options and config is not None:
+            raise TypeError("Tracer: pass a TraceConfig or keyword options, not both")
+        cfg = TraceConfig.from_options(**options) if config is None else config
         if not isinstance(cfg, TraceConfig):
             raise TypeError(f"Tracer: config must be a TraceConfig, got {type(cfg).__name__}")
         self.config = cfg
