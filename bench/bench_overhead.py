@@ -3,15 +3,18 @@
 Configurations, interleaved round-robin on the same model and machine (medians over rounds):
 
   a  no tracing
-  b  dnntrace, default set, every step            dnntrace.enable(model, path)
-  c  dnntrace, every 10 steps                     every=10
+  b  dnntrace, everything every step              activations_every=1
+  c  dnntrace, everything every 10 steps          every=10, activations_every=10
   d  TensorBoard add_histogram of every parameter and gradient, every step
   e  wandb.watch(model, log="all", log_freq=1), offline
   f  naive hooks: histc(out.cpu(), 64) + min/max .item() on every module output
   g  dnntrace, weights and weight gradients only  activations=False, activation_grads=False
                                                   (the tensors d and e record)
-  h  dnntrace default set with the summary ops replaced by no-ops: what the hooks, the flush
-     and the bookkeeping cost on the training thread, per traced tensor
+  h  dnntrace everything every step with the summary ops replaced by no-ops: what the hooks,
+     the flush and the bookkeeping cost on the training thread, per traced tensor
+  i  dnntrace, the default set                    dnntrace.enable(model, path)
+                                                  (weights and weight gradients every step,
+                                                  activations and their gradients every 10th)
 
 Per model and configuration: step time (mean over a round, median over rounds), ratio to (a);
 for the dnntrace rows also the bytes the tracer reads per step (duplicates merged instead of
@@ -53,15 +56,16 @@ import dnntrace
 
 CONFIGS = {
     "a": "no tracing",
-    "b": "dnntrace every step",
-    "c": "dnntrace every=10",
+    "b": "dnntrace everything every step",
+    "c": "dnntrace everything every=10",
     "d": "TensorBoard add_histogram",
     "e": "wandb.watch log=all",
     "f": "naive hooks (histc+.item)",
     "g": "dnntrace weights+grads",
-    "h": "dnntrace default, kernel stubbed",
+    "h": "dnntrace everything, kernel stubbed",
+    "i": "dnntrace default set",
 }
-DNNTRACE_CONFIGS = ("b", "c", "g", "h")
+DNNTRACE_CONFIGS = ("b", "c", "g", "h", "i")
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -293,16 +297,18 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
     if cfg == "a":
         return Run()
     if cfg == "b":
-        return _dnntrace(model, path)
+        return _dnntrace(model, path, activations_every=1)
     if cfg == "c":
-        return _dnntrace(model, path, every=10)
+        return _dnntrace(model, path, every=10, activations_every=10)
+    if cfg == "i":
+        return _dnntrace(model, path)
     if cfg == "g":
         try:
             return _dnntrace(model, path, activations=False, activation_grads=False)
         except TypeError:  # an older dnntrace (a "before" run): no activation_grads=
             return _dnntrace(model, path, activations=False)
     if cfg == "h":
-        return _stubbed(_dnntrace(model, path))
+        return _stubbed(_dnntrace(model, path, activations_every=1))
     if cfg == "d":
         return _tensorboard(model, os.path.join(workdir, f"tb-{tag}"))
     if cfg == "e":

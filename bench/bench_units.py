@@ -3,11 +3,15 @@
 Configurations, interleaved round-robin on the same model (medians over rounds):
 
   a  no tracing
-  b  dnntrace, default set                       dnntrace.enable(model, path)
-  u  default set + per-unit statistics           units=True (every 10th step, top-k 8,
+  b  dnntrace, everything every step            activations_every=1
+  u  b + per-unit statistics                     units=True (every 10th step, top-k 8,
                                                  gradients, attribution)
   v  the same every step                         units={"every": 1}
-  n  default set + NaN/Inf origin                on_anomaly="record"
+  n  b + NaN/Inf origin                          on_anomaly="record"
+
+(every configuration records activations every step, ``activations_every=1``, as the default
+set did before it recorded them every 10th step; per-unit statistics sample every 10th step
+either way)
 
 Prints per model the step time, the overhead of b over a, of u, v and n over b, and the target
 ratios (u - b) / (b - a) and (v - b) / (b - a) (per-unit statistics ÷ default-set overhead;
@@ -35,12 +39,13 @@ import dnntrace  # noqa: E402
 from bench_overhead import _cases, train_steps  # noqa: E402
 from dnntrace.capture.units import UnitStats  # noqa: E402
 
+_ALL = {"activations_every": 1}
 CONFIGS = {
     "a": {},
-    "b": {},
-    "u": {"units": True},
-    "v": {"units": {"every": 1}},
-    "n": {"on_anomaly": "record"},
+    "b": {**_ALL},
+    "u": {**_ALL, "units": True},
+    "v": {**_ALL, "units": {"every": 1}},
+    "n": {**_ALL, "on_anomaly": "record"},
 }
 
 

@@ -114,7 +114,9 @@ def train_transformer(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     it = batches(data, seq, batch, gen)
     t0 = time.perf_counter()
-    with dnntrace.enable(model, out, every=every) as tracer:
+    # the demo is small: everything at the same cadence (the default records activations at
+    # every 10th recorded step), so every viewer tab has a row at every recorded step
+    with dnntrace.enable(model, out, every=every, activations_every=every) as tracer:
         for step in range(steps):
             x, y = next(it)
             x, y = x.to(device), y.to(device)
@@ -157,7 +159,7 @@ def train_mlp(
     t0 = time.perf_counter()
     # the MLP also records per-unit statistics, NaN origin, weight spectra and update ratios
     extras = {"units": True, "on_anomaly": "record", "spectral": True, "dynamics": True}
-    with dnntrace.enable(model, out, every=every, **extras) as tracer:
+    with dnntrace.enable(model, out, every=every, activations_every=every, **extras) as tracer:
         for step in range(steps):
             ctx, nxt = next(it)  # 16 characters, and the same shifted by one
             x, y = ctx.to(device), nxt[:, -1].to(device)

@@ -1,6 +1,8 @@
 """Typed wrappers over ``torch.ops.dnntrace.*`` and their fake (meta) kernels.
 
-The only module that spells ``torch.ops.dnntrace``. Loading ``dnntrace._C`` registers the ops.
+The only module that calls ``torch.ops.dnntrace.*`` operators. Loading ``dnntrace._C`` registers
+the ops; the package's ``__init__`` adds the Python entry points ``torch.ops.dnntrace.enable`` /
+``disable`` (no module of dnntrace is imported here but ``_C`` and the sketch layout).
 """
 
 from __future__ import annotations
@@ -71,25 +73,3 @@ def _tensor_summary_fake(x, k=DEFAULT_K, emin=DEFAULT_EMIN, octaves=DEFAULT_OCTA
         x.new_empty((width,), dtype=torch.int64),
         x.new_empty((NUM_MOMENTS,), dtype=torch.float64),
     )
-
-
-def _expose_enable() -> None:
-    """``torch.ops.dnntrace.enable(model)``: no op schema takes an nn.Module, so the Python entry
-    point is set on the op namespace object (it is not an operator)."""
-
-    def enable(model, path="trace.arrow", **options):  # type: ignore[no-untyped-def]
-        from .capture.tracer import enable as _enable
-
-        return _enable(model, path, **options)
-
-    def disable(model):  # type: ignore[no-untyped-def]
-        from .capture.tracer import disable as _disable
-
-        return _disable(model)
-
-    enable.__doc__ = "dnntrace.enable(model, path, **options): see dnntrace.capture.tracer."
-    torch.ops.dnntrace.enable = enable
-    torch.ops.dnntrace.disable = disable
-
-
-_expose_enable()

@@ -38,7 +38,7 @@ class Encoder(nn.Module):
 def _train(model: nn.Module, path: Path, steps: int, bad_step: int, plant, **opts):  # noqa: ANN001, ANN201
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    tr = dnntrace.enable(model, path, host_buffers=64, **opts)
+    tr = dnntrace.enable(model, path, host_buffers=64, activations_every=1, **opts)
     done = []
     try:
         for i in range(steps):
@@ -117,6 +117,7 @@ def test_warn_once_with_input_rows(tmp_path: Path) -> None:
             model,
             tmp_path / "t.arrow",
             host_buffers=64,
+            activations_every=1,
             extensions=[AnomalyWatch("warn", inputs=True)],
         ):
             for i in range(4):

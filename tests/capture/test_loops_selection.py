@@ -68,7 +68,7 @@ def test_summary_and_quantiles_default_to_train(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "t.arrow"
-    with dnntrace.enable(model, path):
+    with dnntrace.enable(model, path, activations_every=1):
         x, y = mlp_batch(g)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()

@@ -192,7 +192,7 @@ def test_hessian_extension_pauses_tracing_and_matches_the_direct_estimate(tmp_pa
         return nn.functional.cross_entropy(model(x), y)
 
     ext = SP.HessianEigen(closure, every=2, iters=200, tol=1e-8)
-    with dnntrace.enable(model, path, extensions=[ext], host_buffers=64):
+    with dnntrace.enable(model, path, extensions=[ext], host_buffers=64, activations_every=1):
         for _ in range(3):
             opt.zero_grad()
             closure().backward()

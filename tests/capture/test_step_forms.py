@@ -65,7 +65,7 @@ def _closure_loop(
     truth: Truth = {}
     evals: list[int] = []
     losses: list[Any] = []
-    with dnntrace.enable(model, path) as tr:
+    with dnntrace.enable(model, path, activations_every=1) as tr:
         for step in range(steps):
             x, y = mlp_batch(g)
             n = [0]

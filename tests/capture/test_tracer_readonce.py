@@ -55,7 +55,7 @@ def test_duplicates_are_merged_and_rows_equal_separate_reads(trace_path: Path) -
     steps = 3
     # the no-op modules are traced on purpose (the default set leaves them out)
     mods = ["", "fc1", "drop", "ident", "block.*", "part", "tr", "head"]
-    with dnntrace.enable(model, trace_path, optimizer=opt, modules=mods) as tr:
+    with dnntrace.enable(model, trace_path, optimizer=opt, modules=mods, activations_every=1) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         for _ in range(steps):
             opt.zero_grad()

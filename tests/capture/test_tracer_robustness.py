@@ -51,7 +51,7 @@ def test_nan_and_inf_are_counted_and_located(trace_path: Path) -> None:
             x[1, 0] = float("inf")
         return x
 
-    with dnntrace.enable(model, trace_path, optimizer=opt) as tr:
+    with dnntrace.enable(model, trace_path, optimizer=opt, activations_every=1) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         losses = _loop(model, opt, 4, poison)
         rec.close()
@@ -106,7 +106,7 @@ def test_internal_error_disables_tracing_with_one_warning(
 ) -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with dnntrace.enable(model, trace_path) as tr:
+    with dnntrace.enable(model, trace_path, activations_every=1) as tr:
         _loop(model, opt, 2)
 
         def broken(self: StatBank, x: torch.Tensor, slot: int, **kw: object) -> None:

@@ -56,7 +56,7 @@ def test_rows_match_reference(name: str, explicit_optimizer: bool, trace_path: P
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     steps = 3
     opts = {"optimizer": opt} if explicit_optimizer else {}
-    with dnntrace.enable(model, trace_path, **opts) as tr:
+    with dnntrace.enable(model, trace_path, activations_every=1, **opts) as tr:
         modules = [n for n, _ in tr._modules]
         rec = Recorder(model, opt, modules)
         train(model, opt, batch, steps)
@@ -97,7 +97,7 @@ def test_gradient_accumulation_row_is_accumulated_grad(
     model = MLP()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opts = {"optimizer": opt} if explicit_optimizer else {}
-    with dnntrace.enable(model, trace_path, **opts) as tr:
+    with dnntrace.enable(model, trace_path, activations_every=1, **opts) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         train(model, opt, mlp_batch, 3, accumulate=4)
         rec.close()
@@ -116,7 +116,7 @@ def test_module_called_twice_accumulates(trace_path: Path) -> None:
     torch.manual_seed(0)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with dnntrace.enable(model, trace_path):
+    with dnntrace.enable(model, trace_path, activations_every=1):
         train(model, opt, cnn_batch, 2)
     df = load_rows(trace_path)
     for step in range(2):
@@ -222,7 +222,7 @@ def test_every_and_activations_every(tmp_path: Path) -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     p = tmp_path / "every.arrow"
-    with dnntrace.enable(model, p, every=3):
+    with dnntrace.enable(model, p, every=3, activations_every=3):
         train(model, opt, mlp_batch, 8)
     df = load_rows(p)
     assert dnntrace.load(p).steps.tolist() == [0, 3, 6]
@@ -242,6 +242,29 @@ def test_every_and_activations_every(tmp_path: Path) -> None:
         assert sorted(set(df[df["kind"] == kind]["step"])) == [0, 1, 2, 3, 4], kind
 
 
+@pytest.mark.parametrize(("every", "steps", "act_steps"), [(1, 12, [0, 10]), (2, 22, [0, 20])])
+def test_default_set_activations_every_tenth_recorded_step(
+    every: int, steps: int, act_steps: list[int], tmp_path: Path
+) -> None:
+    """The default set: weights and weight gradients every ``every`` steps, activations and
+    their gradients every ``10 * every`` steps; the resolved cadence is in the metadata."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    p = tmp_path / "default.arrow"
+    with dnntrace.enable(model, p, every=every) as tr:
+        assert tr.activations_every == 10 * every
+        train(model, opt, mlp_batch, steps)
+    df = load_rows(p)
+    for kind in ("activation", "activation_grad"):
+        assert sorted(set(df[df["kind"] == kind]["step"])) == act_steps, kind
+    for kind in ("weight", "weight_grad"):
+        assert sorted(set(df[df["kind"] == kind]["step"])) == list(range(0, steps, every)), kind
+    opts = dnntrace.load(p).metadata["options"]
+    assert opts["every"] == every and opts["activations_every"] == 10 * every
+    assert (df[df["kind"].str.startswith("activation")]["calls"] == 1).all()
+
+
 def test_eval_rows_are_tagged(trace_path: Path) -> None:
     """The phase follows gradient flow: no_grad passes are eval; an eval-mode pass with autograd
     on (frozen BatchNorm while fine-tuning) is train."""
@@ -249,7 +272,7 @@ def test_eval_rows_are_tagged(trace_path: Path) -> None:
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
-    with dnntrace.enable(model, trace_path):
+    with dnntrace.enable(model, trace_path, activations_every=1):
         train(model, opt, cnn_batch, 1)
         with torch.no_grad():  # validation under no_grad, model still in train mode
             x_nograd = cnn_batch(g, n=3)[0]
@@ -287,7 +310,7 @@ def test_bf16_autocast_and_fp16(tmp_path: Path) -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     p = tmp_path / "bf16.arrow"
-    with dnntrace.enable(model, p) as tr:
+    with dnntrace.enable(model, p, activations_every=1) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         g = torch.Generator().manual_seed(0)
         for _ in range(2):
@@ -309,7 +332,7 @@ def test_bf16_autocast_and_fp16(tmp_path: Path) -> None:
     model = MLP().half()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     p = tmp_path / "fp16.arrow"
-    with dnntrace.enable(model, p) as tr:
+    with dnntrace.enable(model, p, activations_every=1) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         train(model, opt, lambda g: (mlp_batch(g)[0].half(), mlp_batch(g)[1]), 2)
         rec.close()
@@ -361,7 +384,7 @@ def test_summary_and_quantiles_vs_numpy(trace_path: Path) -> None:
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with dnntrace.enable(model, trace_path) as tr:
+    with dnntrace.enable(model, trace_path, activations_every=1) as tr:
         rec = Recorder(model, opt, [n for n, _ in tr._modules])
         train(model, opt, tf_batch, 3)
         rec.close()

@@ -67,7 +67,9 @@ def main() -> None:
 
         fully_shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        tr = dnntrace.enable(model, os.path.join(out, "trace.arrow"), optimizer=opt, strict=True)
+        tr = dnntrace.enable(
+            model, os.path.join(out, "trace.arrow"), optimizer=opt, strict=True, activations_every=1
+        )
         traced = model
     else:
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -75,7 +77,11 @@ def main() -> None:
         merge = RankMerge(timeout_s=20)
         hook = DDPGradStats(ddp, batch_size=GLOBAL_BATCH // world)
         tr = dnntrace.enable(
-            model, os.path.join(out, "trace.arrow"), optimizer=opt, extensions=[merge, hook]
+            model,
+            os.path.join(out, "trace.arrow"),
+            optimizer=opt,
+            extensions=[merge, hook],
+            activations_every=1,
         )
         traced = ddp
     try:

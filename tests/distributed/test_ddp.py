@@ -39,7 +39,7 @@ def _single_process_run(path: Path) -> pa.Table:
     """The same model over the whole batch of every step, in one process."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with dnntrace.enable(model, path, optimizer=opt):
+    with dnntrace.enable(model, path, optimizer=opt, activations_every=1):
         for step in range(STEPS):
             x, y = batch(step)
             loss_fn(model(x), y).backward()

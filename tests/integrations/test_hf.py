@@ -84,7 +84,7 @@ def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
         args=args,
         train_dataset=Tokens(32, 1),
         eval_dataset=Tokens(4, 2),
-        callbacks=[DnntraceCallback(path), truth],
+        callbacks=[DnntraceCallback(path, activations_every=1), truth],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -122,7 +122,7 @@ def test_hf_trainer_rows_match_truth_and_resume(tmp_path: Path) -> None:
         model=_model(),
         args=_args(tmp_path / "out", 6, save_strategy="no"),
         train_dataset=Tokens(32, 1),
-        callbacks=[DnntraceCallback(path)],
+        callbacks=[DnntraceCallback(path, activations_every=1)],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -83,7 +83,7 @@ def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
     model = Tiny()
     truth = Truth()
     path = tmp_path / "trace.arrow"
-    cb = DnntraceCallback(path)
+    cb = DnntraceCallback(path, activations_every=1)
     trainer = _trainer(
         3, [cb, truth], accumulate_grad_batches=2, val_check_interval=4, limit_val_batches=2
     )
@@ -119,7 +119,7 @@ def test_lightning_rows_match_truth_and_resume(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "c.ckpt"
     trainer.save_checkpoint(ckpt)
-    t2 = _trainer(5, [DnntraceCallback(path)], accumulate_grad_batches=2)
+    t2 = _trainer(5, [DnntraceCallback(path, activations_every=1)], accumulate_grad_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Lightning's advice (workers, ...)
         warnings.simplefilter("ignore", FutureWarning)  # Lightning on torch 2.13's pytree

@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Files allowed to spell a kind name, and why. Each entry is a debt, not a design.
 ALLOWED = {
-    # its kind literals go with the capture rewrite of issue #15 item 1 (merged separately)
-    "python/dnntrace/capture/tracer.py": None,
     # stats may not import storage (layering): its block-row names are checked equal below
     "python/dnntrace/stats/units.py": {"unit_" + n for n in (
         "mean", "sq_mean", "firing", "saturated", "max", "grad_rms", "attr", "attr_abs")},

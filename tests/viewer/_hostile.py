@@ -45,6 +45,7 @@ def make_hostile_trace(
     x, y = torch.randn(128, 16, generator=g), torch.randint(0, 8, (128,), generator=g)
     path = folder / file_name
     extras = {
+        "activations_every": 1,  # every tab has every step (as the demo)
         "units": True,
         "on_anomaly": "record",
         # no activation sketch: its eigh fails on the planted NaN and disables tracing

@@ -28,6 +28,7 @@ def make_units_trace(path: Path, steps: int = 8) -> Path:
         m,
         path,
         host_buffers=64,
+        activations_every=1,  # the anomaly is found in activation rows of every step
         units={"topk": 3, "topk_every": 2, "every": 1},  # every step (the default is sparser)
         on_anomaly="record",
     ):

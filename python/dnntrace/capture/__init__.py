@@ -1,5 +1,21 @@
-"""Hooks that feed a model's tensors to the stat bank, and the tracer that owns them."""
+"""Hooks that feed a model's tensors to the stat bank, and the tracer that owns them.
 
-from .tracer import Extension, Tracer, TracingError, disable, enable
+``contract`` is the extension contract (``Extension``, ``TraceContext``), ``config`` the options
+(``TraceConfig``); ``tracer`` implements both. See docs/ARCHITECTURE.md.
+"""
 
-__all__ = ["Extension", "Tracer", "TracingError", "disable", "enable"]
+from .config import TraceConfig
+from .contract import AnomalyError, Extension, TraceContext, TracingError, register_extension
+from .tracer import Tracer, disable, enable
+
+__all__ = [
+    "AnomalyError",
+    "Extension",
+    "TraceConfig",
+    "TraceContext",
+    "Tracer",
+    "TracingError",
+    "disable",
+    "enable",
+    "register_extension",
+]

@@ -49,10 +49,11 @@ from torch import Tensor, nn
 from ..sketch import layout as L
 from ..sketch import merge as M
 from ..storage import kinds as K
+from .config import ANOMALY_MODES
+from .contract import AnomalyError, Extension, TraceContext, register_extension
 from .selection import iter_float_tensors
-from .tracer import AnomalyError, Extension, Tracer
 
-MODES = ("warn", "raise", "record")
+MODES = ANOMALY_MODES
 _COLS = (L.COUNT, L.CALLS, L.NAN, L.POSINF, L.NEGINF)
 
 
@@ -90,14 +91,14 @@ class AnomalyWatch(Extension):
             raise ValueError(f"on_anomaly must be one of {', '.join(MODES)}, got {self.mode!r}")
 
     # ---- Extension ------------------------------------------------------------------------
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._index = {n: i for i, (n, _) in enumerate(tracer.model.named_modules())}
         self._cols = torch.tensor(_COLS, device=tracer.device)
         for name, mod in tracer.traced_modules:
             h = mod.register_forward_hook(tracer.guard(self._make_hook(tracer, name)))
             tracer.add_handle(h)
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         fwd, bwd = tuple(self._fwd), tuple(self._bwd)
         self._fwd, self._bwd = [], []
         self._fwd_seen, self._bwd_seen = set(), set()
@@ -112,20 +113,20 @@ class AnomalyWatch(Extension):
             self._snapshot(tracer, fwd, bwd)
         self._poll(tracer, wait=False)
 
-    def after_flush(self, tracer: Tracer) -> None:
+    def after_flush(self, tracer: TraceContext) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             tracer.close()
             raise err
 
-    def before_close(self, tracer: Tracer) -> None:
+    def before_close(self, tracer: TraceContext) -> None:
         if self.mode == "raise":
             self.mode = "warn"  # closing never raises
         self._poll(tracer, wait=True)
         self._error = None
 
     # ---- hooks ------------------------------------------------------------------------------
-    def _make_hook(self, tracer: Tracer, name: str) -> Any:
+    def _make_hook(self, tracer: TraceContext, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if torch.compiler.is_compiling() or self._done:
                 return
@@ -138,8 +139,9 @@ class AnomalyWatch(Extension):
             if self.inputs:
                 for pos, x in iter_float_tensors(inputs):
                     if x.device == tracer.device:
-                        self._accumulate_input(tracer, (name, K.INPUT, pos, phase), x)
-            if phase == "train" and tracer.trace_activation_grads:
+                        # moments only: inputs are for the anomaly report
+                        tracer.accumulate(name, K.INPUT, pos, x, phase=phase, histogram=False)
+            if phase == "train" and tracer.records(K.ACTIVATION_GRAD):
                 t = next((t for _, t in iter_float_tensors(output) if t.requires_grad), None)
                 if t is not None:
                     t.register_hook(tracer.guard(lambda g: self._backward_seen(name)))
@@ -151,22 +153,13 @@ class AnomalyWatch(Extension):
             self._bwd_seen.add(name)
             self._bwd.append(name)
 
-    @staticmethod
-    def _accumulate_input(tracer: Tracer, label: tuple[str, str, str, str], x: Tensor) -> None:
-        # The tracer's slot table, moments only: inputs are for the anomaly report.
-        slot = tracer._slot(label)
-        tracer._note(slot, x)
-        tracer._pipe.bank.accumulate(x, slot, histogram=False)
-        tracer._recorded = True
-
     # ---- the check --------------------------------------------------------------------------
-    def _snapshot(self, tracer: Tracer, fwd: tuple[str, ...], bwd: tuple[str, ...]) -> None:
-        bank = tracer._pipe.bank
-        labels = tuple(tracer._labels)
-        n = min(len(labels), bank.slots)
+    def _snapshot(self, tracer: TraceContext, fwd: tuple[str, ...], bwd: tuple[str, ...]) -> None:
+        labels = tracer.row_labels()
         assert self._cols is not None
-        counts = bank.counts[:n].index_select(1, self._cols)  # new tensors: the bank is reset
-        moments = bank.moments[:n].clone()
+        # new tensors: the bank is reset once the step is written
+        counts, moments = tracer.snapshot_rows(count_columns=self._cols)
+        labels = labels[: counts.shape[0]]
         event = None
         if counts.is_cuda:
             hc = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
@@ -178,7 +171,7 @@ class AnomalyWatch(Extension):
             counts, moments = hc, hm
         self._pending.append(_Pending(tracer.step_index, labels, fwd, bwd, counts, moments, event))
 
-    def _poll(self, tracer: Tracer, *, wait: bool) -> None:
+    def _poll(self, tracer: TraceContext, *, wait: bool) -> None:
         while self._pending and not self._done:
             p = self._pending[0]
             if p.event is not None:
@@ -251,7 +244,7 @@ class AnomalyWatch(Extension):
             return None
         return out
 
-    def _report(self, tracer: Tracer, found: dict[str, Any]) -> None:
+    def _report(self, tracer: TraceContext, found: dict[str, Any]) -> None:
         self.found = found
         self._done = True
         step = found["step"]
@@ -299,3 +292,10 @@ def describe(found: dict[str, Any]) -> str:
             "(backward order)"
         )
     return "; ".join(parts)
+
+
+def _on_anomaly(value: Any) -> list[Extension]:
+    return [AnomalyWatch(value)]
+
+
+register_extension("on_anomaly", _on_anomaly)

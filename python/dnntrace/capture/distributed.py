@@ -8,9 +8,11 @@ and its own complete batches readable.
 
 **Merged summaries** (``RankMerge``, ``dnntrace.enable(..., merge_ranks=True)``). At the end of a
 sampled step the rows of the chosen kinds are copied out of the stat bank (a device copy, no
-sync) and handed to a background thread which all-reduces them over a separate gloo group:
-counts and histograms by sum (exact), sums and sums of squares by sum (the moments that Chan et
-al.'s pairwise formula merges), min and max by min. The training thread never waits for it.
+sync) and handed to a background thread which reduces them over a separate gloo group: counts
+and histograms are all-reduced by sum (exact); the moments rows (compensated sums, min, max) are
+gathered and merged on rank 0 by ``dnntrace.sketch.merge`` (``merge_ranks``), the same merge
+every reader uses, so ``merged.arrow`` and a read-time merge of the rank files agree bit for
+bit. The training thread never waits for it.
 Ranks that recorded different rows first agree on the union of their labels. Rank 0 writes the
 merged rows, with ``rank = -1``, into ``merged.arrow`` next to the rank files. Tensors that every
 rank holds a copy of (weights and all-reduced gradients under DDP) would be counted once per
@@ -54,10 +56,8 @@ from ..storage import kinds as K
 from ..storage.files import MERGED_FILE, MERGED_RANK, merged_path, rank_path
 from ..storage.kinds import DEFAULT_MERGE_KINDS
 from ..storage.rows import state_to_batch
-from ..storage.schema import read_metadata
 from ..storage.writer import TraceWriter
-from .pipeline import SlotLabel
-from .tracer import Extension, Tracer
+from .contract import Extension, RowLabel, TraceContext, option_dict, register_extension
 
 
 def merge_ranks(moments: Sequence[np.ndarray]) -> np.ndarray:
@@ -66,6 +66,9 @@ def merge_ranks(moments: Sequence[np.ndarray]) -> np.ndarray:
     stacked = np.stack(moments, axis=1)  # [n, world, 8]: the ranks of one row together
     n, world = stacked.shape[:2]
     return merge_moments(stacked.reshape(n * world, -1), np.repeat(np.arange(n), world), n)
+
+
+SlotLabel = RowLabel
 
 
 def _label_signature(labels: Sequence[SlotLabel]) -> int:
@@ -127,7 +130,7 @@ class RankMerge(Extension):
         self._writer: TraceWriter | None = None
         self._group: Any = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         if tracer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return  # one process: its own file is the merge
         self._active = True
@@ -141,30 +144,29 @@ class RankMerge(Extension):
         self._thread.start()
 
     # ---- the training thread ------------------------------------------------------------
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if not self._active or self.error is not None:
             return
         if not tracer.sampled() or (tracer.step_index // tracer.every) % self.every:
             return
-        labels = tuple(tracer._labels)
-        meta = tuple(tracer._meta)
+        labels = tracer.row_labels()
+        meta = tracer.row_meta()
         keep = [i for i, lb in enumerate(labels) if self.kinds is None or lb[1] in self.kinds]
-        bank = tracer._pipe.bank
-        idx = torch.tensor(keep, dtype=torch.long, device=bank.counts.device)
+        counts, moments = tracer.snapshot_rows(keep)
         job = _MergeJob(
             tracer.step_index,
             time.time(),
             tuple(labels[i] for i in keep),
             tuple(meta[i] for i in keep),
-            bank.counts.index_select(0, idx),
-            bank.moments.index_select(0, idx),
+            counts,
+            moments,
         )
-        if bank.counts.device.type == "cuda":
+        if counts.device.type == "cuda":
             job.event = torch.cuda.Event()
             job.event.record()
         self._jobs.put(job)
 
-    def close(self, tracer: Tracer) -> None:
+    def close(self, tracer: TraceContext) -> None:
         if not self._active or self._thread is None:
             return
         self._jobs.put(None)
@@ -248,7 +250,7 @@ class RankMerge(Extension):
     ) -> None:
         if self._writer is None:
             tr = self._tracer
-            md = read_metadata(tr._writer.schema, tr.path)
+            md = tr.file_metadata()
             md.pop("schema_version", None)
             md.update(rank=MERGED_RANK, merged=True, pid=os.getpid())
             md["merge"] = {"kinds": None if self.kinds is None else sorted(self.kinds)}
@@ -304,7 +306,7 @@ class DDPGradStats(Extension):
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         model = self.ddp_model if self.ddp_model is not None else tracer.model
@@ -362,22 +364,16 @@ class DDPGradStats(Extension):
     def _bucket_stats(self, bucket: Any) -> None:
         if not self.local_grads:
             return
-        tr = self._tracer
-        xs, slots = [], []
+        labels, xs = [], []
         for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
             name = self._names.get(id(p))
-            if name is None or g.device != tr.device:
-                continue
-            slot = tr._slot((name[0], K.WEIGHT_GRAD_LOCAL, name[1], "train"))
-            tr._note(slot, g)
-            xs.append(g)
-            slots.append(slot)
-        if xs:
-            tr._pipe.bank.accumulate_many(xs, slots)
-            tr._recorded = True
+            if name is not None:
+                labels.append((name[0], K.WEIGHT_GRAD_LOCAL, name[1]))
+                xs.append(g)
+        self._tracer.accumulate_many(labels, xs)
 
     # ---- the tracer's side --------------------------------------------------------------
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
@@ -412,3 +408,15 @@ __all__ = [
     "noise_scale",
     "rank_path",
 ]
+
+
+def _merge_ranks(value: Any) -> list[Extension]:
+    return [RankMerge(**option_dict(value))]
+
+
+def _ddp_hook(value: Any) -> list[Extension]:
+    return [DDPGradStats(**option_dict(value))]
+
+
+register_extension("merge_ranks", _merge_ranks)
+register_extension("ddp_hook", _ddp_hook)

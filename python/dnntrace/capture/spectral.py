@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,11 +54,8 @@ from ..stats import landscape as LS
 from ..stats import spectral as S
 from ..storage import kinds as K
 from ..storage.files import sidecar
+from .contract import Extension, TraceContext, option_dict, register_extension
 from .selection import iter_float_tensors
-from .tracer import Extension
-
-if TYPE_CHECKING:
-    from .tracer import Tracer
 
 Late = tuple[str, str, str, np.ndarray]  # module, kind, tensor, values
 
@@ -184,7 +181,7 @@ def _rankme(step: int, z: Tensor) -> dict[str, float]:
     return {"step": step, "rankme": S.rankme(z.float()), "rows": z.shape[0]}
 
 
-def _record_late(tracer: Tracer, rows: Sequence[Late]) -> None:
+def _record_late(tracer: TraceContext, rows: Sequence[Late]) -> None:
     for module, kind, tensor, values in rows:
         t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         if tracer.device.type == "cuda":
@@ -207,7 +204,9 @@ def _host_snapshot(ts: Sequence[Tensor]) -> tuple[list[Tensor], Any]:
     return out, ev
 
 
-def _matrix_params(tracer: Tracer, include: Sequence[str] | None) -> list[tuple[str, str, Tensor]]:
+def _matrix_params(
+    tracer: TraceContext, include: Sequence[str] | None
+) -> list[tuple[str, str, Tensor]]:
     out = []
     for m, n, p in tracer.params:
         if p.dim() < 2 or p.numel() == 0:
@@ -246,13 +245,13 @@ class WeightSpectra(Extension):
         self._pi: S.PowerIteration | None = None
         self._worker: _Worker | None = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._mats = _matrix_params(tracer, self.include)
         self._pi = S.PowerIteration([p for _, _, p in self._mats], warmup=self.warmup)
         if self.full_every:
             self._worker = _Worker("dnntrace-spectra")
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             _record_late(tracer, self._worker.drain())
         if not self._mats or self._pi is None:
@@ -304,12 +303,12 @@ class WeightSpectra(Extension):
 
         return run
 
-    def before_close(self, tracer: Tracer) -> None:
+    def before_close(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             self._worker.wait()
             _record_late(tracer, self._worker.drain())
 
-    def close(self, tracer: Tracer) -> None:
+    def close(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             self._worker.close()
 
@@ -343,9 +342,9 @@ class ActivationSketch(Extension):
         self._sample: dict[str, list[Tensor]] = {}
         self._gen: torch.Generator | None = None
         self._worker: _Worker | None = None
-        self._tracer: Tracer | None = None
+        self._tracer: TraceContext | None = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._tracer = tracer
         if self.rankme_rows:
             self._worker = _Worker("dnntrace-rankme")
@@ -392,7 +391,7 @@ class ActivationSketch(Extension):
 
         return hook
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             _record_late(tracer, self._worker.drain())
         if not tracer.sampled(self.every):
@@ -418,12 +417,12 @@ class ActivationSketch(Extension):
             self._worker.submit(run)
         self._sample = {}
 
-    def before_close(self, tracer: Tracer) -> None:
+    def before_close(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             self._worker.wait()
             _record_late(tracer, self._worker.drain())
 
-    def close(self, tracer: Tracer) -> None:
+    def close(self, tracer: TraceContext) -> None:
         if self._worker is not None:
             self._worker.close()
 
@@ -448,7 +447,7 @@ class UpdateRatio(Extension):
         self._copied = False
         self.used_mode: str | None = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._params = [(m, n, p) for m, n, p in tracer.params if p.requires_grad]
 
     def _use_copy(self, opt: torch.optim.Optimizer) -> bool:
@@ -456,7 +455,7 @@ class UpdateRatio(Extension):
             return True
         return self.mode == "auto" and not D.supports_exact_updates(opt)
 
-    def before_optimizer_step(self, tracer: Tracer, optimizer: torch.optim.Optimizer) -> None:
+    def before_optimizer_step(self, tracer: TraceContext, optimizer: torch.optim.Optimizer) -> None:
         self._opt = optimizer
         self._copied = False
         if not tracer.sampled(self.every) or not self._use_copy(optimizer):
@@ -467,7 +466,7 @@ class UpdateRatio(Extension):
         torch._foreach_copy_(self._bufs, ps)
         self._copied = True
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         opt, self._opt = self._opt, None
         if opt is None or not tracer.sampled(self.every) or not self._params:
             return
@@ -516,9 +515,9 @@ class GradientNoiseScale(Extension):
         self._params: list[Tensor] = []
         self._calls: dict[int, int] = {}
         self._small: list[Tensor] = []
-        self._tracer: Tracer | None = None
+        self._tracer: TraceContext | None = None
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._tracer = tracer
         self._params = [p for _, _, p in tracer.params if p.requires_grad]
         for p in self._params:
@@ -534,7 +533,7 @@ class GradientNoiseScale(Extension):
             g = p.grad.detach()
             self._small.append(torch.linalg.vector_norm(g.double()).square())
 
-    def before_optimizer_step(self, tracer: Tracer, optimizer: torch.optim.Optimizer) -> None:
+    def before_optimizer_step(self, tracer: TraceContext, optimizer: torch.optim.Optimizer) -> None:
         calls, small = self._calls, self._small
         self._calls, self._small = {}, []
         if not tracer.sampled(self.every) or not calls or not small:
@@ -577,7 +576,7 @@ class HessianEigen(Extension):
         self._v: list[Tensor] | None = None
         self.history: list[tuple[int, float, float]] = []  # step, eigenvalue, seconds
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if not tracer.sampled(self.every):
             return
         params = [p for _, _, p in tracer.params if p.requires_grad]
@@ -627,14 +626,14 @@ class Trajectory(Extension):
         self._snaps: list[tuple[int, list[Tensor]]] = []
         self._snap_every = 1
 
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         self._params = list(tracer.params)
         ps = [p for _, _, p in self._params]
         self._norms = LS.filter_norms(ps)
         dirs = LS.random_directions(ps, self.seed, self.n, norms=self._norms)
         self._proj = LS.Projector(dirs)
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         if self._proj is None or not tracer.sampled(self.every):
             return
         if not self._wrote_norms:
@@ -651,7 +650,7 @@ class Trajectory(Extension):
                 self._snaps = self._snaps[::2]
                 self._snap_every *= 2
 
-    def before_close(self, tracer: Tracer) -> None:
+    def before_close(self, tracer: TraceContext) -> None:
         if len(self._snaps) < 3:
             return
         ps = [p for _, _, p in self._params]
@@ -684,14 +683,14 @@ def spectral_extensions(
     "full_every": 500, "sketch": {...}}`` / ``{"every": 1, "micro_batch_size": 8}``."""
     out: list[Extension] = []
     if spectral:
-        opts = dict(spectral) if isinstance(spectral, dict) else {}
+        opts = option_dict(spectral)
         sketch = opts.pop("sketch", {})
         acts = opts.pop("activations", True)
         out.append(WeightSpectra(**opts))
         if acts:
             out.append(ActivationSketch(**sketch))
     if dynamics:
-        opts = dict(dynamics) if isinstance(dynamics, dict) else {}
+        opts = option_dict(dynamics)
         every = opts.pop("every", 1)
         out.append(UpdateRatio(every, opts.pop("mode", "auto")))
         out.append(GradientNoiseScale(every, **opts))
@@ -700,7 +699,7 @@ def spectral_extensions(
 
 # ---- landscape ------------------------------------------------------------------------------
 def named_params(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
-    """(module, name, parameter) in the tracer's order (``Tracer.params``)."""
+    """(module, name, parameter) in the tracer's order (``TraceContext.params``)."""
     out, seen = [], set()
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
@@ -849,3 +848,7 @@ __all__ = [
     "spectral_extensions",
     "write_landscape",
 ]
+
+
+register_extension("spectral", lambda value: spectral_extensions(spectral=value))
+register_extension("dynamics", lambda value: spectral_extensions(dynamics=value))

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import difflib
 import errno
-import inspect
 import os
 import platform
 import sys
@@ -28,83 +26,23 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .._version import __version__
-from ..sketch.layout import DEFAULT_EMIN, DEFAULT_OCTAVES, Layout
+from ..storage import kinds as K
+from ..storage.files import rank_path
+from ..storage.schema import read_metadata
 from ..storage.writer import TraceWriter
 from . import compiled as _compiled
 from . import optim as _optim
+from .config import TraceConfig, options_doc
+from .contract import AnomalyError, Extension, RowLabel, TracingError, extensions_for
 from .pipeline import Pipeline, SlotLabel, VectorBlock
 from .readonce import ReadOnce
-from .selection import ModuleSpec, iter_float_tensors, select_modules
+from .selection import iter_float_tensors, select_modules
 
 _ACTIVE: dict[int, Tracer] = {}  # id(model) -> tracer
 _ACTIVE_LOCK = threading.Lock()
 
 
-class TracingError(RuntimeError):
-    """An internal tracing failure, raised only with ``strict=True``."""
-
-
-class AnomalyError(RuntimeError):
-    """A NaN/Inf found with ``on_anomaly="raise"`` (``capture.anomaly``); ``found`` says where.
-    Raised after the tracer closed, so the trace on disk holds every step up to the finding."""
-
-    def __init__(self, message: str, found: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.found = found or {}
-
-
-class Extension:
-    """Adds statistics to a tracer (per-unit statistics, spectra, ...).
-
-    ``attach`` runs once (register hooks through ``tracer.guard`` and ``tracer.add_handle``);
-    ``before_optimizer_step`` runs when gradients are final; ``on_step_end`` after the optimizer
-    update, before the step is flushed (record with ``tracer.record_vector`` /
-    ``tracer.log_scalar``); ``after_flush`` after the step was handed to the writer (may raise
-    ``AnomalyError``); ``before_close`` before the last flush (may still record); ``close`` when
-    the tracer closes. Default methods do nothing."""
-
-    def attach(self, tracer: Tracer) -> None:
-        return None
-
-    def before_optimizer_step(self, tracer: Tracer, optimizer: torch.optim.Optimizer) -> None:
-        return None
-
-    def on_step_end(self, tracer: Tracer) -> None:
-        return None
-
-    def after_flush(self, tracer: Tracer) -> None:
-        return None
-
-    def before_close(self, tracer: Tracer) -> None:
-        return None
-
-    def close(self, tracer: Tracer) -> None:
-        return None
-
-
-def _kinds(
-    activations: Any,
-    gradients: Any,
-    weights: Any,
-    activation_grads: Any,
-    weight_grads: Any,
-) -> tuple[bool, bool]:
-    """(activation_grads, weight_grads): ``gradients`` is the shorthand for both; an explicit
-    ``activation_grads`` / ``weight_grads`` wins over it."""
-    for name, v in (
-        ("activations", activations),
-        ("weights", weights),
-        ("gradients", gradients),
-        ("activation_grads", activation_grads),
-        ("weight_grads", weight_grads),
-    ):
-        if not isinstance(v, bool) and not (v is None and name not in ("activations", "weights")):
-            raise ValueError(f"dnntrace.enable: {name} must be True or False, got {v!r}")
-    both = True if gradients is None else gradients
-    return (
-        both if activation_grads is None else activation_grads,
-        both if weight_grads is None else weight_grads,
-    )
+__all__ = ["AnomalyError", "Extension", "Tracer", "TracingError", "disable", "enable"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +78,9 @@ def _in_reentrant_checkpoint() -> bool:
 
 
 class Tracer:
-    """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``.
+    """Traces one model into one trace file. Use ``dnntrace.enable(model, ...)``, or
+    ``Tracer(model, path, TraceConfig(...))`` (keyword options work too). Extensions see it as a
+    ``TraceContext`` (``capture.contract``).
 
     A context manager: ``with dnntrace.enable(model) as tr: ...`` closes on exit (also when the
     block raises). ``step()`` ends a step by hand (not needed when an optimizer steps);
@@ -153,68 +93,33 @@ class Tracer:
         self,
         model: nn.Module,
         path: str | os.PathLike[str] = "trace.arrow",
-        *,
-        every: int = 1,
-        activations: bool = True,
-        gradients: bool | None = None,
-        weights: bool = True,
-        activation_grads: bool | None = None,
-        weight_grads: bool | None = None,
-        modules: ModuleSpec = None,
-        k: int = 6,
-        emin: int = DEFAULT_EMIN,
-        octaves: int = DEFAULT_OCTAVES,
-        optimizer: torch.optim.Optimizer | None = None,
-        strict: bool = False,
-        activations_every: int | None = None,
-        host_buffers: int | None = None,
-        host_memory_mb: float = 256.0,
-        fsync: bool = False,
-        compression: str | None = "zstd",
-        log_lr: bool = True,
-        extensions: Sequence[Extension] = (),
-        units: bool | dict[str, Any] = False,
-        on_anomaly: str | None = None,
-        merge_ranks: bool | dict[str, Any] = False,
-        ddp_hook: bool | dict[str, Any] = False,
-        spectral: bool | dict[str, Any] = False,
-        dynamics: bool | dict[str, Any] = False,
+        config: TraceConfig | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"dnntrace.enable expects an nn.Module, got {type(model).__name__}")
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch.compile's wrapper: its hooks run in its graph
-        if compression not in ("zstd", "lz4", None):
-            raise ValueError(
-                f"dnntrace.enable: compression must be 'zstd', 'lz4' or None, got {compression!r}"
-            )
-        if not isinstance(host_memory_mb, int | float) or not host_memory_mb > 0:
-            raise ValueError(f"dnntrace.enable: host_memory_mb must be > 0, got {host_memory_mb!r}")
-        for name, v in (("every", every), ("host_buffers", host_buffers or 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"dnntrace.enable: {name} must be a positive int, got {v!r}")
-        if activations_every is not None and (
-            not isinstance(activations_every, int) or activations_every < 1
-        ):
-            raise ValueError(
-                f"dnntrace.enable: activations_every must be a positive int, got "
-                f"{activations_every!r}"
-            )
-        activation_grads, weight_grads = _kinds(
-            activations, gradients, weights, activation_grads, weight_grads
-        )
-        self.layout = Layout(k, emin, octaves)  # validates k / emin / octaves
+        if options and config is not None:
+            raise TypeError("Tracer: pass a TraceConfig or keyword options, not both")
+        cfg = TraceConfig.from_options(**options) if config is None else config
+        if not isinstance(cfg, TraceConfig):
+            raise TypeError(f"Tracer: config must be a TraceConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        kinds = cfg.kinds
+        self.layout = cfg.layout
+        # plain attributes (read in every hook): the cadences of weight / activation rows
+        self.every: int = cfg.every
+        self.activations_every: int = cfg.activation_cadence
         self.model = model
         self.path = os.fspath(path)
-        self.every = every
-        self.activations_every = activations_every or every
-        self.trace_activations = activations
-        self.trace_activation_grads = activation_grads
-        self.trace_weight_grads = weight_grads
-        self.trace_gradients = activation_grads or weight_grads  # either kind of gradient
-        self.trace_weights = weights
-        self.strict = strict
-        self.log_lr = log_lr
+        self.trace_activations = K.ACTIVATION in kinds
+        self.trace_activation_grads = K.ACTIVATION_GRAD in kinds
+        self.trace_weight_grads = K.WEIGHT_GRAD in kinds
+        self.trace_gradients = self.trace_activation_grads or self.trace_weight_grads
+        self.trace_weights = K.WEIGHT in kinds
+        self.strict = cfg.strict
+        self.log_lr = cfg.log_lr
         self.closed = False
         self.disabled_reason: str | None = None
         self._paused = False
@@ -222,7 +127,7 @@ class Tracer:
         self._handles: list[RemovableHandle] = []
         self._lock = threading.RLock()
 
-        self._modules = select_modules(model, modules)
+        self._modules = select_modules(model, cfg.modules)
         self._params: list[tuple[str, str, nn.Parameter]] = []  # (module, param name, param)
         seen: set[int] = set()
         for mname, mod in model.named_modules():
@@ -234,6 +139,7 @@ class Tracer:
         self.device = self._params[0][2].device if self._params else torch.device("cpu")
         self._param_ids = {id(p) for _, _, p in self._params}
         self._pidx = {id(p): i for i, (_, _, p) in enumerate(self._params)}
+        optimizer = cfg.optimizer
         if optimizer is not None and not self._owns(optimizer):
             raise ValueError("dnntrace.enable: the optimizer holds none of the model's parameters")
         try:
@@ -245,8 +151,6 @@ class Tracer:
         except (ImportError, RuntimeError):
             self.rank, self.world_size = 0, 1
         if self.world_size > 1 or "{rank" in self.path:
-            from .distributed import rank_path  # one file per rank: <stem>/rank<r>.arrow
-
             self.path = rank_path(self.path, self.rank, self.world_size)
         with _ACTIVE_LOCK:
             real = os.path.realpath(self.path)
@@ -287,52 +191,10 @@ class Tracer:
         self._warned_cleared = False
         self._read_once = ReadOnce()
         self._grad_hooks: dict[SlotLabel, Callable[[torch.Tensor], None]] = {}
-        self.extensions = list(extensions)
-        if units:
-            from .units import UnitStats
-
-            self.extensions.append(UnitStats(**(units if isinstance(units, dict) else {})))
-        if on_anomaly is not None:
-            from .anomaly import AnomalyWatch
-
-            self.extensions.append(AnomalyWatch(on_anomaly))
-        if merge_ranks or ddp_hook:
-            from .distributed import DDPGradStats, RankMerge
-
-            if merge_ranks:
-                opts = merge_ranks if isinstance(merge_ranks, dict) else {}
-                self.extensions.append(RankMerge(**opts))
-            if ddp_hook:
-                opts = ddp_hook if isinstance(ddp_hook, dict) else {}
-                self.extensions.append(DDPGradStats(**opts))
-        if spectral or dynamics:
-            from .spectral import spectral_extensions
-
-            self.extensions += spectral_extensions(spectral, dynamics)
+        self.extensions = extensions_for(cfg)  # built-ins through the registry
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
-        options = {
-            "every": every,
-            "activations_every": self.activations_every,
-            "activations": activations,
-            "gradients": activation_grads and weight_grads,
-            "activation_grads": activation_grads,
-            "weights": weights,
-            "weight_grads": weight_grads,
-            "modules": None if modules is None else repr(modules),
-            "k": k,
-            "emin": emin,
-            "octaves": octaves,
-            "strict": strict,
-            "host_buffers": host_buffers,
-            "host_memory_mb": host_memory_mb,
-            "units": bool(units),
-            "on_anomaly": on_anomaly,
-            "merge_ranks": bool(merge_ranks),
-            "ddp_hook": bool(ddp_hook),
-            "spectral": bool(spectral),
-            "dynamics": bool(dynamics),
-        }
+        options = cfg.options_metadata()
         traced = {n for n, _ in self._modules}
         meta = {
             "dnntrace_version": __version__,
@@ -360,7 +222,9 @@ class Tracer:
         self._pipe: Pipeline | None = None
         self._writer: TraceWriter | None = None
         try:
-            self._writer = TraceWriter(self.path, meta, fsync=fsync, compression=compression)
+            self._writer = TraceWriter(
+                self.path, meta, fsync=cfg.fsync, compression=cfg.compression
+            )
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise ValueError(
@@ -378,11 +242,12 @@ class Tracer:
                 _ACTIVE[id(model)] = self
             return
         try:
+            host_buffers = cfg.host_buffers
             if host_buffers is None:
                 # as many steps in flight as fit the host budget: small models get a deep queue
                 # (a fast loop does not outrun the writer), large ones a few buffers
                 per_bank = capacity * (self.layout.width + 8) * 8
-                host_buffers = int(min(64, max(2, host_memory_mb * 2**20 // per_bank)))
+                host_buffers = int(min(64, max(2, cfg.host_memory_mb * 2**20 // per_bank)))
             self._setup(capacity, host_buffers, optimizer)
         except BaseException:
             self._remove_hooks()
@@ -412,9 +277,9 @@ class Tracer:
         if self.trace_weights or self.trace_weight_grads:
             for mname, pname, _ in self._params:
                 if self.trace_weights:
-                    self._weight_slots.append(self._slot((mname, "weight", pname, "train")))
+                    self._weight_slots.append(self._slot((mname, K.WEIGHT, pname, "train")))
                 if self.trace_weight_grads:
-                    self._grad_slots.append(self._slot((mname, "weight_grad", pname, "train")))
+                    self._grad_slots.append(self._slot((mname, K.WEIGHT_GRAD, pname, "train")))
         _compiled.preassign_slots(self)
         self._install_hooks(optimizer)
         for ext in self.extensions:
@@ -543,15 +408,15 @@ class Tracer:
                 if flows and self.trace_activation_grads:
                     for pos, t in tensors:
                         if t.requires_grad:
-                            label = (name, "activation_grad", pos, "train")
+                            label = (name, K.ACTIVATION_GRAD, pos, "train")
                             t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
                 return
             phase = _phase(module, grad_on, flows)
             for pos, t in tensors:
                 if self.trace_activations:
-                    self._accumulate((name, "activation", pos, phase), t)
+                    self._accumulate((name, K.ACTIVATION, pos, phase), t)
                 if self.trace_activation_grads and flows and t.requires_grad:
-                    label = (name, "activation_grad", pos, phase)
+                    label = (name, K.ACTIVATION_GRAD, pos, phase)
                     fn = self._grad_hooks.get(label)
                     if fn is None:  # one guarded hook per label, made once
                         fn = self._grad_hooks[label] = self._guard(
@@ -724,7 +589,7 @@ class Tracer:
         if self._exec_new and self.disabled_reason is None:
             order = torch.tensor(self._exec_new, dtype=torch.float32, device=self.device)
             self._exec_new = []
-            self.record_vector("", "exec_order", "first_call", order)
+            self.record_vector("", K.EXEC_ORDER, "first_call", order)
         if not self._ext_ended and self.disabled_reason is None:
             self._ext_ended = True
             if self._pipe is not None:
@@ -771,7 +636,94 @@ class Tracer:
         if self._end_pending:
             self._finish()
 
-    # ---- the extension interface ------------------------------------------------------------
+    # ---- the extension contract (capture.contract.TraceContext) -----------------------------
+    def records(self, kind: str) -> bool:
+        """Whether rows of built-in ``kind`` are recorded (``TraceConfig.kinds``)."""
+        return kind in self.config.kinds
+
+    def accumulate(
+        self,
+        module: str,
+        kind: str,
+        tensor: str,
+        x: torch.Tensor,
+        *,
+        phase: str = "train",
+        histogram: bool = True,
+    ) -> None:
+        """Adds ``x``'s statistics into the row (module, kind, tensor, phase) of this step."""
+        if self.disabled_reason is not None or self.closed or self._pipe is None:
+            return
+        if x.device != self.device:
+            return
+        x = _local(x.detach())
+        slot = self._slot((module, kind, tensor, phase))
+        self._note(slot, x)
+        self._pipe.bank.accumulate(x, slot, histogram=histogram)
+        self._recorded = True
+
+    def accumulate_many(
+        self,
+        labels: Sequence[tuple[str, str, str]],
+        xs: Sequence[torch.Tensor],
+        *,
+        phase: str = "train",
+    ) -> None:
+        """``accumulate`` of ``xs[i]`` into row ``labels[i]``, in few launches."""
+        if self.disabled_reason is not None or self.closed or self._pipe is None:
+            return
+        if len(labels) != len(xs):
+            raise ValueError(f"accumulate_many: {len(labels)} labels for {len(xs)} tensors")
+        keep, slots = [], []
+        for (m, k, t), x in zip(labels, xs, strict=True):
+            if x.device != self.device:
+                continue
+            x = _local(x.detach())
+            slot = self._slot((m, k, t, phase))
+            self._note(slot, x)
+            keep.append(x)
+            slots.append(slot)
+        if keep:
+            self._pipe.bank.accumulate_many(keep, slots)
+            self._recorded = True
+
+    def row_labels(self) -> tuple[RowLabel, ...]:
+        """The labels of the bank's rows, in bank order."""
+        return tuple(self._labels)
+
+    def row_meta(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(dtype name, shape) of each bank row's tensor, in bank order."""
+        return tuple(self._meta)
+
+    def snapshot_rows(
+        self,
+        rows: Sequence[int] | torch.Tensor | None = None,
+        count_columns: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New device tensors (counts, moments) of bank rows ``rows`` (default: every labelled
+        row) and count columns ``count_columns`` (default: all). No sync."""
+        if self._pipe is None:
+            raise RuntimeError("snapshot_rows: the tracer never started (no bank)")
+        bank = self._pipe.bank
+        if rows is None:
+            n = min(len(self._labels), bank.slots)
+            counts, moments = bank.counts[:n], bank.moments[:n].clone()
+        else:
+            idx = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+            idx = idx.to(device=bank.counts.device, dtype=torch.long)
+            counts, moments = bank.counts.index_select(0, idx), bank.moments.index_select(0, idx)
+        if count_columns is not None:
+            counts = counts.index_select(1, count_columns.to(counts.device))
+        elif rows is None:
+            counts = counts.clone()
+        return counts, moments
+
+    def file_metadata(self) -> dict[str, Any]:
+        """A copy of the metadata in the trace file's header."""
+        if self._writer is None:
+            raise RuntimeError("file_metadata: the tracer never started (no trace file)")
+        return read_metadata(self._writer.schema, self.path)
+
     @property
     def traced_modules(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every traced module, in model order."""
@@ -1053,24 +1005,8 @@ def enable(
 ) -> Tracer:
     """Starts tracing ``model`` into ``path`` and returns the ``Tracer``.
 
-    Options: ``every`` (trace every n-th step), ``activations_every`` (activations and output
-    gradients on another cadence); the kinds recorded, each a bool: ``activations`` (module
-    outputs), ``activation_grads`` (gradients w.r.t. them), ``weights``, ``weight_grads``
-    (``gradients`` sets both gradient kinds; ``activations=False, activation_grads=False`` records
-    what wandb.watch and TensorBoard do: weights and weight gradients only);
-    ``modules`` (globs / types / ``"!glob"`` exclusions), ``k`` (histogram mantissa bits, 0..7),
-    ``emin``/``octaves`` (exponent window), ``optimizer`` (else found at its first step),
-    ``strict`` (raise instead of disabling on internal errors), ``host_memory_mb`` (host memory
-    for steps waiting for the writer, default 256 MB) or ``host_buffers`` (their number),
-    ``fsync``, ``compression`` (``"zstd"`` default, ``"lz4"``, or None: uncompressed batches are
-    memory-mapped by readers instead of decompressed at open, which traces of 10^9 per-unit
-    values need), ``units`` (per-unit statistics: True or ``UnitStats``
-    options, ``capture.units``), ``on_anomaly`` (``"warn"``/``"raise"``/``"record"``: NaN/Inf
-    origin, ``capture.anomaly``), ``merge_ranks`` / ``ddp_hook`` (under torch.distributed: merged
-    cross-rank summaries / a DDP comm hook for gradient diversity and noise scale, True or options,
-    ``capture.distributed``), ``spectral`` / ``dynamics`` (weight spectra and activation
-    sketches / update ratios and gradient noise scale: True or options,
-    ``capture.spectral.spectral_extensions``).
+    Options: ``dnntrace.TraceConfig``'s fields, listed below (generated from it); a misspelt one
+    raises ``TypeError`` naming it, a bad value a one-line ``ValueError``.
     """
     inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: the module it wraps
     with _ACTIVE_LOCK:
@@ -1080,18 +1016,10 @@ def enable(
             f"dnntrace.enable: this model is already traced into {old.path!r}; call "
             "dnntrace.disable(model) first"
         )
-    unknown = [k for k in options if k not in _OPTIONS]
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], _OPTIONS, n=1)
-        raise TypeError(
-            f"dnntrace.enable: unknown option {unknown[0]!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; options: {', '.join(sorted(_OPTIONS))}"
-        )
-    return Tracer(model, path, **options)
+    return Tracer(model, path, TraceConfig.from_options(**options))
 
 
-_OPTIONS = tuple(inspect.signature(Tracer.__init__).parameters)[3:]  # after self, model, path
+enable.__doc__ = (enable.__doc__ or "").rstrip() + "\n\n" + options_doc() + "\n"
 
 
 def disable(model: nn.Module) -> dict[str, Any] | None:

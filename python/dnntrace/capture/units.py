@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from .. import ops_units
 from ..stats import units as U
 from ..storage import kinds as K
+from .contract import Extension, TraceContext, option_dict, register_extension
 from .selection import iter_float_tensors
-from .tracer import Extension, Tracer
 
 _CHANNEL_FIRST = (
     nn.modules.conv._ConvNd,
@@ -216,7 +216,7 @@ class UnitStats(Extension):
 
     ``modules``: names (globs) among the tracer's modules to restrict to (default all that the
     axis rule covers); ``every``: cadence in steps (default ``UNITS_EVERY`` times the tracer's
-    ``activations_every``; 1 for every step);
+    ``activations_every`` if given, else its ``every``; 1 for every step);
     ``gradients``: ``unit_grad_rms``; ``attribution``: ``unit_attr*`` (holds the output until
     backward); ``topk``: inputs kept per unit (0: none); ``tanh`` / ``sigmoid``: thresholds."""
 
@@ -254,7 +254,7 @@ class UnitStats(Extension):
         self._ids = None if ids is None else torch.as_tensor(ids).float()
 
     # ---- Extension ------------------------------------------------------------------------
-    def attach(self, tracer: Tracer) -> None:
+    def attach(self, tracer: TraceContext) -> None:
         import fnmatch
 
         mods = tracer.traced_modules
@@ -268,7 +268,7 @@ class UnitStats(Extension):
             hook = self._make_hook(tracer, plan, every)
             tracer.add_handle(by_name[name].register_forward_hook(tracer.guard(hook)))
 
-    def on_step_end(self, tracer: Tracer) -> None:
+    def on_step_end(self, tracer: TraceContext) -> None:
         every = self._every(tracer)
         if not tracer.sampled(every):
             return
@@ -293,12 +293,14 @@ class UnitStats(Extension):
         if topk_now:
             self._record_topk(tracer)
 
-    def before_close(self, tracer: Tracer) -> None:
+    def before_close(self, tracer: TraceContext) -> None:
         self._record_topk(tracer)
 
     # ---- internals ------------------------------------------------------------------------
-    def _every(self, tracer: Tracer) -> int:
-        return self.every or UNITS_EVERY * tracer.activations_every
+    def _every(self, tracer: TraceContext) -> int:
+        # an explicit activations_every sets the base cadence; the default set's 10 x every for
+        # activation rows does not (units stay at every 10th recorded step)
+        return self.every or UNITS_EVERY * (tracer.config.activations_every or tracer.every)
 
     def _packed(self) -> _Arena | None:
         """The arena of all states, repacked when a module was first seen since."""
@@ -309,7 +311,7 @@ class UnitStats(Extension):
         return self._arena
 
     def _record_block(
-        self, tracer: Tracer, kinds: Sequence[str], block: Tensor, seen: list[bool]
+        self, tracer: TraceContext, kinds: Sequence[str], block: Tensor, seen: list[bool]
     ) -> None:
         """Rows of ``block`` [kinds, all units] for the states seen this step: one record for
         the whole block when every state was seen (the usual case), else one per state."""
@@ -325,7 +327,7 @@ class UnitStats(Extension):
                         st.plan.name, k, st.pos, block[i, st.offset : st.offset + st.units]
                     )
 
-    def _record_topk(self, tracer: Tracer) -> None:
+    def _record_topk(self, tracer: TraceContext) -> None:
         arena = self._packed()  # at close, modules first seen since the last step join too
         if arena is None or arena.topk is None:
             return
@@ -374,7 +376,7 @@ class UnitStats(Extension):
             return None
         return t, dim
 
-    def _state(self, tracer: Tracer, plan: UnitPlan, pos: str, x: Tensor, dim: int) -> _State:
+    def _state(self, tracer: TraceContext, plan: UnitPlan, pos: str, x: Tensor, dim: int) -> _State:
         units = int(x.shape[dim])
         lo, hi = U.saturation_bounds(
             plan.nonlinearity,
@@ -395,7 +397,7 @@ class UnitStats(Extension):
         self.states[plan.name] = st
         return st
 
-    def _make_hook(self, tracer: Tracer, plan: UnitPlan, every: int) -> Callable[..., None]:
+    def _make_hook(self, tracer: TraceContext, plan: UnitPlan, every: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if torch.compiler.is_compiling() or not tracer.sampled(every):
                 return
@@ -434,3 +436,10 @@ class UnitStats(Extension):
                 t.register_hook(tracer.guard(grad_hook))
 
         return hook
+
+
+def _units(value: Any) -> list[Extension]:
+    return [UnitStats(**option_dict(value))]
+
+
+register_extension("units", _units)
