@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +21,9 @@ import torch
 from _capture_support import MLP, Recorder, assert_row_matches, load_rows, mlp_batch, one_row
 
 import dnntrace
+from dnntrace.capture.pipeline import Pipeline
 from dnntrace.capture.tracer import TracingError
 from dnntrace.stats.bank import StatBank
-from dnntrace.storage.writer import TraceWriter
 
 
 def _loop(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, poison=None):  # type: ignore[no-untyped-def]
@@ -199,14 +201,17 @@ def test_disk_full_pytest_warns() -> None:
 def test_slow_writer_drops_steps_and_memory_is_bounded(
     trace_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = TraceWriter.write
+    # A writer that cannot keep up (a disk slower than the data), made deterministic: it is held
+    # until the loop ends, so the pool (host_buffers=2) runs out at the third step whatever the
+    # machine's speed, and every later step is dropped and counted, never waited for.
+    release = threading.Event()
+    real_compact = Pipeline._compact
 
-    def slow_write(self: TraceWriter, batch: pa.RecordBatch) -> None:
-        # a disk slower than the data: 50 ms per step written (batches hold several steps)
-        time.sleep(0.05 * len(set(batch.column("step").to_pylist())))
-        real_write(self, batch)
+    def held_compact(self: Pipeline, job: Any) -> Any:
+        release.wait(60)
+        return real_compact(self, job)
 
-    monkeypatch.setattr(TraceWriter, "write", slow_write)
+    monkeypatch.setattr(Pipeline, "_compact", held_compact)
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -221,6 +226,7 @@ def test_slow_writer_drops_steps_and_memory_is_bounded(
             loss.backward()
             opt.step()
             mem.append(sum(tr.stats()["memory_bytes"].values()))
+        release.set()
     stats = tr.stats()
     assert stats["steps_dropped"] > 0
     assert stats["steps_written"] + stats["steps_dropped"] == steps
