@@ -38,7 +38,8 @@ class Encoder(nn.Module):
 def _train(model: nn.Module, path: Path, steps: int, bad_step: int, plant, **opts):  # noqa: ANN001, ANN201
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    tr = dnntrace.enable(model, path, host_buffers=64, activations_every=1, **opts)
+    opts = {"activations_every": 1, **opts}
+    tr = dnntrace.enable(model, path, host_buffers=64, **opts)
     done = []
     try:
         for i in range(steps):
@@ -57,6 +58,27 @@ def _train(model: nn.Module, path: Path, steps: int, bad_step: int, plant, **opt
 def _plant_in_linear1(model: Encoder) -> None:
     with torch.no_grad():
         model.blocks[1].linear1.weight[3, 2] = float("nan")
+
+
+def test_on_anomaly_checks_every_step_under_the_default_set(tmp_path: Path) -> None:
+    # the default set records activations every 10th step; a watch for NaN must not wait for
+    # step 10 to find a NaN planted at step 3: on_anomaly= makes the activation cadence `every`
+    torch.manual_seed(0)
+    model = Encoder()
+    path = tmp_path / "t.arrow"
+    tr, done = _train(
+        model, path, 6, 3, lambda: _plant_in_linear1(model), on_anomaly="record",
+        activations_every=None,
+    )  # fmt: skip
+    assert tr.config.activation_cadence == 1
+    assert dnntrace.load(path).metadata["options"]["activations_every"] == 1
+    watch = next(e for e in tr.extensions if isinstance(e, AnomalyWatch))
+    assert watch.found is not None and watch.found["step"] == 3
+    assert watch.found["forward"]["module"] == "blocks.1.linear1"
+    # without a watch the default cadence stands
+    plain = dnntrace.enable(Encoder(), tmp_path / "plain.arrow")
+    plain.close()
+    assert plain.config.activation_cadence == 10
 
 
 def test_planted_nan_names_the_layer_and_step_record(tmp_path: Path) -> None:

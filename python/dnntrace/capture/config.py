@@ -12,7 +12,8 @@ is checked against the fields by a test, and the file metadata ``options`` dict 
 ``activations_every=m`` records activations and activation gradients at steps 0, m, 2m, ...
 (its own step count: with ``every=2, activations_every=5`` weights are recorded at steps 0, 2,
 4, ... and activations at 0, 5, 10, ...). Unset (``None``) it is ``10 * every``: activations
-and activation gradients at every 10th step that records weights. That is the default set,
+and activation gradients at every 10th step that records weights; with ``on_anomaly=`` set it is
+``every`` (a NaN watch must see every recorded step). That is the default set,
 the one meant to be left on (weights and weight gradients every step, activations and their
 gradients every 10th step: activations are most of the bytes read).
 ``activations_every=1`` records everything every step.
@@ -171,6 +172,10 @@ class TraceConfig:
         """``activations_every``, resolved (module docstring, "Cadences")."""
         if self.activations_every is not None:
             return self.activations_every
+        if self.on_anomaly is not None:
+            # a NaN watch reads the counters of activations and their gradients: it must see
+            # every step that records anything, or it names a later step than the first NaN's
+            return self.every
         return ACTIVATIONS_EVERY_FACTOR * self.every
 
     @property
