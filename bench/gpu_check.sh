@@ -62,8 +62,8 @@ fi
 
 if want overhead; then
   log "bench_overhead on CUDA (GPT-2-small-size transformer, ResNet-style CNN)"
-  CONFIGS=abcdfg  # wandb (e) only where its wheels were carried
-  $PY -c "import wandb" 2>/dev/null && CONFIGS=abcdefg
+  CONFIGS=abcdfgi  # wandb (e) only where its wheels were carried; i: the default set
+  $PY -c "import wandb" 2>/dev/null && CONFIGS=abcdefgi
   timeout 200 $PY bench/bench_overhead.py --device cuda --models gpt2,resnet --steps 10 \
     --rounds 2 --demo-steps 0 --configs $CONFIGS >"$OUT/bench_overhead.txt" 2>&1
   RC[overhead]=$?
