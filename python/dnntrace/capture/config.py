@@ -49,8 +49,8 @@ class TraceConfig:
     every: int = _opt(1, "record weights and weight gradients every n-th step")
     activations_every: int | None = _opt(
         None,
-        "record activations and activation gradients every n-th step (default ``10 * every``; "
-        "``1``: everything every step)",
+        "record activations and activation gradients every n-th step (default ``10 * every``, "
+        "``every`` when ``on_anomaly`` is set; ``1``: everything every step)",
     )
     activations: bool = _opt(True, "record module outputs (kind ``activation``)")
     activation_grads: bool | None = _opt(
