@@ -212,16 +212,26 @@ def serve_local(make: Any) -> tuple[Any, int]:
         print_url=False,
     )
     # the server thread binds the port a moment after pn.serve returns: wait for it (bounded)
-    deadline = time.perf_counter() + 60
+    wait_listening(port, 60)
+    return srv, port
+
+
+def wait_listening(port: int, seconds: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Returns once 127.0.0.1:``port`` accepts a connection; raises after ``seconds`` or when
+    the viewer process ``proc`` has exited."""
+    deadline = time.perf_counter() + seconds
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError("viewer exited") from None
             if time.perf_counter() > deadline:
-                raise RuntimeError(f"viewer not listening on port {port} after 60 s") from None
-            time.sleep(0.05)
-    return srv, port
+                raise RuntimeError(
+                    f"viewer not listening on port {port} after {seconds} s"
+                ) from None
+            time.sleep(0.02)
 
 
 def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
@@ -252,17 +262,7 @@ def first_paint(ctx: Any, path: str, *, cached: bool) -> float:
         # open the page once the server listens, as `dnntrace-view` opens the browser: retrying
         # page.goto on a refused port made Chromium render an error page every 50 ms, CPU taken
         # from the starting server on 2 cores (measured: 8.1 s instead of 4.2 s to a cold paint)
-        deadline = time.perf_counter() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("viewer exited") from None
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"viewer not listening on {port} after 120 s") from None
-                time.sleep(0.02)
+        wait_listening(port, 120, proc)
         page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
         while page.evaluate(JS_COLOURS, "dnt-strips") < 50:
             time.sleep(0.02)

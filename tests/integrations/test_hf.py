@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dnntrace  # noqa: E402
-from _rows import load_rows  # noqa: E402
+from _rows import kind_rows, load_rows, load_two_ranks  # noqa: E402
 from dnntrace.integrations.hf import DnntraceCallback  # noqa: E402
 
 
@@ -165,16 +165,12 @@ def test_hf_trainer_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    files = sorted(p.name for p in (tmp_path / "trace").iterdir())
-    assert files == ["rank0.arrow", "rank1.arrow"]
-    r0, r1 = (load_rows(tmp_path / "trace" / f) for f in files)
-    key = ["step", "module", "kind", "tensor"]
-    g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
-    g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    r0, r1 = load_two_ranks(tmp_path / "trace")
+    g0, g1 = kind_rows(r0, "weight_grad"), kind_rows(r1, "weight_grad")
     assert sorted(set(g0["step"])) == [0, 1] and len(g0) == len(g1) > 0
     assert (g0["module"] == g1["module"]).all() and (g0["tensor"] == g1["tensor"]).all()
     np.testing.assert_allclose(g0["sum"], g1["sum"], rtol=1e-5, atol=1e-9)
-    a0 = r0[r0["kind"] == "activation"].sort_values(key)["sum"].to_numpy()
-    a1 = r1[r1["kind"] == "activation"].sort_values(key)["sum"].to_numpy()
+    a0 = kind_rows(r0, "activation")["sum"].to_numpy()
+    a1 = kind_rows(r1, "activation")["sum"].to_numpy()
     assert a0.shape == a1.shape and not np.allclose(a0, a1)  # different batches
     assert dnntrace.load(tmp_path / "trace" / "rank1.arrow").metadata["rank"] == 1

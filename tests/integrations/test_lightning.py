@@ -16,7 +16,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 import dnntrace  # noqa: E402
-from _rows import load_rows  # noqa: E402
+from _rows import kind_rows, load_rows, load_two_ranks  # noqa: E402
 from dnntrace.integrations.lightning import DnntraceCallback  # noqa: E402
 
 
@@ -144,15 +144,11 @@ def test_lightning_ddp_ranks_write_their_own_files(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         trainer.fit(Tiny(), _data(32, 1))
-    files = sorted(p.name for p in (tmp_path / "trace").iterdir())
-    assert files == ["rank0.arrow", "rank1.arrow"]
-    r0, r1 = (load_rows(tmp_path / "trace" / f) for f in files)
-    key = ["step", "module", "kind", "tensor"]
-    g0 = r0[r0["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
-    g1 = r1[r1["kind"] == "weight_grad"].sort_values(key).reset_index(drop=True)
+    r0, r1 = load_two_ranks(tmp_path / "trace")
+    g0, g1 = kind_rows(r0, "weight_grad"), kind_rows(r1, "weight_grad")
     assert sorted(set(g0["step"])) == [0, 1] and len(g0) == len(g1) == 8
     np.testing.assert_allclose(g0["sum"], g1["sum"], rtol=1e-6, atol=1e-9)
-    a0 = r0[r0["kind"] == "activation"]["sum"].to_numpy()
-    a1 = r1[r1["kind"] == "activation"]["sum"].to_numpy()
+    a0 = kind_rows(r0, "activation")["sum"].to_numpy()
+    a1 = kind_rows(r1, "activation")["sum"].to_numpy()
     assert not np.allclose(a0, a1)  # different batches
     assert dnntrace.load(tmp_path / "trace" / "rank1.arrow").metadata["rank"] == 1
