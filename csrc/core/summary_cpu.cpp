@@ -301,6 +301,97 @@ void fold_raw_range(uint32_t* table, int copies, int first, int last, const Hist
   row[kNegatives] += negatives;
 }
 
+namespace {
+
+// Takes (and zeroes) the counts of ids [id0, id0 + n): wide[id] plus, when sub is set, its four
+// sub-counters; out[i] = count of id0 + i. Returns their sum.
+DNNTRACE_CLONES int64_t take_counts(uint16_t* sub, uint32_t* wide, int id0, int n, int64_t* out) {
+  int64_t total = 0;
+  uint32_t* w = wide + id0;
+  if (sub != nullptr) {
+    const uint16_t* t = sub + 4 * static_cast<size_t>(id0);
+    for (int i = 0; i < n; ++i) {
+      const int64_t c =
+          static_cast<int64_t>(w[i]) + t[4 * i] + t[4 * i + 1] + t[4 * i + 2] + t[4 * i + 3];
+      out[i] = c;
+      total += c;
+    }
+    std::memset(sub + 4 * static_cast<size_t>(id0), 0, sizeof(uint16_t) * 4 * size_t(n));
+  } else {
+    for (int i = 0; i < n; ++i) {
+      out[i] = w[i];
+      total += w[i];
+    }
+  }
+  std::memset(w, 0, sizeof(uint32_t) * size_t(n));
+  return total;
+}
+
+}  // namespace
+
+void fold_tables(uint16_t* sub, uint32_t* wide, int first, int last, const HistLayout& l,
+                 int64_t* row) {
+  const int k = l.k;
+  const int sign_ids = 1 << (8 + k);
+  const int32_t lo = f32_lo(l), ps = l.per_sign();
+  const int top = 255 << k;  // first id of exponent 255 within a sign (NaN, Inf)
+  int64_t buf[256];
+  int64_t negatives = 0;
+  for (int id = first; id <= last;) {
+    const int s = id >> (8 + k);
+    const int base = s * sign_ids;
+    const int a = id - base;  // the id within its sign: exponent and top k mantissa bits
+    // The class of `a` and the last id (within the sign) of that class. emin >= -126 puts every
+    // id of exponent 0 below the window and emin + octaves <= 128 every id of exponent 255 above.
+    int cls_end;
+    int64_t* special = nullptr;  // the header counter of an under/overflow segment
+    if (a < (1 << k)) {
+      cls_end = (1 << k) - 1;  // exponent 0: ±0 (and the tiniest subnormals), then subnormals
+    } else if (a >= top) {
+      cls_end = sign_ids - 1;  // NaN and Inf: counted by the moments pass, only zeroed here
+    } else if (a < lo) {
+      cls_end = lo - 1;
+      special = row + kUnderPos + s;
+    } else if (a < lo + ps) {
+      cls_end = lo + ps - 1;
+    } else {
+      cls_end = top - 1;
+      special = row + kOverPos + s;
+    }
+    const int end = std::min(last, base + cls_end);
+    for (int id0 = id; id0 <= end; id0 += 256) {  // in pieces of the stack buffer
+      const int n = std::min(256, end - id0 + 1);
+      const int a0 = id0 - base;
+      const int64_t total = take_counts(sub, wide, id0, n, buf);
+      if (total == 0) continue;
+      if (a0 >= top) continue;
+      if (a0 < (1 << k)) {
+        for (int i = 0; i < n; ++i) {
+          if (a0 + i == 0) {
+            row[kZeros] += buf[i];  // not a negative, even with the sign bit
+          } else {
+            row[kUnderPos + s] += buf[i];
+            negatives += s ? buf[i] : 0;
+          }
+        }
+        continue;
+      }
+      negatives += s ? total : 0;
+      if (special != nullptr) {
+        *special += total;
+      } else if (s == 0) {  // positive half: ascending with the id
+        int64_t* r = row + kHeader + ps + (a0 - lo);
+        for (int i = 0; i < n; ++i) r[i] += buf[i];
+      } else {  // negative half: stored reversed
+        int64_t* r = row + kHeader + ps - 1 - (a0 - lo);
+        for (int i = 0; i < n; ++i) r[-i] += buf[i];
+      }
+    }
+    id = end + 1;
+  }
+  row[kNegatives] += negatives;
+}
+
 DNNTRACE_CLONES void half_to_float(const uint16_t* x, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] = half_bits_to_float(x[i]);
 }

@@ -85,6 +85,13 @@ inline int raw_id_count(int k) { return 1 << (9 + k); }
 void fold_raw_range(uint32_t* table, int copies, int first, int last, const HistLayout& l,
                     int64_t* row);
 
+// The same as fold_sub_counters then fold_raw_range(wide, 1, ...) in one pass: ids [first, last]
+// of a thread's tables (sub: four 16-bit sub-counters per id, may be nullptr; wide: one 32-bit
+// counter per id) into a row, both zeroed. In-window ids map to consecutive buckets (reversed for
+// the negative half), so the pass is a linear add per run of ids rather than a mapping per id.
+void fold_tables(uint16_t* sub, uint32_t* wide, int first, int last, const HistLayout& l,
+                 int64_t* row);
+
 // The raw id of a value (fp32 bits >> (23 - k)).
 inline int raw_id_of(float v, int k) { return static_cast<int>(f32_bits(v) >> (23 - k)); }
 

@@ -159,3 +159,68 @@ def _samples():
 def test_opcheck(sample):
     args = list(_samples())[sample]
     torch.library.opcheck(torch.ops.dnntrace.multi_tensor_summary_out.default, args)
+
+
+def _spread(n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Both signs over ~60 octaves (below, inside and above the narrow windows drawn), zeros,
+    subnormals, ±Inf and NaN: every class of raw id the fold maps into a row."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * 60 - 40)
+    sign = torch.where(torch.rand(n, generator=g) < 0.4, -1.0, 1.0).double()
+    x = (mag * sign).to(dtype)
+    x[::997] = 0.0
+    x[5::1231] = -0.0
+    x[7::4099] = math.inf
+    x[9::5003] = -math.inf
+    x[11::7001] = math.nan
+    x[13::3001] = torch.finfo(dtype).tiny / 4  # subnormal
+    return x
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", [(6, -48, 64), (7, -126, 254), (2, -10, 20)])
+def test_runs_across_tensors_match_reference(threads, layout):
+    """Long tensors in one call: the threads take runs of chunks that cross tensors, so a
+    tensor's raw-id table is folded by one or both threads, into its row, under its lock."""
+    lens = [65_536 * 3 + 5, 5_000, 131_072, 4_096, 200_000, 70_001]
+    dtypes = [
+        torch.float32,
+        torch.bfloat16,
+        torch.float32,
+        torch.float16,
+        torch.float16,
+        torch.float32,
+    ]
+    xs = [_spread(n, i, dt) for i, (n, dt) in enumerate(zip(lens, dtypes, strict=True))]
+    slots = [3, 0, 5, 1, 2, 4]
+    lay = Layout(*layout)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts, moments = fresh_state(6, lay.k, lay.emin, lay.octaves)
+        ops.multi_tensor_summary_out(xs, slots, counts, moments, lay)
+    finally:
+        torch.set_num_threads(saved)
+    for x, s in zip(xs, slots, strict=True):
+        values = exact_f64(x).reshape(-1)
+        want_c, want_m = tensor_summary_ref(values, lay.k, lay.emin, lay.octaves)
+        assert_counts_equal(counts[s].numpy(), want_c)
+        assert_moments_close(moments[s].numpy(), want_m, values)
+
+
+def test_thread_count_does_not_change_a_bit():
+    """Chunk boundaries and the order partial sums are folded in do not depend on the threads."""
+    xs = [_spread(n, 40 + n % 7, torch.float32) for n in (300_007, 9_000, 65_537, 131_072)]
+    lay = Layout()
+    out = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts, moments = fresh_state(4, lay.k, lay.emin, lay.octaves)
+            ops.multi_tensor_summary_out(xs, [0, 1, 2, 3], counts, moments, lay)
+            out.append((counts, moments))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()

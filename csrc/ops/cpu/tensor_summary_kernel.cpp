@@ -2,9 +2,11 @@
 // widened to fp32 in registers, fp64 kept), moments in vector lanes, histogram by raw id into
 // four interleaved 16-bit sub-counters per id and thread (breaking store-to-load chains when
 // values repeat, as the zeros of ReLU outputs do), folded into 32-bit counters before they can
-// overflow and into the row once per thread (csrc/core/summary_cpu.h). Deterministic: chunk
-// boundaries do not depend on the thread count, float partials are folded in chunk order,
-// integers are order-free.
+// overflow and into the row once per thread and tensor (csrc/core/summary_cpu.h). All tensors of a
+// call share one parallel region: each thread takes a run of chunks of about equal elements,
+// crossing tensors, so the small tensors of a list (a model's parameters) do not pay a region and
+// a fold per thread each. Deterministic: chunk boundaries do not depend on the thread count, float
+// partials are folded in chunk order, integers are order-free.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -174,94 +176,199 @@ void fold_sub(RawTables& t, const BlockAcc& seen, int k) {
   });
 }
 
-void fold_wide(RawTables& t, const BlockAcc& seen, const HistLayout& l, int64_t* counts) {
+// Sub-counters and 32-bit counters of the ids `seen` can have touched into a row, both zeroed.
+void fold_all(RawTables& t, const BlockAcc& seen, const HistLayout& l, int64_t* counts) {
   for_touched_ranges(seen, l.k, [&](int first, int last) {
-    core::fold_raw_range(t.wide.data(), 1, first, last, l, counts);
+    core::fold_tables(t.sub.data(), t.wide.data(), first, last, l, counts);
   });
 }
 
-// Processes chunks [c0, c1) of a span: moments into accs[c], raw ids into this thread's tables,
-// folded into `counts` under `mu` at the end.
-void raw_worker(Src src, const void* data, int64_t n, int64_t c0, int64_t c1, const HistLayout& l,
-                std::vector<BlockAcc>& accs, int64_t* counts, std::mutex& mu) {
-  const int64_t chunk = kChunkBlocks * kBlock;
-  const int64_t esize = static_cast<int64_t>(elem_size(src));
-  const core::Elem e = elem_of(src);
-  auto& t = thread_tables();
-  BlockAcc seen_sub, seen_wide;  // what this thread touched since the last folds
-  int64_t since_sub = 0, since_wide = 0;
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t end = std::min(n, (c + 1) * chunk);
-    core::span_fused(e, static_cast<const char*>(data) + c * chunk * esize, end - c * chunk, l.k,
-                     t.sub.data(), accs[c]);
-    seen_sub.merge(accs[c]);
-    since_sub += end - c * chunk;
-    since_wide += end - c * chunk;
-    if (since_sub + chunk > kSubFoldElems) {  // the next chunk could overflow a sub-counter
-      fold_sub(t, seen_sub, l.k);
-      seen_wide.merge(seen_sub);
-      seen_sub = BlockAcc();
-      since_sub = 0;
-    }
-    if (since_wide >= (int64_t{1} << 31)) {  // 32-bit counters: fold before they can overflow
-      std::lock_guard<std::mutex> lock(mu);
-      fold_wide(t, seen_wide, l, counts);
-      seen_wide = BlockAcc();
-      since_wide = 0;
-    }
-  }
-  fold_sub(t, seen_sub, l.k);
-  seen_wide.merge(seen_sub);
-  std::lock_guard<std::mutex> lock(mu);
-  fold_wide(t, seen_wide, l, counts);
+void fold_wide(RawTables& t, const BlockAcc& seen, const HistLayout& l, int64_t* counts) {
+  for_touched_ranges(seen, l.k, [&](int first, int last) {
+    core::fold_tables(nullptr, t.wide.data(), first, last, l, counts);
+  });
 }
 
-void summarize_span(Src src, const void* data, int64_t n, const HistLayout& l, bool histogram,
-                    int64_t* counts, double* moments) {
-  counts[core::kCalls] += 1;
-  if (n == 0) return;
-  const int64_t chunk = kChunkBlocks * kBlock;
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  if (n <= kDirectMax || src == Src::kF64 || (!histogram && nchunks == 1))
-    return summarize_direct(src, data, n, l, histogram, counts, moments);
-  std::vector<BlockAcc> accs(nchunks);
-  std::mutex mu;
-  if (!histogram) {  // moments only, in parallel
-    const int64_t esize = static_cast<int64_t>(elem_size(src));
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t end = std::min(n, (c + 1) * chunk);
-        core::span_fused(elem_of(src), static_cast<const char*>(data) + c * chunk * esize,
-                         end - c * chunk, l.k, nullptr, accs[c]);
+// One tensor of a call: where its values are and where its statistics go.
+struct Item {
+  Src src;
+  const void* data;
+  int64_t n;
+  int64_t* counts;
+  double* moments;
+  bool direct;        // small or fp64: the full mapping straight into the row, one task
+  int64_t first_acc;  // its chunks' accumulators: accs[first_acc .. first_acc + chunks)
+  int64_t chunks;
+};
+
+// A task: one chunk of an item (or the whole of a direct item).
+struct Task {
+  int32_t item;
+  int32_t chunk;
+  int64_t cost;  // elements
+};
+
+// A thread's run of tasks. Raw-table tasks of the same item accumulate in the thread's tables,
+// which are folded into the item's row (under its lock) when the run moves to another item or
+// ends, or before a counter could overflow.
+class RunWorker {
+ public:
+  RunWorker(const std::vector<Item>& items, const HistLayout& l, bool histogram,
+            std::vector<BlockAcc>& accs, std::vector<std::mutex>& locks)
+      : items_(items), l_(l), histogram_(histogram), accs_(accs), locks_(locks) {}
+
+  void run(const Task* begin, const Task* end) {
+    for (const Task* t = begin; t != end; ++t) {
+      const Item& it = items_[t->item];
+      if (t->item != current_) finish();
+      if (it.direct) {  // one task, this thread alone writes its row
+        summarize_direct(it.src, it.data, it.n, l_, histogram_, it.counts, it.moments);
+        continue;
       }
-    });
-  } else if (nchunks == 1) {
-    raw_worker(src, data, n, 0, 1, l, accs, counts, mu);
-  } else {
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      raw_worker(src, data, n, c0, c1, l, accs, counts, mu);
-    });
+      current_ = t->item;
+      chunk(it, t->chunk);
+    }
+    finish();
   }
-  BlockAcc total;
-  for (const auto& a : accs) total.merge(a);
-  apply(total, n, histogram ? Specials::kRawTable : Specials::kFromAcc, counts, moments);
+
+ private:
+  void chunk(const Item& it, int64_t c) {
+    const int64_t size = kChunkBlocks * kBlock;
+    const int64_t esize = static_cast<int64_t>(elem_size(it.src));
+    const int64_t len = std::min(it.n, (c + 1) * size) - c * size;
+    BlockAcc& acc = accs_[it.first_acc + c];
+    const char* p = static_cast<const char*>(it.data) + c * size * esize;
+    if (!histogram_) {
+      core::span_fused(elem_of(it.src), p, len, l_.k, nullptr, acc);
+      return;
+    }
+    if (since_sub_ + len > kSubFoldElems) {  // this chunk could overflow a sub-counter
+      fold_sub(t_, seen_sub_, l_.k);
+      seen_wide_.merge(seen_sub_);
+      seen_sub_ = BlockAcc();
+      since_sub_ = 0;
+    }
+    if (since_wide_ + len >= (int64_t{1} << 31)) {  // 32-bit counters: fold before overflow
+      fold_sub(t_, seen_sub_, l_.k);
+      seen_wide_.merge(seen_sub_);
+      seen_sub_ = BlockAcc();
+      since_sub_ = 0;
+      std::lock_guard<std::mutex> lock(locks_[current_]);
+      fold_wide(t_, seen_wide_, l_, it.counts);
+      seen_wide_ = BlockAcc();
+      since_wide_ = 0;
+    }
+    core::span_fused(elem_of(it.src), p, len, l_.k, t_.sub.data(), acc);
+    seen_sub_.merge(acc);
+    since_sub_ += len;
+    since_wide_ += len;
+  }
+
+  void finish() {
+    if (current_ < 0) return;
+    if (histogram_) {
+      seen_wide_.merge(seen_sub_);
+      std::lock_guard<std::mutex> lock(locks_[current_]);
+      fold_all(t_, seen_wide_, l_, items_[current_].counts);
+    }
+    seen_sub_ = seen_wide_ = BlockAcc();
+    since_sub_ = since_wide_ = 0;
+    current_ = -1;
+  }
+
+  const std::vector<Item>& items_;
+  const HistLayout& l_;
+  const bool histogram_;
+  std::vector<BlockAcc>& accs_;
+  std::vector<std::mutex>& locks_;
+  RawTables& t_ = thread_tables();
+  int32_t current_ = -1;
+  BlockAcc seen_sub_, seen_wide_;  // what this thread touched since the last folds
+  int64_t since_sub_ = 0, since_wide_ = 0;
+};
+
+// Adds the statistics of every item to its row: one parallel region for all of them, the
+// threads taking consecutive runs of tasks of about equal elements (a run crosses tensors, so
+// small tensors of a multi-tensor call share a thread instead of paying a region and a fold per
+// thread each). Chunk boundaries, and so the floating-point partials and the order they are
+// folded in, do not depend on the threads.
+void summarize_items(std::vector<Item>& items, const HistLayout& l, bool histogram) {
+  const int64_t size = kChunkBlocks * kBlock;
+  std::vector<Task> tasks;
+  int64_t naccs = 0, total = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    Item& it = items[i];
+    it.counts[core::kCalls] += 1;
+    if (it.n == 0) continue;
+    const int64_t nchunks = (it.n + size - 1) / size;
+    it.direct = it.n <= kDirectMax || it.src == Src::kF64 || (!histogram && nchunks == 1);
+    it.first_acc = naccs;
+    it.chunks = it.direct ? 0 : nchunks;
+    naccs += it.chunks;
+    if (it.direct) {
+      tasks.push_back({static_cast<int32_t>(i), 0, it.n});
+    } else {
+      for (int64_t c = 0; c < nchunks; ++c)
+        tasks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c),
+                         std::min(it.n, (c + 1) * size) - c * size});
+    }
+    total += it.n;
+  }
+  if (tasks.empty()) return;
+  std::vector<BlockAcc> accs(naccs);
+  std::vector<std::mutex> locks(items.size());
+  // Runs of about total / parts elements each (a task is not split).
+  int64_t parts = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  if (at::in_parallel_region()) parts = 1;
+  std::vector<size_t> cut(parts + 1, tasks.size());
+  cut[0] = 0;
+  int64_t acc_cost = 0;
+  size_t ti = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t goal = total * p / parts;
+    while (ti < tasks.size() && acc_cost + tasks[ti].cost / 2 < goal) acc_cost += tasks[ti++].cost;
+    cut[p] = std::max(ti, cut[p - 1]);
+  }
+  auto body = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      if (cut[p] == cut[p + 1]) continue;
+      RunWorker w(items, l, histogram, accs, locks);
+      w.run(tasks.data() + cut[p], tasks.data() + cut[p + 1]);
+    }
+  };
+  if (parts > 1) {
+    at::parallel_for(0, parts, 1, body);
+  } else {
+    body(0, 1);
+  }
+  for (const Item& it : items) {
+    if (it.n == 0 || it.direct) continue;
+    BlockAcc sum;
+    for (int64_t c = 0; c < it.chunks; ++c) sum.merge(accs[it.first_acc + c]);
+    apply(sum, it.n, histogram ? Specials::kRawTable : Specials::kFromAcc, it.counts, it.moments);
+  }
 }
 
-void summarize_into(const at::Tensor& x_in, int64_t slot, const HistLayout& l, bool histogram,
-                    at::Tensor& counts, at::Tensor& moments) {
-  check_input(x_in, slot, counts);
-  const at::Tensor x = dense_view_or_copy(x_in);
-  summarize_span(source_of(x.scalar_type()), x.data_ptr(), x.numel(), l, histogram,
-                 counts.data_ptr<int64_t>() + slot * counts.size(1),
-                 moments.data_ptr<double>() + slot * moments.size(1));
+Item item_of(const at::Tensor& x, int64_t slot, at::Tensor& counts, at::Tensor& moments) {
+  return Item{source_of(x.scalar_type()),
+              x.data_ptr(),
+              x.numel(),
+              counts.data_ptr<int64_t>() + slot * counts.size(1),
+              moments.data_ptr<double>() + slot * moments.size(1),
+              false,
+              0,
+              0};
 }
 
-void tensor_summary_out_kernel(const at::Tensor& x, int64_t slot, int64_t k, int64_t emin,
+void tensor_summary_out_kernel(const at::Tensor& x_in, int64_t slot, int64_t k, int64_t emin,
                                int64_t octaves, bool histogram, at::Tensor& counts,
                                at::Tensor& moments) {
   const auto l = checked_layout(k, emin, octaves);
-  check_state(counts, moments, l, x.device());
-  summarize_into(x, slot, l, histogram, counts, moments);
+  check_state(counts, moments, l, x_in.device());
+  check_input(x_in, slot, counts);
+  const at::Tensor x = dense_view_or_copy(x_in);
+  std::vector<Item> items{item_of(x, slot, counts, moments)};
+  summarize_items(items, l, histogram);
 }
 
 void multi_tensor_summary_out_kernel(at::TensorList xs, at::IntArrayRef slots, int64_t k,
@@ -277,8 +384,23 @@ void multi_tensor_summary_out_kernel(at::TensorList xs, at::IntArrayRef slots, i
                 " but state on ", counts.device());
     check_input(xs[i], slots[i], counts);
   }
-  for (size_t i = 0; i < xs.size(); ++i)
-    summarize_into(xs[i], slots[i], l, histogram, counts, moments);
+  std::vector<at::Tensor> dense;
+  dense.reserve(xs.size());
+  for (const auto& x : xs) dense.push_back(dense_view_or_copy(x));
+  // Tensors sharing a slot go in separate calls: one item per row in a call (the threads of a
+  // call write an item's row under that item's lock only).
+  std::vector<char> used(static_cast<size_t>(counts.size(0)), 0);
+  std::vector<Item> items;
+  for (size_t i = 0; i < dense.size(); ++i) {
+    if (used[slots[i]]) {
+      summarize_items(items, l, histogram);
+      items.clear();
+      std::fill(used.begin(), used.end(), 0);
+    }
+    used[slots[i]] = 1;
+    items.push_back(item_of(dense[i], slots[i], counts, moments));
+  }
+  summarize_items(items, l, histogram);
 }
 
 }  // namespace
