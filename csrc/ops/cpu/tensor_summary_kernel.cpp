@@ -28,6 +28,7 @@ using core::kBlock;
 
 constexpr int64_t kChunkBlocks = 64;  // 64 Ki elements per chunk
 constexpr int64_t kDirectMax = 4096;  // below this the full mapping straight into the row wins
+constexpr int64_t kMinRunElems = (int64_t{1} << 17) + 1;  // see summarize_items
 
 enum class Src { kF32, kF64, kF16, kBF16 };
 
@@ -236,10 +237,13 @@ class RunWorker {
     const int64_t size = kChunkBlocks * kBlock;
     const int64_t esize = static_cast<int64_t>(elem_size(it.src));
     const int64_t len = std::min(it.n, (c + 1) * size) - c * size;
-    BlockAcc& acc = accs_[it.first_acc + c];
+    // accumulated on this thread's stack, stored once: neighbouring chunks' accumulators share
+    // cache lines, and another thread may be updating the next one
+    BlockAcc acc;
     const char* p = static_cast<const char*>(it.data) + c * size * esize;
     if (!histogram_) {
       core::span_fused(elem_of(it.src), p, len, l_.k, nullptr, acc);
+      accs_[it.first_acc + c] = acc;
       return;
     }
     if (since_sub_ + len > kSubFoldElems) {  // this chunk could overflow a sub-counter
@@ -259,6 +263,7 @@ class RunWorker {
       since_wide_ = 0;
     }
     core::span_fused(elem_of(it.src), p, len, l_.k, t_.sub.data(), acc);
+    accs_[it.first_acc + c] = acc;
     seen_sub_.merge(acc);
     since_sub_ += len;
     since_wide_ += len;
@@ -317,8 +322,12 @@ void summarize_items(std::vector<Item>& items, const HistLayout& l, bool histogr
   if (tasks.empty()) return;
   std::vector<BlockAcc> accs(naccs);
   std::vector<std::mutex> locks(items.size());
-  // Runs of about total / parts elements each (a task is not split).
-  int64_t parts = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  // Runs of about total / parts elements each (a task is not split), at least kMinRunElems: a
+  // thread that shares a tensor folds its table into the same row as another, and moving the
+  // row's cache lines between cores costs about what a thread saves on a shorter run.
+  int64_t parts = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                                     static_cast<int64_t>(tasks.size()),
+                                     std::max<int64_t>(1, total / kMinRunElems)});
   if (at::in_parallel_region()) parts = 1;
   std::vector<size_t> cut(parts + 1, tasks.size());
   cut[0] = 0;
