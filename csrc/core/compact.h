@@ -23,4 +23,11 @@ bool compact_copy(int64_t* counts, double* moments, int64_t width, const int64_t
                   const int32_t* first, const int64_t* offsets, int64_t* header,
                   double* moments_out, uint32_t* values, bool reset, int64_t* nonzero);
 
+// Adds the state of row src[i] into row dst[i] for every i (counts and sums added, min/max
+// combined), as if the tensors summarised in src[i] had also been summarised in dst[i]. Sources
+// are read before any row changes, destinations are updated in order: the same bits as the
+// index_select / index_add_ / scatter_reduce ops StatBank.merge_rows runs on a device.
+void merge_rows(int64_t* counts, double* moments, int64_t width, const int64_t* src,
+                const int64_t* dst, int64_t m);
+
 }  // namespace dnntrace::core

@@ -1,6 +1,8 @@
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "compact.h"
 #include "loglinear.h"
@@ -67,6 +69,41 @@ bool compact_copy(int64_t* counts, double* moments, int64_t width, const int64_t
   }
   *nonzero = nz;
   return true;
+}
+
+namespace {
+
+// torch.amin/amax semantics: NaN wins.
+double min_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b); }
+double max_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
+
+}  // namespace
+
+void merge_rows(int64_t* counts, double* moments, int64_t width, const int64_t* src,
+                const int64_t* dst, int64_t m) {
+  // Every source is read before any destination changes: a source may also be a destination.
+  std::vector<int64_t> c(static_cast<size_t>(m * width));
+  std::vector<double> mo(static_cast<size_t>(m * kNumMoments));
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(&c[i * width], counts + src[i] * width, width * sizeof(int64_t));
+    std::memcpy(&mo[i * kNumMoments], moments + src[i] * kNumMoments, kNumMoments * sizeof(double));
+  }
+  for (int64_t i = 0; i < m; ++i) {  // in order, as index_add_ adds repeated destinations
+    int64_t* d = counts + dst[i] * width;
+    const int64_t* s = &c[i * width];
+    for (int64_t j = 0; j < width; ++j) d[j] += s[j];
+    double* dm = moments + dst[i] * kNumMoments;
+    const double* sm = &mo[i * kNumMoments];
+    for (int j = 0; j < kNumMoments; ++j) {
+      if (j == kMin) {
+        dm[j] = min_nan(dm[j], sm[j]);
+      } else if (j == kMax) {
+        dm[j] = max_nan(dm[j], sm[j]);
+      } else {
+        dm[j] += sm[j];
+      }
+    }
+  }
 }
 
 }  // namespace dnntrace::core
