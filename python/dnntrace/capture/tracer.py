@@ -387,20 +387,48 @@ class Tracer:
         self._activity()
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
+        # Runs on the training thread for every traced module call: kept to few Python calls
+        # (in place, after the module's own ops, each costs several times its warm time). Labels
+        # and guarded gradient hooks are made once per (position, phase).
+        labels: dict[tuple[str, str], tuple[SlotLabel, SlotLabel, Callable[..., Any] | None]] = {}
+        is_compiling = torch.compiler.is_compiling
+        graph_task = torch._C._current_graph_task_id
+        grad_enabled = torch.is_grad_enabled
+        tensor_type = torch.Tensor
+
+        def labels_of(pos: str, phase: str) -> tuple[SlotLabel, SlotLabel, Any]:
+            act = (name, K.ACTIVATION, pos, phase)
+            grad = (name, K.ACTIVATION_GRAD, pos, phase)
+            fn = None
+            if self.trace_activation_grads:
+                fn = self._grad_hooks.get(grad)
+                if fn is None:  # one guarded hook per label, made once
+                    fn = self._grad_hooks[grad] = self._guard(self._make_tensor_grad_hook(grad))
+            entry = labels[(pos, phase)] = (act, grad, fn)
+            return entry
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if torch.compiler.is_compiling():
+            if is_compiling():
                 _compiled.record(self, name, module, output)
                 return
-            self._activity()
+            if self._end_pending:  # something of the next step: write the step that ended
+                self._finish()
             if name not in self._first_call:  # execution order, for readers and the viewer
                 self._first_call[name] = len(self._first_call)
                 self._exec_new.append(self._module_index[name])
-            if not self._sampling(self.activations_every):
+            if self.step_index % self.activations_every:
                 return
-            tensors = list(iter_float_tensors(output))
-            grad_on = torch.is_grad_enabled()
-            flows = grad_on and any(t.requires_grad for _, t in tensors)
-            if torch._C._current_graph_task_id() != -1:
+            if type(output) is tensor_type:  # the common case: one tensor
+                if not output.is_floating_point():
+                    return
+                tensors: Sequence[tuple[str, torch.Tensor]] = (("", output),)
+                requires = output.requires_grad
+            else:
+                tensors = list(iter_float_tensors(output))
+                requires = any(t.requires_grad for _, t in tensors)
+            grad_on = grad_enabled()
+            flows = grad_on and requires
+            if graph_task() != -1:
                 # a forward inside backward is activation checkpointing's recompute: the
                 # activations were recorded by the original forward. Reentrant checkpointing
                 # backpropagates through the recomputed outputs, so their gradients are taken
@@ -411,24 +439,24 @@ class Tracer:
                             label = (name, K.ACTIVATION_GRAD, pos, "train")
                             t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
                 return
-            phase = _phase(module, grad_on, flows)
+            if grad_on:  # _phase, inline
+                phase = "train" if (flows or module.training) else "eval"
+            else:
+                phase = _phase(module, grad_on, flows)
             for pos, t in tensors:
+                entry = labels.get((pos, phase)) or labels_of(pos, phase)
                 if self.trace_activations:
-                    self._accumulate((name, K.ACTIVATION, pos, phase), t)
-                if self.trace_activation_grads and flows and t.requires_grad:
-                    label = (name, K.ACTIVATION_GRAD, pos, phase)
-                    fn = self._grad_hooks.get(label)
-                    if fn is None:  # one guarded hook per label, made once
-                        fn = self._grad_hooks[label] = self._guard(
-                            self._make_tensor_grad_hook(label)
-                        )
-                    t.register_hook(fn)
+                    self._accumulate(entry[0], t)
+                if entry[2] is not None and flows and t.requires_grad:
+                    t.register_hook(entry[2])
 
         return hook
 
     def _make_tensor_grad_hook(self, label: SlotLabel) -> Callable[[torch.Tensor], None]:
+        accumulate = self._accumulate
+
         def hook(grad: torch.Tensor) -> None:
-            self._accumulate(label, grad)
+            accumulate(label, grad)
 
         return hook
 
