@@ -19,6 +19,7 @@ dropped and counted; training never blocks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -55,7 +56,9 @@ class VectorBlock(NamedTuple):
 @dataclass
 class _Job:
     bank: StatBank
-    rows: np.ndarray  # int64, the bank rows used this step
+    # the bank rows used this step: the bank's set of touched rows as handed over (the flush does
+    # no more work than that), sorted into int64 by the writer (_take) before anything else
+    rows: Any
     step: int
     wall_time_s: float
     labels: Sequence[SlotLabel]
@@ -83,6 +86,13 @@ class _Compact(NamedTuple):
 
 
 _TICK: Any = object()  # the coalescing window ended without a new step
+
+
+def _sorted_rows(rows: Any) -> np.ndarray:
+    """The bank rows of a step as sorted int64 (from the bank's set of touched rows)."""
+    if isinstance(rows, np.ndarray):
+        return rows
+    return np.fromiter(sorted(rows), np.int64, len(rows))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -137,12 +147,13 @@ class Pipeline:
         self._cuda = device.type == "cuda"
         self._closed = False
         self._dead: BaseException | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        # a C queue and a deque (atomic append/popleft): the flush takes no Python-level locks
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._side = torch.cuda.Stream(device=device) if self._cuda else None
         self._pool_size = min(host_buffers, 2) if self._cuda else host_buffers
-        self._free_banks: queue.Queue[StatBank] = queue.Queue()
+        self._free_banks: collections.deque[StatBank] = collections.deque()
         for _ in range(self._pool_size):
-            self._free_banks.put(StatBank(slots, layout, device))
+            self._free_banks.append(StatBank(slots, layout, device))
         self._bank = StatBank(slots, layout, device)
         self._label_cache: dict[Any, tuple[Any, Any, dict[str, pa.Array]]] = {}
         self._vectors: Sequence[VectorBlock] = ()
@@ -183,19 +194,18 @@ class Pipeline:
         """Hands the current bank's contents to the writer; False when the step was dropped."""
         t0 = time.perf_counter()
         bank = self.bank
-        rows = np.fromiter(sorted(bank.touched), np.int64, len(bank.touched))
         ok = False
         if self._dead is None and not self._closed:
             try:
-                fresh = self._free_banks.get_nowait()
-            except queue.Empty:
+                fresh = self._free_banks.popleft()
+            except IndexError:
                 fresh = None  # the writer is behind: drop this step
             if fresh is not None:
                 if fresh.slots < bank.slots:
                     fresh = StatBank(bank.slots, self.layout, self.device)
                 ok = True
         if not ok:
-            self._reset(bank, rows)
+            self._reset(bank, _sorted_rows(bank.touched))
             self.stats.steps_dropped += 1  # the step is lost, and counted
             self._note_flush(t0)
             return False
@@ -207,7 +217,7 @@ class Pipeline:
         ]
         job = _Job(
             bank,
-            rows,
+            bank.touched,
             step,
             time.time(),
             labels,
@@ -303,6 +313,7 @@ class Pipeline:
             c0, t0 = time.thread_time(), time.perf_counter()
             if job is not None and job is not _TICK:
                 try:
+                    job.rows = _sorted_rows(job.rows)
                     if self._dead is None:
                         pending.append(self._compact(job))  # returns the bank, even failing
                         since = since if len(pending) > 1 else time.monotonic()
@@ -347,7 +358,7 @@ class Pipeline:
                 bank.ready.record(self._side)
         else:
             self._reset(bank, rows)
-        self._free_banks.put(bank)
+        self._free_banks.append(bank)
 
     def _wait(self, event: Any) -> None:
         # poll rather than cudaEventSynchronize: query() never counts as a synchronising call
@@ -368,7 +379,7 @@ class Pipeline:
                 self._release(bank, job.rows)
                 raise
             bank.touched = set()
-            self._free_banks.put(bank)
+            self._free_banks.append(bank)
             st = job.scalar_tensor.numpy() if job.scalar_tensor is not None else None
             vt = job.vector_tensor.numpy() if job.vector_tensor is not None else None
             # what the CUDA path moves for these rows: header, moments, 4 bounds per row and 6

@@ -305,6 +305,14 @@ class Tracer:
             self._meta[slot] = (_dtype_name(x.dtype), shape)
             self._labels_snapshot = None
 
+    def _note_many(self, slots: Sequence[int], xs: Sequence[torch.Tensor]) -> None:
+        meta = self._meta
+        for slot, x in zip(slots, xs, strict=True):
+            m = meta[slot]
+            if m[1] != x.shape or not m[0]:  # torch.Size is a tuple: no copy to compare
+                meta[slot] = (_dtype_name(x.dtype), tuple(x.shape))
+                self._labels_snapshot = None
+
     def _accumulate(self, label: SlotLabel, x: torch.Tensor) -> None:
         if x.device != self.device:
             return  # another device than the bank's (model parallel): not traced
@@ -527,35 +535,53 @@ class Tracer:
 
     def _record_grads(self, indices: Sequence[int]) -> None:
         xs, slots = [], []
+        done, params, device, tensor_type = (
+            self._grads_done,
+            self._params,
+            self.device,
+            torch.Tensor,
+        )
         for i in indices:
-            if i in self._grads_done:
+            if i in done:
                 continue
-            p = self._params[i][2]
-            if p.grad is not None and p.grad.device == self.device and not p.grad.is_sparse:
-                g = _local(p.grad)
-                xs.append(g)
-                slots.append(self._grad_slots[i])
-                self._note(slots[-1], g)
-                self._grads_done.add(i)
+            g = params[i][2].grad
+            if g is None:
+                continue
+            if type(g) is not tensor_type:
+                g = _local(g)
+            if g.is_sparse or g.device != device:
+                continue
+            xs.append(g)
+            slots.append(self._grad_slots[i])
+            done.add(i)
         if xs:
+            self._note_many(slots, xs)
             self._pipe.bank.accumulate_many(xs, slots)
             self._recorded = True
 
     def _record_weights(self, indices: Iterable[int]) -> None:
         """Records the weights at the end of the step (after the update), once per step."""
-        if not self.trace_weights or not self._sampling(self.every):
+        if not self.trace_weights or self.step_index % self.every:
             return
         xs, slots = [], []
+        done, params, device, tensor_type = (
+            self._weights_done,
+            self._params,
+            self.device,
+            torch.Tensor,
+        )
         for i in indices:
-            if i in self._weights_done:
+            if i in done:
                 continue
-            self._weights_done.add(i)
-            x = _local(self._params[i][2].detach())
-            if x.device == self.device:
+            done.add(i)
+            x = params[i][2]  # detached by the bank
+            if type(x) is not tensor_type and type(x) is not nn.Parameter:
+                x = _local(x.detach())
+            if x.device == device:
                 xs.append(x)
                 slots.append(self._weight_slots[i])
-                self._note(slots[-1], x)
         if xs:
+            self._note_many(slots, xs)
             self._pipe.bank.accumulate_many(xs, slots)
             self._recorded = True
 

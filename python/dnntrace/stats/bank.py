@@ -108,7 +108,7 @@ class StatBank:
     ) -> None:
         self.touched.update(slots)
         ops.multi_tensor_summary_out(
-            [x.detach() for x in xs],
+            [x.detach() if x.requires_grad else x for x in xs],
             slots,
             self.counts,
             self.moments,
