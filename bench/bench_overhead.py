@@ -458,6 +458,51 @@ def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir:
     return res
 
 
+def fast_loop(workdir: str, steps: int, batch: int = 8) -> list[str]:
+    """The bench MLP at a small batch (a few ms per step): are all traced steps written? Steps
+    may be dropped only when the disk is slower than the data; a fast loop must not drop."""
+    case = _cases()["mlp"]
+    torch.manual_seed(0)
+    model = case.make().to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(batch, 1024, generator=g).to(DEVICE),
+            torch.randint(0, 10, (batch,), generator=g).to(DEVICE),
+        )
+        for _ in range(steps)
+    ]
+    out = []
+    for cfg, opts in (("a", None), ("i", {}), ("b", {"activations_every": 1})):
+        path = os.path.join(workdir, f"fast-{cfg}.arrow")
+        tr = dnntrace.enable(model, path, **opts) if opts is not None else None
+        times = []
+        for x, y in data:
+            _sync()
+            t0 = time.perf_counter()
+            loss = case.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync()
+            times.append(time.perf_counter() - t0)
+        if tr is None:
+            out.append(
+                f"fast loop (bench MLP, batch {batch}, {steps} steps, {CONFIGS[cfg]}): median "
+                f"step {statistics.median(times) * 1e3:.2f} ms"
+            )
+            continue
+        st = tr.close()
+        out.append(
+            f"fast loop (bench MLP, batch {batch}, {steps} steps, {CONFIGS[cfg]}): median step "
+            f"{statistics.median(times) * 1e3:.2f} ms; steps written {st['steps_written']}, "
+            f"dropped {st['steps_dropped']}; {st['batches']} record batches; writer CPU "
+            f"{st['writer_cpu_seconds'] / max(st['steps_written'], 1) * 1e3:.2f} ms/step"
+        )
+    return out
+
+
 def demo_bytes_per_row(workdir: str, steps: int) -> tuple[float, int]:
     out = os.path.join(workdir, "demo.arrow")
     subprocess.run(
@@ -491,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps per round (%(default)s)")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds (%(default)s)")
     ap.add_argument("--demo-steps", type=int, default=200, help="0 to skip the demo trace size")
+    ap.add_argument(
+        "--fast-steps",
+        type=int,
+        default=300,
+        help="steps of the small-batch MLP loop (steps written vs dropped); 0 to skip",
+    )
     ap.add_argument("--out", default=None, help="folder for traces (default: a temp folder)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     ap.add_argument(
@@ -506,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if CPU_TIME:
         torch.set_num_threads(1)
     if args.quick:
-        args.steps, args.rounds, args.demo_steps = 10, 1, 0
+        args.steps, args.rounds, args.demo_steps, args.fast_steps = 10, 1, 0, 30
     cases = _cases()
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -600,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     if peers:
         print()
         print("\n".join(peers))
+    if args.fast_steps:
+        print()
+        print("\n".join(fast_loop(workdir, args.fast_steps)))
     if args.demo_steps:
         per_row, rows = demo_bytes_per_row(workdir, args.demo_steps)
         print(
