@@ -9,7 +9,7 @@ import pytest
 import torch
 from _strategies import exact_f64, layouts, tensors
 from _support import assert_counts_equal, assert_moments_close, fresh_state
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _devices import cpu_and_cuda
@@ -224,3 +224,40 @@ def test_thread_count_does_not_change_a_bit():
         torch.set_num_threads(saved)
     assert torch.equal(out[0][0], out[1][0])
     assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    data=st.data(),
+    layout=layouts(),
+    threads=st.sampled_from([1, 2]),
+    histogram=st.booleans(),
+)
+def test_long_lists_match_reference(data, layout, threads, histogram):
+    """Lists of long tensors (sizes around the 64 Ki chunk and the 2^17 run boundaries, every
+    dtype, values over all classes of raw id) against the reference, for 1 and 2 threads."""
+    k, emin, octaves = layout
+    lay = Layout(k, emin, octaves)
+    sizes = st.sampled_from([4_097, 65_535, 65_536, 65_537, 131_073, 196_608, 262_145])
+    n_tensors = data.draw(st.integers(1, 4))
+    xs = [
+        _spread(
+            data.draw(sizes),
+            data.draw(st.integers(0, 1000)),
+            data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        )
+        for _ in range(n_tensors)
+    ]
+    slots = data.draw(st.permutations(range(n_tensors)))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts, moments = fresh_state(n_tensors, k, emin, octaves)
+        ops.multi_tensor_summary_out(xs, slots, counts, moments, lay, histogram=histogram)
+    finally:
+        torch.set_num_threads(saved)
+    for x, s in zip(xs, slots, strict=True):
+        values = exact_f64(x).reshape(-1)
+        want_c, want_m = tensor_summary_ref(values, k, emin, octaves)
+        assert_counts_equal(counts[s].numpy(), want_c, histogram=histogram)
+        assert_moments_close(moments[s].numpy(), want_m, values)
