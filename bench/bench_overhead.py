@@ -208,6 +208,7 @@ class Run:
     after_step: Callable[[int, torch.Tensor], None] = lambda i, loss: None
     close: Callable[[], dict[str, Any] | None] = lambda: None
     path: str | None = None
+    tracer: Any = None
 
 
 def _naive_hooks(model: nn.Module) -> Run:
@@ -271,7 +272,7 @@ def _wandb(model: nn.Module, wdir: str) -> Run:
 
 def _dnntrace(model: nn.Module, path: str, **opts: Any) -> Run:
     tr = dnntrace.enable(model, path, **opts)
-    return Run(close=tr.close, path=path)
+    return Run(close=tr.close, path=path, tracer=tr)
 
 
 def _stubbed(run: Run) -> Run:
@@ -281,6 +282,10 @@ def _stubbed(run: Run) -> Run:
     saved = ops.tensor_summary_out, ops.multi_tensor_summary_out
     ops.tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
     ops.multi_tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
+    # activation gradients are summarised by C++ hooks, which call the op natively
+    watch = getattr(run.tracer, "_gwatch", None)
+    if watch is not None:
+        watch.set_stub(True)
     close = run.close
 
     def restore() -> Any:
@@ -289,7 +294,7 @@ def _stubbed(run: Run) -> Run:
         finally:
             ops.tensor_summary_out, ops.multi_tensor_summary_out = saved
 
-    return Run(close=restore, path=run.path)
+    return Run(close=restore, path=run.path, tracer=run.tracer)
 
 
 def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:

@@ -106,6 +106,7 @@ py::tuple vector_row_stats(py::array_t<float, py::array::c_style | py::array::fo
 }  // namespace
 
 void init_rows(py::module_& m);
+void init_watch(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dnntrace native core";
@@ -153,4 +154,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel_isa", &block_fused_isa,
         "Which CPU summary kernel runs here: 'avx512' or 'baseline' (DNNTRACE_CPU_BASELINE=1).");
   init_rows(m);
+  init_watch(m);
 }

@@ -10,8 +10,10 @@ counter, so a tensor modified since its first read is read again.
 
 The merge adds the first row's state into the duplicate's row (counts and sums added, min/max
 combined), which equals a separate read exactly, because the first row then holds that one tensor
-only. Merges are queued and run as two batched index ops before the step's rows are read; a row
-that is a pending merge source is merged out before anything else is added to it.
+only. Merges are queued and run before the step's rows are read (one native pass on a CPU bank,
+index ops on a device); a row that is a pending merge source is merged out before anything else is
+added to it. Activation gradients are recorded by C++ hooks (csrc/ops/grad_watch.h), which keep
+the same table natively, with the TensorImpl's weak pointer as the liveness proof.
 """
 
 from __future__ import annotations

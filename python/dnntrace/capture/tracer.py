@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .. import _C
 from .._version import __version__
 from ..storage import kinds as K
 from ..storage.files import rank_path
@@ -190,7 +191,7 @@ class Tracer:
         self._ext_ended = False  # extensions' on_step_end ran for the step that ended
         self._warned_cleared = False
         self._read_once = ReadOnce()
-        self._grad_hooks: dict[SlotLabel, Callable[[torch.Tensor], None]] = {}
+        self._gwatch: Any = None  # _C.GradWatch once the pipeline exists (activation_grads)
         self.extensions = extensions_for(cfg)  # built-ins through the registry
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
@@ -272,6 +273,10 @@ class Tracer:
             rank=self.rank,
             on_error=self._writer_failed,
         )
+        if self.trace_activation_grads:
+            # activation gradients are recorded by C++ hooks, without Python in the backward
+            self._gwatch = _C.GradWatch()
+            self._watch_bank()
         self._weight_slots: list[int] = []
         self._grad_slots: list[int] = []
         if self.trace_weights or self.trace_weight_grads:
@@ -296,7 +301,37 @@ class Tracer:
             self._labels_snapshot = None
             if s >= self._pipe.capacity:
                 self._pipe.grow(max(2 * self._pipe.capacity, s + 1))
+                self._watch_bank()
         return s
+
+    # ---- the native gradient watch ------------------------------------------------------
+    def _watch_bank(self) -> None:
+        """Points the gradient watch at the current bank (after a flush or a grow)."""
+        if self._gwatch is not None and self._pipe is not None:
+            bank, lay = self._pipe.bank, self.layout
+            torch.ops.dnntrace.watch_set_bank.default(
+                self._gwatch.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
+            )
+
+    def _drain_watch(self, end_step: bool = False) -> None:
+        """Takes what the C++ hooks recorded into the tracer's state: merges (at the step's end,
+        with the read-once table cleared), touched rows, row metadata, errors."""
+        w = self._gwatch
+        if w is None or self._pipe is None:
+            return
+        if end_step:
+            w.end_step()
+        else:
+            w.apply()
+        self._pipe.bank.touched.update(w.take_touched())
+        for slot, dtype, shape in w.take_meta():
+            self._meta[slot] = (dtype, tuple(shape))
+            self._labels_snapshot = None
+        if w.take_recorded():
+            self._recorded = True
+        err = w.take_error()
+        if err and self.disabled_reason is None:
+            self._fail(RuntimeError(f"activation gradient: {err}"))
 
     def _note(self, slot: int, x: torch.Tensor) -> None:
         shape = tuple(x.shape)
@@ -397,22 +432,21 @@ class Tracer:
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         # Runs on the training thread for every traced module call: kept to few Python calls
         # (in place, after the module's own ops, each costs several times its warm time). Labels
-        # and guarded gradient hooks are made once per (position, phase).
-        labels: dict[tuple[str, str], tuple[SlotLabel, SlotLabel, Callable[..., Any] | None]] = {}
+        # and slots are looked up once per (position, phase); the output's gradient is taken by a
+        # C++ hook of the gradient watch (dnntrace::watch_grad), so the backward runs no Python.
+        labels: dict[tuple[str, str], tuple[SlotLabel, int]] = {}
+        watch_grad = torch.ops.dnntrace.watch_grad.default
         is_compiling = torch.compiler.is_compiling
         graph_task = torch._C._current_graph_task_id
         grad_enabled = torch.is_grad_enabled
         tensor_type = torch.Tensor
 
-        def labels_of(pos: str, phase: str) -> tuple[SlotLabel, SlotLabel, Any]:
+        def labels_of(pos: str, phase: str) -> tuple[SlotLabel, int]:
             act = (name, K.ACTIVATION, pos, phase)
-            grad = (name, K.ACTIVATION_GRAD, pos, phase)
-            fn = None
+            grad = -1
             if self.trace_activation_grads:
-                fn = self._grad_hooks.get(grad)
-                if fn is None:  # one guarded hook per label, made once
-                    fn = self._grad_hooks[grad] = self._guard(self._make_tensor_grad_hook(grad))
-            entry = labels[(pos, phase)] = (act, grad, fn)
+                grad = self._slot((name, K.ACTIVATION_GRAD, pos, phase))
+            entry = labels[(pos, phase)] = (act, grad)
             return entry
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -443,9 +477,9 @@ class Tracer:
                 # here (non-reentrant recompute outputs are not on the graph: no hook fires).
                 if flows and self.trace_activation_grads:
                     for pos, t in tensors:
-                        if t.requires_grad:
-                            label = (name, K.ACTIVATION_GRAD, pos, "train")
-                            t.register_hook(self._guard(self._make_tensor_grad_hook(label)))
+                        if t.requires_grad and t.device == self.device:
+                            slot = self._slot((name, K.ACTIVATION_GRAD, pos, "train"))
+                            watch_grad(t, self._gwatch.id, slot)
                 return
             if grad_on:  # _phase, inline
                 phase = "train" if (flows or module.training) else "eval"
@@ -455,16 +489,8 @@ class Tracer:
                 entry = labels.get((pos, phase)) or labels_of(pos, phase)
                 if self.trace_activations:
                     self._accumulate(entry[0], t)
-                if entry[2] is not None and flows and t.requires_grad:
-                    t.register_hook(entry[2])
-
-        return hook
-
-    def _make_tensor_grad_hook(self, label: SlotLabel) -> Callable[[torch.Tensor], None]:
-        accumulate = self._accumulate
-
-        def hook(grad: torch.Tensor) -> None:
-            accumulate(label, grad)
+                if entry[1] >= 0 and flows and t.requires_grad and t.device == self.device:
+                    watch_grad(t, self._gwatch.id, entry[1])
 
         return hook
 
@@ -648,6 +674,7 @@ class Tracer:
             self._ext_ended = True
             if self._pipe is not None:
                 self._read_once.apply(self._pipe.bank)  # duplicates' rows, before extensions
+                self._drain_watch()
             for ext in self.extensions:
                 ext.on_step_end(self)
         self._end_pending = True
@@ -800,10 +827,14 @@ class Tracer:
     def paused(self) -> Iterator[None]:
         """Hooks do nothing inside (an extension's own forward passes, e.g. a Hessian closure)."""
         was, self._paused = self._paused, True
+        if self._gwatch is not None:
+            self._gwatch.set_enabled(False)
         try:
             yield
         finally:
             self._paused = was
+            if self._gwatch is not None and not was and self.disabled_reason is None:
+                self._gwatch.set_enabled(not self.closed)
 
     def add_handle(self, handle: RemovableHandle) -> None:
         """A hook handle to remove when the tracer closes or is disabled."""
@@ -934,12 +965,16 @@ class Tracer:
             self._record_weights(range(len(self._params)))
         self._weights_done.clear()
         self._read_once.end_step(self._pipe.bank)
+        self._drain_watch(end_step=True)
+        if self.disabled_reason is not None:
+            return
         if not self._recorded and not self._scalars and not self._vectors:
             return
         if self._labels_snapshot is None:
             self._labels_snapshot = (tuple(self._labels), tuple(self._meta))
         labels, meta = self._labels_snapshot
         self._pipe.submit(self.step_index, labels, meta, self._scalars, self._vectors)
+        self._watch_bank()
         self._scalars = {}
         self._vectors = []
         self._recorded = False
@@ -966,6 +1001,7 @@ class Tracer:
             }
         s = self._pipe.stats
         flush = sorted(s.flush_us)
+        gw_saved = self._gwatch.saved() if self._gwatch is not None else (0, 0)
         return {
             "steps_written": s.steps_written,
             "steps_dropped": s.steps_dropped,
@@ -975,8 +1011,8 @@ class Tracer:
             "memory_bytes": self._pipe.memory_bytes(),
             "flush_us_median": flush[len(flush) // 2] if flush else 0.0,
             "write_seconds": s.write_seconds,
-            "reads_saved": self._read_once.reads_saved,
-            "bytes_read_saved": self._read_once.bytes_saved,
+            "reads_saved": self._read_once.reads_saved + gw_saved[0],
+            "bytes_read_saved": self._read_once.bytes_saved + gw_saved[1],
             "writer_cpu_seconds": s.writer_cpu_seconds,
             "bytes_to_host": s.bytes_to_host,
             "bank_bytes": self._pipe.bank.bytes,
@@ -988,6 +1024,8 @@ class Tracer:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._gwatch is not None:  # gradient hooks already on tensors do nothing from now on
+            self._gwatch.set_enabled(False)
 
     def close(self) -> dict[str, Any]:
         """Flushes the last step, waits for the writer, removes every hook. Idempotent."""
@@ -1013,6 +1051,8 @@ class Tracer:
                         stacklevel=2,
                     )
             try:
+                if self.disabled_reason is None:
+                    self._drain_watch()
                 if pending or self._recorded or self._scalars or self._vectors:
                     self._flush(closing=not pending)
             except Exception as e:  # closing must not raise into the user's finally-blocks

@@ -1,0 +1,42 @@
+// dnntrace._C.GradWatch: the Python handle of a native gradient watch (csrc/ops/grad_watch.h).
+// Tensors reach the watch through its ops (dnntrace::watch_grad, dnntrace::watch_set_bank), so
+// these bindings take plain values only.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "../ops/grad_watch.h"
+
+namespace py = pybind11;
+using dnntrace::ops::Watch;
+
+namespace {
+
+struct GradWatch {
+  std::shared_ptr<Watch> watch = std::make_shared<Watch>();
+  int64_t id = dnntrace::ops::register_watch(watch);
+  ~GradWatch() { dnntrace::ops::unregister_watch(id); }
+};
+
+}  // namespace
+
+void init_watch(py::module_& m) {
+  py::class_<GradWatch>(m, "GradWatch",
+                        "Activation gradients recorded by C++ hooks (see csrc/ops/grad_watch.h)")
+      .def(py::init<>())
+      .def_readonly("id", &GradWatch::id)
+      .def("set_enabled", [](GradWatch& g, bool on) { g.watch->set_enabled(on); })
+      .def("set_stub", [](GradWatch& g, bool on) { g.watch->set_stub(on); })
+      .def("apply", [](GradWatch& g) { g.watch->apply(); })
+      .def("end_step", [](GradWatch& g) { g.watch->end_step(); })
+      .def("take_touched", [](GradWatch& g) { return g.watch->take_touched(); })
+      .def("take_meta", [](GradWatch& g) { return g.watch->take_meta(); })
+      .def("take_recorded", [](GradWatch& g) { return g.watch->take_recorded(); })
+      .def("take_error", [](GradWatch& g) { return g.watch->take_error(); })
+      .def("saved", [](GradWatch& g) { return g.watch->saved(); })
+      .def("close", [](GradWatch& g) {
+        g.watch->set_enabled(false);
+        dnntrace::ops::unregister_watch(g.id);
+      });
+}

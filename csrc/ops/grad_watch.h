@@ -1,0 +1,97 @@
+// The tracer's activation gradients, recorded without Python: the forward hook calls
+// dnntrace::watch_grad(t, watch, slot), which registers a C++ hook on `t`; autograd runs it with
+// t's gradient (on whichever thread runs that part of the backward) and it adds the gradient's
+// statistics into row `slot` of the bank the tracer holds at that moment.
+//
+// A Watch mirrors what the Python path did per gradient: each tensor read once per step (a
+// gradient that is the same data as one already read this step becomes a row merge, see
+// capture/readonce.py), the rows touched, each row's dtype and shape, and errors, which disable
+// the watch and are reported by the tracer at its next flush (a hook must never throw into a
+// user's backward). All state is guarded by one mutex; no Python object is touched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/UndefinedTensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace dnntrace::ops {
+
+class Watch : public std::enable_shared_from_this<Watch> {
+ public:
+  // The bank the gradients go to from now on (the tracer's current one) and its layout.
+  void set_bank(const at::Tensor& counts, const at::Tensor& moments, int64_t k, int64_t emin,
+                int64_t octaves);
+  // Registers the hook on t (which requires grad); its gradient goes to `slot`.
+  void watch(const at::Tensor& t, int64_t slot);
+  // Adds x into `slot` (what the hook does), read once per step.
+  void accumulate(const at::Tensor& x, int64_t slot);
+
+  void set_enabled(bool on);
+  void set_stub(bool on);  // benchmarks: everything but the statistics op
+  // Runs the pending row merges (device ops on a CUDA bank, no sync).
+  void apply();
+  // The step's end: merges run, the read-once table cleared.
+  void end_step();
+
+  // Drained by the tracer at each flush.
+  std::vector<int64_t> take_touched();
+  // (slot, dtype name, shape) of rows whose tensor's dtype or shape changed.
+  std::vector<std::tuple<int64_t, std::string, std::vector<int64_t>>> take_meta();
+  bool take_recorded();
+  std::string take_error();
+  std::pair<int64_t, int64_t> saved() const;  // (reads, bytes) merged instead of read
+
+ private:
+  struct Key {
+    intptr_t data;
+    int8_t dtype;
+    std::vector<int64_t> sizes, strides;
+    int64_t version;
+    bool operator<(const Key& o) const {
+      return std::tie(data, dtype, sizes, strides, version) <
+             std::tie(o.data, o.dtype, o.sizes, o.strides, o.version);
+    }
+  };
+  struct Seen {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>
+        impl;  // alive: its memory was not reused
+    int64_t slot;
+  };
+
+  void accumulate_locked(const at::Tensor& x, int64_t slot);
+  void read_locked(const at::Tensor& x, int64_t slot);
+  void apply_locked();
+  void fail_locked(const char* what);
+
+  mutable std::mutex mu_;
+  at::Tensor counts_, moments_;
+  int64_t k_ = 6, emin_ = -48, octaves_ = 64;
+  bool enabled_ = true, stub_ = false, recorded_ = false;
+  std::string error_;
+  std::vector<int64_t> touched_;
+  std::unordered_map<int64_t, std::pair<int8_t, std::vector<int64_t>>> meta_;
+  std::vector<int64_t> meta_dirty_;
+  std::map<Key, Seen> seen_;
+  std::unordered_map<int64_t, int64_t> adds_;
+  std::vector<std::pair<int64_t, int64_t>> pending_;
+  std::unordered_set<int64_t> sources_;
+  int64_t reads_saved_ = 0, bytes_saved_ = 0;
+};
+
+// Watches by id: the op dnntrace::watch_grad names its watch by an int.
+int64_t register_watch(std::shared_ptr<Watch> w);
+void unregister_watch(int64_t id);
+std::shared_ptr<Watch> find_watch(int64_t id);
+
+}  // namespace dnntrace::ops

@@ -1,0 +1,105 @@
+"""The native gradient watch (csrc/ops/grad_watch.h): activation gradients recorded by C++ hooks.
+
+Values are checked against captured gradients in the tracer's own loops (test_tracer_readonce,
+test_tracer*); here, what only the native path can get wrong: a hook must never raise into the
+user's backward, a closed or disabled tracer's pending hooks do nothing, and a bank swapped
+between forward and backward receives the gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import dnntrace
+from dnntrace import _C
+from dnntrace.sketch import layout as L
+from dnntrace.stats.bank import StatBank
+from reference import tensor_summary_ref
+
+
+def _set_bank(w: _C.GradWatch, bank: StatBank) -> None:
+    lay = bank.layout
+    torch.ops.dnntrace.watch_set_bank.default(
+        w.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
+    )
+
+
+def test_gradient_lands_in_the_slot_and_equals_the_reference() -> None:
+    w, bank = _C.GradWatch(), StatBank(4)
+    _set_bank(w, bank)
+    x = torch.randn(300, requires_grad=True)
+    y = x * 3
+    torch.ops.dnntrace.watch_grad.default(y, w.id, 2)
+    g = torch.randn(300)
+    y.backward(g)
+    w.end_step()
+    assert w.take_touched() == [2]
+    assert w.take_recorded()
+    assert w.take_meta() == [(2, "float32", [300])]
+    want_c, want_m = tensor_summary_ref(
+        g.double().numpy(), bank.layout.k, bank.layout.emin, bank.layout.octaves
+    )
+    np.testing.assert_array_equal(bank.counts[2].numpy(), want_c)
+    np.testing.assert_allclose(bank.moments[2].numpy()[: L.MAX + 1], want_m[: L.MAX + 1])
+    assert bank.counts[[0, 1, 3]].sum() == 0
+
+
+def test_a_failing_hook_never_raises_into_backward() -> None:
+    w, bank = _C.GradWatch(), StatBank(2)
+    _set_bank(w, bank)
+    x = torch.randn(5, requires_grad=True)
+    y = x * 2
+    torch.ops.dnntrace.watch_grad.default(y, w.id, 7)  # outside the bank's 2 rows
+    y.sum().backward()  # does not raise
+    assert x.grad is not None
+    err = w.take_error()
+    assert "outside the bank" in err
+    z = x * 2  # the watch is disabled from now on
+    torch.ops.dnntrace.watch_grad.default(z, w.id, 0)
+    z.sum().backward()
+    assert bank.counts.sum() == 0
+
+
+def test_the_watch_follows_the_bank_it_is_given() -> None:
+    """Forward with one bank, backward after a swap: the gradient goes to the bank held at the
+    time the hook runs (the tracer swaps banks at each flush)."""
+    w, first, second = _C.GradWatch(), StatBank(2), StatBank(2)
+    _set_bank(w, first)
+    x = torch.randn(10, requires_grad=True)
+    y = x + 1
+    torch.ops.dnntrace.watch_grad.default(y, w.id, 1)
+    _set_bank(w, second)
+    y.sum().backward()
+    assert first.counts.sum() == 0
+    assert second.counts[1, L.COUNT] == 10
+
+
+def test_hooks_of_a_closed_tracer_do_nothing(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    tr = dnntrace.enable(model, tmp_path / "t.arrow", activations_every=1)
+    out = model(torch.randn(3, 4))  # gradient hooks registered on the activations
+    stats = tr.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out.sum().backward()  # after close: no error, nothing recorded
+    assert stats["steps_written"] >= 0
+    assert tr.stats()["steps_written"] == stats["steps_written"]
+
+
+def test_pause_stops_the_hooks(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dnntrace.enable(model, tmp_path / "t.arrow", activations_every=1) as tr:
+        out = model(torch.randn(3, 4))
+        with tr.paused():
+            out.sum().backward()  # inside paused(): the activation gradients are not recorded
+        opt.step()
+    trace = dnntrace.load(tmp_path / "t.arrow")
+    kinds = set(trace.table.column("kind").to_pylist())
+    assert "activation" in kinds
+    assert "activation_grad" not in kinds
