@@ -282,10 +282,10 @@ def _stubbed(run: Run) -> Run:
     saved = ops.tensor_summary_out, ops.multi_tensor_summary_out
     ops.tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
     ops.multi_tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
-    # activation gradients are summarised by C++ hooks, which call the op natively
-    watch = getattr(run.tracer, "_gwatch", None)
-    if watch is not None:
-        watch.set_stub(True)
+    # activations and their gradients are summarised natively (capture/readonce.py)
+    table = getattr(run.tracer, "_read_once", None)
+    if table is not None:
+        table.set_stub(True)
     close = run.close
 
     def restore() -> Any:

@@ -91,8 +91,7 @@ void Watch::fail_locked(const char* what) {
 
 void Watch::accumulate_locked(const at::Tensor& x, int64_t slot) {
   if (x.device() != counts_.device()) return;  // another device than the bank's: not traced
-  TORCH_CHECK(slot >= 0 && slot < counts_.size(0), "dnntrace: gradient slot ", slot,
-              " outside the bank");
+  TORCH_CHECK(slot >= 0 && slot < counts_.size(0), "dnntrace: slot ", slot, " outside the bank");
   if (sources_.count(slot)) apply_locked();  // its pending copies first: the row will change
   const auto dtype = static_cast<int8_t>(x.scalar_type());
   auto& m = meta_[slot];
@@ -193,6 +192,11 @@ void Watch::set_enabled(bool on) {
   enabled_ = on && error_.empty();
 }
 
+bool Watch::enabled() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return enabled_;
+}
+
 void Watch::set_stub(bool on) {
   std::lock_guard<std::mutex> lock(mu_);
   stub_ = on;
@@ -244,6 +248,15 @@ void watch_grad(const at::Tensor& t, int64_t id, int64_t slot) {
   w->watch(t, slot);
 }
 
+// The forward hook's native part: x's statistics into `act_slot` (read once per step), and its
+// gradient into `grad_slot` by a C++ hook; -1 skips either.
+void record_output(const at::Tensor& x, int64_t id, int64_t act_slot, int64_t grad_slot) {
+  auto w = find_watch(id);
+  TORCH_CHECK(w != nullptr, "dnntrace: no gradient watch ", id);
+  if (act_slot >= 0) w->accumulate(x, act_slot);
+  if (grad_slot >= 0 && x.requires_grad() && w->enabled()) w->watch(x, grad_slot);
+}
+
 void watch_set_bank(int64_t id, const at::Tensor& counts, const at::Tensor& moments, int64_t k,
                     int64_t emin, int64_t octaves) {
   auto w = find_watch(id);
@@ -256,6 +269,8 @@ void watch_set_bank(int64_t id, const at::Tensor& counts, const at::Tensor& mome
 TORCH_LIBRARY_FRAGMENT(dnntrace, m) {
   // Registers a hook on t that adds its gradient into row `slot` of the watch's bank.
   m.def("watch_grad(Tensor t, int watch, int slot) -> ()");
+  // x into row act_slot (read once per step) and its gradient into grad_slot; -1 skips either.
+  m.def("record_output(Tensor x, int watch, int act_slot, int grad_slot) -> ()");
   // The bank (and layout) the watch's gradients go to from now on.
   m.def(
       "watch_set_bank(int watch, Tensor counts, Tensor moments, int k, int emin, int octaves) "
@@ -265,6 +280,7 @@ TORCH_LIBRARY_FRAGMENT(dnntrace, m) {
 // Above autograd: the hook is registered on the caller's tensor itself.
 TORCH_LIBRARY_IMPL(dnntrace, CompositeImplicitAutograd, m) {
   m.impl("watch_grad", TORCH_FN(watch_grad));
+  m.impl("record_output", TORCH_FN(record_output));
   m.impl("watch_set_bank", TORCH_FN(watch_set_bank));
 }
 

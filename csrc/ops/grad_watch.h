@@ -1,7 +1,8 @@
-// The tracer's activation gradients, recorded without Python: the forward hook calls
-// dnntrace::watch_grad(t, watch, slot), which registers a C++ hook on `t`; autograd runs it with
-// t's gradient (on whichever thread runs that part of the backward) and it adds the gradient's
-// statistics into row `slot` of the bank the tracer holds at that moment.
+// The tracer's activations and activation gradients, recorded natively: the forward hook calls
+// dnntrace::record_output(x, watch, act_slot, grad_slot), which adds x into its row and registers
+// a C++ hook on x; autograd runs the hook with x's gradient (on whichever thread runs that part of
+// the backward, without Python) and it adds the gradient into row `grad_slot` of the bank the
+// tracer holds at that moment.
 //
 // A Watch mirrors what the Python path did per gradient: each tensor read once per step (a
 // gradient that is the same data as one already read this step becomes a row merge, see
@@ -38,6 +39,7 @@ class Watch : public std::enable_shared_from_this<Watch> {
   void accumulate(const at::Tensor& x, int64_t slot);
 
   void set_enabled(bool on);
+  bool enabled() const;
   void set_stub(bool on);  // benchmarks: everything but the statistics op
   // Runs the pending row merges (device ops on a CUDA bank, no sync).
   void apply();

@@ -111,10 +111,10 @@ def test_internal_error_disables_tracing_with_one_warning(
     with dnntrace.enable(model, trace_path, activations_every=1) as tr:
         _loop(model, opt, 2)
 
-        def broken(self: StatBank, x: torch.Tensor, slot: int, **kw: object) -> None:
+        def broken(self: StatBank, xs: object, slots: object, **kw: object) -> None:
             raise RuntimeError("injected")
 
-        monkeypatch.setattr(StatBank, "accumulate", broken)
+        monkeypatch.setattr(StatBank, "accumulate_many", broken)  # weights and weight grads
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             losses = _loop(model, opt, 3)
@@ -132,14 +132,50 @@ def test_internal_error_raises_when_strict(
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def broken(self: StatBank, x: torch.Tensor, slot: int, **kw: object) -> None:
+    def broken(self: StatBank, xs: object, slots: object, **kw: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(StatBank, "accumulate", broken)
+    monkeypatch.setattr(StatBank, "accumulate_many", broken)
     with dnntrace.enable(model, trace_path, strict=True):
         with pytest.raises(TracingError, match="injected"):
             _loop(model, opt, 1)
     assert issubclass(TracingError, RuntimeError)
+
+
+def _break_native_table(tr: dnntrace.Tracer, model: torch.nn.Module) -> None:
+    """From the next forward on, the native table (activations, their gradients) writes into a
+    one-row bank: its first output's row is outside it, an error inside the C++ op."""
+    tiny = StatBank(1, tr.layout)
+    model[0].register_forward_pre_hook(lambda m, a: tr._read_once.set_bank(tiny))
+
+
+def test_native_error_disables_tracing_with_one_warning(trace_path: Path) -> None:
+    """An error inside the native recording (the forward's op or a gradient's C++ hook) never
+    raises into the forward or the backward: the tracer reports it once, at the step's end."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with dnntrace.enable(model, trace_path, activations_every=1) as tr:
+        _loop(model, opt, 2)
+        _break_native_table(tr, model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = _loop(model, opt, 3)
+    assert np.isfinite(losses).all()
+    assert [w.category for w in caught] == [RuntimeWarning], [str(w.message) for w in caught]
+    assert "tracing disabled" in str(caught[0].message)
+    assert "outside the bank" in str(caught[0].message)
+    assert "outside the bank" in tr.stats()["disabled"]
+    assert dnntrace.load(trace_path).steps.tolist() == [0, 1]
+
+
+def test_native_error_raises_at_the_step_end_when_strict(trace_path: Path) -> None:
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with dnntrace.enable(model, trace_path, activations_every=1, strict=True) as tr:
+        _loop(model, opt, 1)
+        _break_native_table(tr, model)
+        with pytest.raises(TracingError, match="outside the bank"):
+            _loop(model, opt, 2)
 
 
 # TraceWriter.close() raises ENOSPC from the IPC writer's close before closing the file, so the

@@ -1,73 +1,97 @@
 """Each tensor read once per step: a tensor that is the same data as one already summarised this
-step gets the first one's statistics by a device-side row merge instead of a second read.
+step gets the first one's statistics by a row merge instead of a second read.
 
 "The same data" means the same device address (storage + offset), dtype, shape, strides and
-version counter, while the first tensor is still alive (a weak reference proves that its memory was
-not freed and handed to another tensor). Modules that return their input (``nn.Identity``,
-``Dropout`` at p = 0 or in eval mode), a root module returning its head's output, or a container
-returning its last in-place activation all produce such tensors; in-place ops bump the version
-counter, so a tensor modified since its first read is read again.
+version counter, while the first tensor is still alive (a weak pointer to its TensorImpl proves
+that its memory was not freed and handed to another tensor). Modules that return their input
+(``nn.Identity``, ``Dropout`` at p = 0 or in eval mode), a root module returning its head's output,
+or a container returning its last in-place activation all produce such tensors; in-place ops bump
+the version counter, so a tensor modified since its first read is read again.
 
 The merge adds the first row's state into the duplicate's row (counts and sums added, min/max
 combined), which equals a separate read exactly, because the first row then holds that one tensor
 only. Merges are queued and run before the step's rows are read (one native pass on a CPU bank,
 index ops on a device); a row that is a pending merge source is merged out before anything else is
-added to it. Activation gradients are recorded by C++ hooks (csrc/ops/grad_watch.h), which keep
-the same table natively, with the TensorImpl's weak pointer as the liveness proof.
+added to it.
+
+The table is native (``csrc/ops/grad_watch.h``): the forward hook hands each output to the op
+``dnntrace::record_output``, which reads it (or queues its merge) and registers a C++ hook for its
+gradient, so activation gradients take the same table without running Python in the backward.
+This class is the tracer's handle on it: the bank the rows go to, and what the native side
+recorded since the last drain (rows touched, dtype/shape changes, errors).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 
+from .. import _C
 from ..stats.bank import StatBank
 
 
 class ReadOnce:
-    """Per-step table of the tensors read, and the pending row merges of their duplicates."""
+    """Per-step table of the tensors read (activations and their gradients), native."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], int]] = {}
-        self._adds: dict[int, int] = {}  # slot -> tensors added into it this step
-        self._pending: list[tuple[int, int]] = []  # (source slot, destination slot)
-        self._sources: set[int] = set()
-        self.reads_saved = 0
-        self.bytes_saved = 0
+        self._watch: Any = _C.GradWatch()
+        self.id: int = self._watch.id
+        self._bank: StatBank | None = None
 
-    def accumulate(self, bank: StatBank, x: torch.Tensor, slot: int) -> None:
-        """Adds ``x`` into ``slot``: by a row merge when it is a duplicate, else by reading it."""
-        if slot in self._sources:
-            self.apply(bank)  # the row is about to change: merge its pending copies out first
-        if x.is_inference():
-            # inference_mode tensors (Lightning's validation) have no version counter: read them
-            bank.accumulate(x, slot)
-            self._adds[slot] = self._adds.get(slot, 0) + 1
-            return
-        key = (x.data_ptr(), x.dtype, x.shape, x.stride(), x._version)
-        hit = self._seen.get(key)
-        if hit is not None and hit[0]() is not None and self._adds.get(hit[1]) == 1:
-            src = hit[1]
-            self._pending.append((src, slot))
-            self._sources.add(src)
-            self.reads_saved += 1
-            self.bytes_saved += x.numel() * x.element_size()
+    # ---- the tracer ---------------------------------------------------------------------
+    def set_bank(self, bank: StatBank) -> None:
+        """Rows (and gradients arriving from now on) go to ``bank``."""
+        lay = bank.layout
+        torch.ops.dnntrace.watch_set_bank.default(
+            self.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
+        )
+        self._bank = bank
+
+    def drain(self, bank: StatBank, end_step: bool = False) -> tuple[bool, list[Any], str]:
+        """Runs the pending merges (and, at the step's end, clears the table), marks the rows the
+        native side touched in ``bank``; returns (anything recorded, [(slot, dtype, shape)] of
+        changed rows, error message or "")."""
+        w = self._watch
+        if end_step:
+            w.end_step()
         else:
-            bank.accumulate(x, slot)
-            self._seen[key] = (weakref.ref(x), slot)
-        self._adds[slot] = self._adds.get(slot, 0) + 1
+            w.apply()
+        bank.touched.update(w.take_touched())
+        return w.take_recorded(), w.take_meta(), w.take_error()
+
+    def set_enabled(self, on: bool) -> None:
+        """Off: pending gradient hooks and new outputs are ignored (paused, disabled, closed)."""
+        self._watch.set_enabled(on)
+
+    def set_stub(self, on: bool) -> None:
+        """Benchmarks only: everything but the statistics op."""
+        self._watch.set_stub(on)
+
+    @property
+    def reads_saved(self) -> int:
+        return int(self._watch.saved()[0])
+
+    @property
+    def bytes_saved(self) -> int:
+        return int(self._watch.saved()[1])
+
+    def close(self) -> None:
+        self._watch.close()
+
+    # ---- direct use (tests, tools): one tensor into one row of a bank --------------------
+    def accumulate(self, bank: StatBank, x: torch.Tensor, slot: int) -> None:
+        """Adds ``x`` into ``slot`` of ``bank``: by a row merge when it is a duplicate."""
+        if bank is not self._bank:
+            self.set_bank(bank)
+        torch.ops.dnntrace.record_output.default(x, self.id, slot, -1)
+        _, _, err = self.drain(bank)  # errors raise here (no tracer to report them later)
+        if err:
+            raise RuntimeError(err)
 
     def apply(self, bank: StatBank) -> None:
         """Runs the pending merges (device ops, no sync)."""
-        if self._pending:
-            src, dst = zip(*self._pending, strict=True)
-            self._pending = []
-            self._sources.clear()
-            bank.merge_rows(src, dst)
+        self.drain(bank)
 
     def end_step(self, bank: StatBank) -> None:
-        self.apply(bank)
-        self._seen.clear()
-        self._adds.clear()
+        self.drain(bank, end_step=True)

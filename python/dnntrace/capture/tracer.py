@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .. import _C
 from .._version import __version__
 from ..storage import kinds as K
 from ..storage.files import rank_path
@@ -191,7 +190,6 @@ class Tracer:
         self._ext_ended = False  # extensions' on_step_end ran for the step that ended
         self._warned_cleared = False
         self._read_once = ReadOnce()
-        self._gwatch: Any = None  # _C.GradWatch once the pipeline exists (activation_grads)
         self.extensions = extensions_for(cfg)  # built-ins through the registry
         capacity = 4 * len(self._modules) + 2 * len(self._params) + 16
 
@@ -273,10 +271,7 @@ class Tracer:
             rank=self.rank,
             on_error=self._writer_failed,
         )
-        if self.trace_activation_grads:
-            # activation gradients are recorded by C++ hooks, without Python in the backward
-            self._gwatch = _C.GradWatch()
-            self._watch_bank()
+        self._read_once.set_bank(self._pipe.bank)
         self._weight_slots: list[int] = []
         self._grad_slots: list[int] = []
         if self.trace_weights or self.trace_weight_grads:
@@ -301,37 +296,23 @@ class Tracer:
             self._labels_snapshot = None
             if s >= self._pipe.capacity:
                 self._pipe.grow(max(2 * self._pipe.capacity, s + 1))
-                self._watch_bank()
+                self._read_once.set_bank(self._pipe.bank)
         return s
 
-    # ---- the native gradient watch ------------------------------------------------------
-    def _watch_bank(self) -> None:
-        """Points the gradient watch at the current bank (after a flush or a grow)."""
-        if self._gwatch is not None and self._pipe is not None:
-            bank, lay = self._pipe.bank, self.layout
-            torch.ops.dnntrace.watch_set_bank.default(
-                self._gwatch.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
-            )
-
-    def _drain_watch(self, end_step: bool = False) -> None:
-        """Takes what the C++ hooks recorded into the tracer's state: merges (at the step's end,
-        with the read-once table cleared), touched rows, row metadata, errors."""
-        w = self._gwatch
-        if w is None or self._pipe is None:
+    def _drain_native(self, end_step: bool = False) -> None:
+        """Takes what the native table recorded (activations, their gradients) into the tracer's
+        state: merges run (at the step's end, the table cleared), rows touched, row metadata,
+        errors (reported once, as any internal error)."""
+        if self._pipe is None:
             return
-        if end_step:
-            w.end_step()
-        else:
-            w.apply()
-        self._pipe.bank.touched.update(w.take_touched())
-        for slot, dtype, shape in w.take_meta():
+        recorded, meta, err = self._read_once.drain(self._pipe.bank, end_step)
+        for slot, dtype, shape in meta:
             self._meta[slot] = (dtype, tuple(shape))
             self._labels_snapshot = None
-        if w.take_recorded():
+        if recorded:
             self._recorded = True
-        err = w.take_error()
         if err and self.disabled_reason is None:
-            self._fail(RuntimeError(f"activation gradient: {err}"))
+            self._fail(RuntimeError(f"recording activations: {err}"))
 
     def _note(self, slot: int, x: torch.Tensor) -> None:
         shape = tuple(x.shape)
@@ -347,14 +328,6 @@ class Tracer:
             if m[1] != x.shape or not m[0]:  # torch.Size is a tuple: no copy to compare
                 meta[slot] = (_dtype_name(x.dtype), tuple(x.shape))
                 self._labels_snapshot = None
-
-    def _accumulate(self, label: SlotLabel, x: torch.Tensor) -> None:
-        if x.device != self.device:
-            return  # another device than the bank's (model parallel): not traced
-        slot = self._slot(label)
-        self._note(slot, x)
-        self._read_once.accumulate(self._pipe.bank, x, slot)
-        self._recorded = True
 
     # ---- hooks --------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -432,18 +405,22 @@ class Tracer:
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         # Runs on the training thread for every traced module call: kept to few Python calls
         # (in place, after the module's own ops, each costs several times its warm time). Labels
-        # and slots are looked up once per (position, phase); the output's gradient is taken by a
-        # C++ hook of the gradient watch (dnntrace::watch_grad), so the backward runs no Python.
-        labels: dict[tuple[str, str], tuple[SlotLabel, int]] = {}
-        watch_grad = torch.ops.dnntrace.watch_grad.default
+        # and slots are looked up once per (position, phase); the output goes to the native table
+        # (readonce.py) in one op, which also registers a C++ hook for its gradient, so the
+        # backward runs no Python.
+        labels: dict[tuple[str, str], tuple[int, int]] = {}
+        record = torch.ops.dnntrace.record_output.default
+        table = self._read_once.id
+        device = self.device
         is_compiling = torch.compiler.is_compiling
         graph_task = torch._C._current_graph_task_id
         grad_enabled = torch.is_grad_enabled
         tensor_type = torch.Tensor
 
-        def labels_of(pos: str, phase: str) -> tuple[SlotLabel, int]:
-            act = (name, K.ACTIVATION, pos, phase)
-            grad = -1
+        def labels_of(pos: str, phase: str) -> tuple[int, int]:
+            act = grad = -1
+            if self.trace_activations:
+                act = self._slot((name, K.ACTIVATION, pos, phase))
             if self.trace_activation_grads:
                 grad = self._slot((name, K.ACTIVATION_GRAD, pos, phase))
             entry = labels[(pos, phase)] = (act, grad)
@@ -477,20 +454,19 @@ class Tracer:
                 # here (non-reentrant recompute outputs are not on the graph: no hook fires).
                 if flows and self.trace_activation_grads:
                     for pos, t in tensors:
-                        if t.requires_grad and t.device == self.device:
+                        if t.requires_grad and t.device == device:
                             slot = self._slot((name, K.ACTIVATION_GRAD, pos, "train"))
-                            watch_grad(t, self._gwatch.id, slot)
+                            record(t, table, -1, slot)
                 return
             if grad_on:  # _phase, inline
                 phase = "train" if (flows or module.training) else "eval"
             else:
                 phase = _phase(module, grad_on, flows)
             for pos, t in tensors:
-                entry = labels.get((pos, phase)) or labels_of(pos, phase)
-                if self.trace_activations:
-                    self._accumulate(entry[0], t)
-                if entry[1] >= 0 and flows and t.requires_grad and t.device == self.device:
-                    watch_grad(t, self._gwatch.id, entry[1])
+                if t.device != device:
+                    continue  # another device than the bank's (model parallel): not traced
+                act, grad = labels.get((pos, phase)) or labels_of(pos, phase)
+                record(t, table, act, grad if flows and t.requires_grad else -1)
 
         return hook
 
@@ -673,8 +649,7 @@ class Tracer:
         if not self._ext_ended and self.disabled_reason is None:
             self._ext_ended = True
             if self._pipe is not None:
-                self._read_once.apply(self._pipe.bank)  # duplicates' rows, before extensions
-                self._drain_watch()
+                self._drain_native()  # duplicates' rows merged, before extensions
             for ext in self.extensions:
                 ext.on_step_end(self)
         self._end_pending = True
@@ -827,14 +802,13 @@ class Tracer:
     def paused(self) -> Iterator[None]:
         """Hooks do nothing inside (an extension's own forward passes, e.g. a Hessian closure)."""
         was, self._paused = self._paused, True
-        if self._gwatch is not None:
-            self._gwatch.set_enabled(False)
+        self._read_once.set_enabled(False)
         try:
             yield
         finally:
             self._paused = was
-            if self._gwatch is not None and not was and self.disabled_reason is None:
-                self._gwatch.set_enabled(not self.closed)
+            if not was and self.disabled_reason is None:
+                self._read_once.set_enabled(not self.closed)
 
     def add_handle(self, handle: RemovableHandle) -> None:
         """A hook handle to remove when the tracer closes or is disabled."""
@@ -964,8 +938,7 @@ class Tracer:
         if not closing:
             self._record_weights(range(len(self._params)))
         self._weights_done.clear()
-        self._read_once.end_step(self._pipe.bank)
-        self._drain_watch(end_step=True)
+        self._drain_native(end_step=True)
         if self.disabled_reason is not None:
             return
         if not self._recorded and not self._scalars and not self._vectors:
@@ -974,7 +947,7 @@ class Tracer:
             self._labels_snapshot = (tuple(self._labels), tuple(self._meta))
         labels, meta = self._labels_snapshot
         self._pipe.submit(self.step_index, labels, meta, self._scalars, self._vectors)
-        self._watch_bank()
+        self._read_once.set_bank(self._pipe.bank)
         self._scalars = {}
         self._vectors = []
         self._recorded = False
@@ -1001,7 +974,6 @@ class Tracer:
             }
         s = self._pipe.stats
         flush = sorted(s.flush_us)
-        gw_saved = self._gwatch.saved() if self._gwatch is not None else (0, 0)
         return {
             "steps_written": s.steps_written,
             "steps_dropped": s.steps_dropped,
@@ -1011,8 +983,8 @@ class Tracer:
             "memory_bytes": self._pipe.memory_bytes(),
             "flush_us_median": flush[len(flush) // 2] if flush else 0.0,
             "write_seconds": s.write_seconds,
-            "reads_saved": self._read_once.reads_saved + gw_saved[0],
-            "bytes_read_saved": self._read_once.bytes_saved + gw_saved[1],
+            "reads_saved": self._read_once.reads_saved,
+            "bytes_read_saved": self._read_once.bytes_saved,
             "writer_cpu_seconds": s.writer_cpu_seconds,
             "bytes_to_host": s.bytes_to_host,
             "bank_bytes": self._pipe.bank.bytes,
@@ -1024,8 +996,8 @@ class Tracer:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._gwatch is not None:  # gradient hooks already on tensors do nothing from now on
-            self._gwatch.set_enabled(False)
+        # gradient hooks already on tensors do nothing from now on
+        self._read_once.set_enabled(False)
 
     def close(self) -> dict[str, Any]:
         """Flushes the last step, waits for the writer, removes every hook. Idempotent."""
@@ -1052,7 +1024,7 @@ class Tracer:
                     )
             try:
                 if self.disabled_reason is None:
-                    self._drain_watch()
+                    self._drain_native()
                 if pending or self._recorded or self._scalars or self._vectors:
                     self._flush(closing=not pending)
             except Exception as e:  # closing must not raise into the user's finally-blocks
@@ -1074,6 +1046,7 @@ class Tracer:
             self._remove_hooks()
             _optim.unregister(self)
             self._pipe.close()
+            self._read_once.close()
         with _ACTIVE_LOCK:
             if _ACTIVE.get(id(self.model)) is self:
                 del _ACTIVE[id(self.model)]
