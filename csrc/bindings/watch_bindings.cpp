@@ -28,6 +28,7 @@ void init_watch(py::module_& m) {
       .def_readonly("id", &GradWatch::id)
       .def("set_enabled", [](GradWatch& g, bool on) { g.watch->set_enabled(on); })
       .def("set_stub", [](GradWatch& g, bool on) { g.watch->set_stub(on); })
+      .def("set_device_ops", [](GradWatch& g, bool on) { g.watch->set_device_ops(on); })
       .def("apply", [](GradWatch& g) { g.watch->apply(); })
       .def("end_step", [](GradWatch& g) { g.watch->end_step(); })
       .def("take_touched", [](GradWatch& g) { return g.watch->take_touched(); })

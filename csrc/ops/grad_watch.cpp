@@ -144,14 +144,15 @@ void Watch::apply_locked() {
   }
   pending_.clear();
   sources_.clear();
-  if (counts_.device().is_cpu()) {  // one native pass (the same bits as the ops below)
+  if (counts_.device().is_cpu() && !device_ops_) {  // one native pass (the ops' bits)
     TORCH_CHECK(counts_.is_contiguous() && moments_.is_contiguous(), "dnntrace: bank layout");
     core::merge_rows(counts_.data_ptr<int64_t>(), moments_.data_ptr<double>(), counts_.size(1),
                      idx.data(), idx.data() + m, m);
     return;
   }
   // StatBank.merge_rows_ops as ATen ops on the bank's device (no sync)
-  auto index = at::tensor(idx, at::kLong).pin_memory().to(counts_.device(), /*non_blocking=*/true);
+  auto index = at::tensor(idx, at::kLong);
+  if (!counts_.device().is_cpu()) index = index.pin_memory().to(counts_.device(), true);
   auto s = index.narrow(0, 0, m), d = index.narrow(0, m, m);
   auto c = counts_.index_select(0, s);
   auto mo = moments_.index_select(0, s);
@@ -195,6 +196,11 @@ void Watch::set_enabled(bool on) {
 bool Watch::enabled() const {
   std::lock_guard<std::mutex> lock(mu_);
   return enabled_;
+}
+
+void Watch::set_device_ops(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  device_ops_ = on;
 }
 
 void Watch::set_stub(bool on) {

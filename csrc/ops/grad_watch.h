@@ -41,6 +41,9 @@ class Watch : public std::enable_shared_from_this<Watch> {
   void set_enabled(bool on);
   bool enabled() const;
   void set_stub(bool on);  // benchmarks: everything but the statistics op
+  // Tests: merges on a CPU bank by the ATen ops a CUDA bank runs, to check them against the
+  // native pass without a GPU.
+  void set_device_ops(bool on);
   // Runs the pending row merges (device ops on a CUDA bank, no sync).
   void apply();
   // The step's end: merges run, the read-once table cleared.
@@ -79,7 +82,7 @@ class Watch : public std::enable_shared_from_this<Watch> {
   mutable std::mutex mu_;
   at::Tensor counts_, moments_;
   int64_t k_ = 6, emin_ = -48, octaves_ = 64;
-  bool enabled_ = true, stub_ = false, recorded_ = false;
+  bool enabled_ = true, stub_ = false, recorded_ = false, device_ops_ = false;
   std::string error_;
   std::vector<int64_t> touched_;
   std::unordered_map<int64_t, std::pair<int8_t, std::vector<int64_t>>> meta_;

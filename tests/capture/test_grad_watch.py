@@ -13,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import dnntrace
 from dnntrace import _C
+from dnntrace.capture.readonce import ReadOnce
 from dnntrace.sketch import layout as L
 from dnntrace.stats.bank import StatBank
 from reference import tensor_summary_ref
@@ -103,3 +106,27 @@ def test_pause_stops_the_hooks(tmp_path: Path) -> None:
     kinds = set(trace.table.column("kind").to_pylist())
     assert "activation" in kinds
     assert "activation_grad" not in kinds
+
+
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), min_size=1, max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_device_op_merges_equal_the_native_pass(plan, seed) -> None:
+    """The merges a CUDA bank runs as ATen ops (index_select / index_add_ / scatter_reduce),
+    forced on a CPU bank, against the native pass: the same bits, for any mix of duplicates
+    (tensor i of `plan` into slot j; a tensor seen again is merged, not read)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(int(torch.randint(1, 300, (1,), generator=g)), generator=g) for _ in range(4)]
+    out = []
+    for device_ops in (False, True):
+        table, bank = ReadOnce(), StatBank(6)
+        table._watch.set_device_ops(device_ops)
+        for i, slot in plan:
+            table.accumulate(bank, xs[i], slot)
+        table.end_step(bank)
+        out.append((bank, table.reads_saved))
+    (a, saved_a), (b, saved_b) = out
+    assert saved_a == saved_b
+    assert torch.equal(a.counts, b.counts)
+    assert a.moments.numpy().tobytes() == b.moments.numpy().tobytes()
