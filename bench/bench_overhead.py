@@ -284,7 +284,7 @@ def _stubbed(run: Run) -> Run:
     ops.multi_tensor_summary_out = lambda *a, **k: None  # type: ignore[assignment]
     # activations and their gradients are summarised natively (capture/readonce.py)
     table = getattr(run.tracer, "_read_once", None)
-    if table is not None:
+    if hasattr(table, "set_stub"):  # (an older dnntrace, a "before" run: Python hooks)
         table.set_stub(True)
     close = run.close
 
