@@ -36,6 +36,20 @@ void init_watch(py::module_& m) {
       .def("take_recorded", [](GradWatch& g) { return g.watch->take_recorded(); })
       .def("take_error", [](GradWatch& g) { return g.watch->take_error(); })
       .def("saved", [](GradWatch& g) { return g.watch->saved(); })
+      // merges (end_step: and the table cleared), then (touched rows, changed rows' (slot, dtype,
+      // shape), anything recorded, error or ""): one call per drain
+      .def(
+          "drain",
+          [](GradWatch& g, bool end_step) {
+            if (end_step) {
+              g.watch->end_step();
+            } else {
+              g.watch->apply();
+            }
+            return py::make_tuple(g.watch->take_touched(), g.watch->take_meta(),
+                                  g.watch->take_recorded(), g.watch->take_error());
+          },
+          py::arg("end_step") = false)
       .def("close", [](GradWatch& g) {
         g.watch->set_enabled(false);
         dnntrace::ops::unregister_watch(g.id);

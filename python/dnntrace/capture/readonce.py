@@ -52,13 +52,10 @@ class ReadOnce:
         """Runs the pending merges (and, at the step's end, clears the table), marks the rows the
         native side touched in ``bank``; returns (anything recorded, [(slot, dtype, shape)] of
         changed rows, error message or "")."""
-        w = self._watch
-        if end_step:
-            w.end_step()
-        else:
-            w.apply()
-        bank.touched.update(w.take_touched())
-        return w.take_recorded(), w.take_meta(), w.take_error()
+        touched, meta, recorded, err = self._watch.drain(end_step)
+        if touched:
+            bank.touched.update(touched)
+        return recorded, meta, err
 
     def set_enabled(self, on: bool) -> None:
         """Off: pending gradient hooks and new outputs are ignored (paused, disabled, closed)."""
