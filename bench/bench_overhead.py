@@ -23,8 +23,9 @@ floor, bytes on disk per tensor-step, the bytes taken from the stat bank per ste
 to the host) against the whole bank (what was moved before compaction), the writer thread's CPU
 time per step, the flush cost on the training thread, steps dropped, and for (h) the training
 thread's added time per traced tensor (all of it, the per-step flush and optimizer hooks
-included, divided by the tensors the hooks trace per step). Last, weights+grads (g) against
-TensorBoard (d) and wandb (e).
+included, divided by the tensors the hooks trace per step). Below the table: the activation
+hooks alone, (h - j) over the activation-side tensors per step (j: weights+grads with the op
+stubbed); weights+grads (g) against TensorBoard (d) and wandb (e).
 
     python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
     python bench/bench_overhead.py --quick         # smoke test
@@ -63,9 +64,10 @@ CONFIGS = {
     "f": "naive hooks (histc+.item)",
     "g": "dnntrace weights+grads",
     "h": "dnntrace everything, kernel stubbed",
+    "j": "dnntrace weights+grads, kernel stubbed",
     "i": "dnntrace default set",
 }
-DNNTRACE_CONFIGS = ("b", "c", "g", "h", "i")
+DNNTRACE_CONFIGS = ("b", "c", "g", "h", "i", "j")
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -314,6 +316,8 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
             return _dnntrace(model, path, activations=False)
     if cfg == "h":
         return _stubbed(_dnntrace(model, path, activations_every=1))
+    if cfg == "j":
+        return _stubbed(_dnntrace(model, path, activations=False, activation_grads=False))
     if cfg == "d":
         return _tensorboard(model, os.path.join(workdir, f"tb-{tag}"))
     if cfg == "e":
@@ -610,23 +614,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{med / base:.3f}",
                 f"{added * 1e3:+.1f}",
             ]
-            if cfg in DNNTRACE_CONFIGS and cfg in res.read_bytes and (cfg != "h" or "b" in configs):
+            stub_of = {"h": "b", "j": "g"}  # a stubbed run's rows are counted in its real run's
+            real = stub_of.get(cfg, cfg)
+            if cfg in DNNTRACE_CONFIGS and cfg in res.read_bytes and real in configs:
                 sts = res.stats[cfg]
                 written = sum(s["steps_written"] for s in sts) or 1
                 traced = written + sum(s["steps_dropped"] for s in sts)
                 # duplicates merged instead of read (none to subtract when the ops are stubbed)
-                saved = sum(s.get("bytes_read_saved", 0) for s in sts) / traced * (cfg != "h")
+                saved = sum(s.get("bytes_read_saved", 0) for s in sts) / traced * (cfg == real)
                 # every=10 traces one step in ten: its per-step floor is a tenth
                 per_step = (res.read_bytes[cfg] - saved) / (10 if cfg == "c" else 1)
                 floor = per_step / bw
                 # the stubbed run's rows are empty: count its tensors in the default run's trace
-                hooked = res.hooked["b" if cfg == "h" else cfg] / (10 if cfg == "c" else 1)
+                hooked = res.hooked[real] / (10 if cfg == "c" else 1)
                 cpu = sum(s.get("writer_cpu_seconds", math.nan) for s in sts) / written
                 moved = sum(s.get("bytes_to_host", math.nan) for s in sts) / written
                 row += [
                     f"{per_step / 1e6:.2f}",
                     f"{floor * 1e3:.2f}",
-                    f"{added / floor:.1f}" if floor > 0 and cfg != "h" else "-",
+                    f"{added / floor:.1f}" if floor > 0 and cfg == real else "-",
                     f"{res.disk_per_row[cfg]:.0f}",
                     f"{moved / 1e6:.3f}",
                     f"{statistics.median(s.get('bank_bytes', 0) for s in sts) / 1e6:.2f}",
@@ -644,6 +650,16 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             rm = ", ".join(f"{t * 1e3:.0f}" for t in res.round_means[cfg])
             print(f"  {m} {cfg}: round means ms [{rm}]", flush=True)
+        if {"h", "j"} <= added_of.keys() and {"b", "g"} <= res.hooked.keys():
+            # the hooks alone: everything minus weights+grads, both with the op stubbed, over the
+            # activation-side tensors (activations, their gradients) the hooks see per step
+            n = res.hooked["b"] - res.hooked["g"]
+            if n > 0:
+                peers.append(
+                    f"{m}: activation hooks, (h - j) / activation-side tensors = "
+                    f"{(added_of['h'] - added_of['j']) / n * 1e6:.1f} us per tensor "
+                    f"({n:.0f} tensors per step)"
+                )
         if "g" in added_of:
             for peer in ("d", "e"):
                 if peer in added_of and added_of[peer] > 0:
