@@ -54,14 +54,26 @@ std::shared_ptr<Watch> find_watch(int64_t id) {
   return it == g_watches.end() ? nullptr : it->second;
 }
 
-void Watch::set_bank(const at::Tensor& counts, const at::Tensor& moments, int64_t k, int64_t emin,
-                     int64_t octaves) {
+std::vector<int64_t> Watch::set_bank(const at::Tensor& counts, const at::Tensor& moments, int64_t k,
+                                     int64_t emin, int64_t octaves) {
   std::lock_guard<std::mutex> lock(mu_);
+  // Under the lock, so no hook lands between: pending merges go into the bank they were queued
+  // for, and the rows touched since the last drain are handed back with it.
+  try {
+    if (counts_.defined()) apply_locked();
+  } catch (const std::exception& e) {
+    fail_locked(e.what());
+  }
+  pending_.clear();
+  sources_.clear();
   counts_ = counts;
   moments_ = moments;
   k_ = k;
   emin_ = emin;
   octaves_ = octaves;
+  std::vector<int64_t> out;
+  out.swap(touched_);
+  return out;
 }
 
 void Watch::watch(const at::Tensor& t, int64_t slot) {
@@ -263,11 +275,11 @@ void record_output(const at::Tensor& x, int64_t id, int64_t act_slot, int64_t gr
   if (grad_slot >= 0 && x.requires_grad() && w->enabled()) w->watch(x, grad_slot);
 }
 
-void watch_set_bank(int64_t id, const at::Tensor& counts, const at::Tensor& moments, int64_t k,
-                    int64_t emin, int64_t octaves) {
+at::Tensor watch_set_bank(int64_t id, const at::Tensor& counts, const at::Tensor& moments,
+                          int64_t k, int64_t emin, int64_t octaves) {
   auto w = find_watch(id);
   TORCH_CHECK(w != nullptr, "dnntrace: no gradient watch ", id);
-  w->set_bank(counts, moments, k, emin, octaves);
+  return at::tensor(w->set_bank(counts, moments, k, emin, octaves), at::kLong);
 }
 
 }  // namespace
@@ -277,10 +289,11 @@ TORCH_LIBRARY_FRAGMENT(dnntrace, m) {
   m.def("watch_grad(Tensor t, int watch, int slot) -> ()");
   // x into row act_slot (read once per step) and its gradient into grad_slot; -1 skips either.
   m.def("record_output(Tensor x, int watch, int act_slot, int grad_slot) -> ()");
-  // The bank (and layout) the watch's gradients go to from now on.
+  // The bank (and layout) the watch's rows go to from now on; returns (int64, CPU) the rows
+  // touched in the previous bank since the last drain, with its pending merges applied.
   m.def(
       "watch_set_bank(int watch, Tensor counts, Tensor moments, int k, int emin, int octaves) "
-      "-> ()");
+      "-> Tensor");
 }
 
 // Above autograd: the hook is registered on the caller's tensor itself.

@@ -30,9 +30,11 @@ namespace dnntrace::ops {
 
 class Watch : public std::enable_shared_from_this<Watch> {
  public:
-  // The bank the gradients go to from now on (the tracer's current one) and its layout.
-  void set_bank(const at::Tensor& counts, const at::Tensor& moments, int64_t k, int64_t emin,
-                int64_t octaves);
+  // The bank rows go to from now on (the tracer's current one) and its layout. Atomically with
+  // the switch, the previous bank gets its pending merges, and the rows touched in it since the
+  // last drain are returned (they belong to that bank's step).
+  std::vector<int64_t> set_bank(const at::Tensor& counts, const at::Tensor& moments, int64_t k,
+                                int64_t emin, int64_t octaves);
   // Registers the hook on t (which requires grad); its gradient goes to `slot`.
   void watch(const at::Tensor& t, int64_t slot);
   // Adds x into `slot` (what the hook does), read once per step.

@@ -130,3 +130,27 @@ def test_device_op_merges_equal_the_native_pass(plan, seed) -> None:
     assert saved_a == saved_b
     assert torch.equal(a.counts, b.counts)
     assert a.moments.numpy().tobytes() == b.moments.numpy().tobytes()
+
+
+def test_a_bank_swap_hands_the_old_bank_its_rows_and_merges() -> None:
+    """Rows written after the step's last drain (a gradient hook on another thread) belong to the
+    bank they were written to: the swap marks them there and runs their pending merges there, so
+    the writer compacts and resets them with that bank and nothing leaks into a later step."""
+    table, old, new = ReadOnce(), StatBank(4), StatBank(4)
+    table.set_bank(old)
+    x = torch.randn(50, requires_grad=True)
+    y = x * 2
+    torch.ops.dnntrace.record_output.default(y, table.id, 0, 1)  # y into row 0, its grad into 1
+    torch.ops.dnntrace.record_output.default(y, table.id, 2, -1)  # a duplicate: a pending merge
+    y.sum().backward()  # the gradient hook writes row 1
+    table.set_bank(new, previous=old)  # no drain in between
+    assert old.touched == {0, 1, 2}
+    assert new.touched == set()
+    assert torch.equal(old.counts[2], old.counts[0])  # the merge ran in the old bank
+    assert old.counts[1, L.COUNT] == 50
+    assert new.counts.sum() == 0
+    z = x * 3
+    torch.ops.dnntrace.record_output.default(z, table.id, 3, -1)
+    recorded, _, err = table.drain(new)
+    assert recorded and not err
+    assert new.touched == {3} and new.counts[3, L.COUNT] == 50

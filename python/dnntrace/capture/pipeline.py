@@ -190,8 +190,12 @@ class Pipeline:
         meta: Sequence[tuple[str, tuple[int, ...]]],
         scalars: dict[str, Any],
         vectors: Sequence[VectorBlock] = (),
+        swap: Callable[[StatBank, StatBank], None] | None = None,
     ) -> bool:
-        """Hands the current bank's contents to the writer; False when the step was dropped."""
+        """Hands the current bank's contents to the writer; False when the step was dropped.
+        ``swap(old, new)`` is called once the next bank is known (``new is old`` when the step is
+        dropped), before the old bank is handed over or reset: writers of rows outside this call
+        (the native gradient hooks) move to the new bank there and mark their rows in the old."""
         t0 = time.perf_counter()
         bank = self.bank
         ok = False
@@ -205,11 +209,15 @@ class Pipeline:
                     fresh = StatBank(bank.slots, self.layout, self.device)
                 ok = True
         if not ok:
+            if swap is not None:
+                swap(bank, bank)
             self._reset(bank, _sorted_rows(bank.touched))
             self.stats.steps_dropped += 1  # the step is lost, and counted
             self._note_flush(t0)
             return False
         assert fresh is not None
+        if swap is not None:
+            swap(bank, fresh)
         # host tensors are read here (no sync, and no torch ops on the training thread); device
         # tensors are stacked and copied on the writer's side stream
         t_names = [

@@ -40,12 +40,17 @@ class ReadOnce:
         self._bank: StatBank | None = None
 
     # ---- the tracer ---------------------------------------------------------------------
-    def set_bank(self, bank: StatBank) -> None:
-        """Rows (and gradients arriving from now on) go to ``bank``."""
+    def set_bank(self, bank: StatBank, previous: StatBank | None = None) -> None:
+        """Rows (and gradients arriving from now on) go to ``bank``. Atomically with the switch,
+        the rows touched since the last drain are marked in ``previous``, the bank they were
+        written to (a gradient hook may run on another thread until the switch), or in ``bank``
+        when there is none (the first bank; a grown bank, which holds a copy of the old one)."""
         lay = bank.layout
-        torch.ops.dnntrace.watch_set_bank.default(
+        touched = torch.ops.dnntrace.watch_set_bank.default(
             self.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
         )
+        if touched.numel():
+            (previous if previous is not None else bank).touched.update(touched.tolist())
         self._bank = bank
 
     def drain(self, bank: StatBank, end_step: bool = False) -> tuple[bool, list[Any], str]:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .._version import __version__
+from ..stats.bank import StatBank
 from ..storage import kinds as K
 from ..storage.files import rank_path
 from ..storage.schema import read_metadata
@@ -296,8 +297,13 @@ class Tracer:
             self._labels_snapshot = None
             if s >= self._pipe.capacity:
                 self._pipe.grow(max(2 * self._pipe.capacity, s + 1))
+                # the grown bank holds a copy of the old one's rows (and is marked with them)
                 self._read_once.set_bank(self._pipe.bank)
         return s
+
+    def _swap_bank(self, old: StatBank, new: StatBank) -> None:
+        """The native table moves to the next bank; rows touched since the drain go to ``old``."""
+        self._read_once.set_bank(new, previous=old)
 
     def _drain_native(self, end_step: bool = False) -> None:
         """Takes what the native table recorded (activations, their gradients) into the tracer's
@@ -946,8 +952,9 @@ class Tracer:
         if self._labels_snapshot is None:
             self._labels_snapshot = (tuple(self._labels), tuple(self._meta))
         labels, meta = self._labels_snapshot
-        self._pipe.submit(self.step_index, labels, meta, self._scalars, self._vectors)
-        self._read_once.set_bank(self._pipe.bank)
+        self._pipe.submit(
+            self.step_index, labels, meta, self._scalars, self._vectors, swap=self._swap_bank
+        )
         self._scalars = {}
         self._vectors = []
         self._recorded = False
