@@ -59,13 +59,7 @@ std::vector<int64_t> Watch::set_bank(const at::Tensor& counts, const at::Tensor&
   std::lock_guard<std::mutex> lock(mu_);
   // Under the lock, so no hook lands between: pending merges go into the bank they were queued
   // for, and the rows touched since the last drain are handed back with it.
-  try {
-    if (counts_.defined()) apply_locked();
-  } catch (const std::exception& e) {
-    fail_locked(e.what());
-  }
-  pending_.clear();
-  sources_.clear();
+  merge_pending_locked();
   counts_ = counts;
   moments_ = moments;
   k_ = k;
@@ -177,25 +171,24 @@ void Watch::apply_locked() {
   moments_.select(1, core::kMax).scatter_reduce_(0, d, hi, "amax");
 }
 
-void Watch::apply() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!counts_.defined()) return;
-  try {
-    apply_locked();
-  } catch (const std::exception& e) {
-    fail_locked(e.what());
-  }
-}
-
-void Watch::end_step() {
-  std::lock_guard<std::mutex> lock(mu_);
+void Watch::merge_pending_locked() {
   try {
     if (counts_.defined()) apply_locked();
   } catch (const std::exception& e) {
     fail_locked(e.what());
   }
-  pending_.clear();
+  pending_.clear();  // merged, or dropped with the watch disabled
   sources_.clear();
+}
+
+void Watch::apply() {
+  std::lock_guard<std::mutex> lock(mu_);
+  merge_pending_locked();
+}
+
+void Watch::end_step() {
+  std::lock_guard<std::mutex> lock(mu_);
+  merge_pending_locked();
   seen_.clear();
   adds_.clear();
 }

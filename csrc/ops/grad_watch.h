@@ -79,6 +79,8 @@ class Watch : public std::enable_shared_from_this<Watch> {
   void accumulate_locked(const at::Tensor& x, int64_t slot);
   void read_locked(const at::Tensor& x, int64_t slot);
   void apply_locked();
+  // apply_locked, an error disabling the watch; nothing stays queued either way
+  void merge_pending_locked();
   void fail_locked(const char* what);
 
   mutable std::mutex mu_;
