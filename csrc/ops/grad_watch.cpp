@@ -1,7 +1,8 @@
-// Native activation-gradient recording (see grad_watch.h) and its ops:
+// Native recording of activations and their gradients (see grad_watch.h), and its ops:
+//   dnntrace::record_output(Tensor x, int watch, int act_slot, int grad_slot) -> ()
 //   dnntrace::watch_grad(Tensor t, int watch, int slot) -> ()
 //   dnntrace::watch_set_bank(int watch, Tensor counts, Tensor moments, int k, int emin,
-//                            int octaves) -> ()
+//                            int octaves) -> Tensor (rows touched in the previous bank)
 #include "grad_watch.h"
 
 #include <ATen/ATen.h>

@@ -4,11 +4,11 @@
 // the backward, without Python) and it adds the gradient into row `grad_slot` of the bank the
 // tracer holds at that moment.
 //
-// A Watch mirrors what the Python path did per gradient: each tensor read once per step (a
-// gradient that is the same data as one already read this step becomes a row merge, see
-// capture/readonce.py), the rows touched, each row's dtype and shape, and errors, which disable
-// the watch and are reported by the tracer at its next flush (a hook must never throw into a
-// user's backward). All state is guarded by one mutex; no Python object is touched.
+// A Watch keeps what the tracer needs per tensor: each tensor read once per step (a tensor that
+// is the same data as one already read this step becomes a row merge, see capture/readonce.py),
+// the rows touched, each row's dtype and shape, and errors, which disable the watch and are
+// reported by the tracer at the step's end (a hook must never throw into a user's forward or
+// backward). All state is guarded by one mutex; no Python object is touched.
 #pragma once
 
 #include <ATen/core/Tensor.h>
