@@ -50,23 +50,6 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset) {
   return py::make_tuple(header, mom, first, offsets, values, nonzero);
 }
 
-void merge_rows_np(I64 counts, F64 moments, I64 src, I64 dst) {
-  if (counts.ndim() != 2 || counts.shape(1) <= kHeader)
-    throw py::value_error("counts must be int64[slots, width > 16]");
-  if (moments.ndim() != 2 || moments.shape(0) != counts.shape(0) || moments.shape(1) != kNumMoments)
-    throw py::value_error("moments must be float64[slots, 8] with the slots of counts");
-  if (src.size() != dst.size()) throw py::value_error("src and dst differ in length");
-  const int64_t slots = counts.shape(0), m = src.size();
-  const int64_t *s = src.data(), *d = dst.data();
-  for (int64_t i = 0; i < m; ++i)
-    if (s[i] < 0 || s[i] >= slots || d[i] < 0 || d[i] >= slots)
-      throw py::index_error("row index out of the bank");
-  int64_t* c = counts.mutable_data();
-  double* mo = moments.mutable_data();
-  py::gil_scoped_release release;
-  merge_rows(c, mo, counts.shape(1), s, d, m);
-}
-
 }  // namespace
 
 void init_rows(py::module_& m) {
@@ -75,9 +58,4 @@ void init_rows(py::module_& m) {
         "(header int64[m,16], moments float64[m,8], hist_offset int32[m], offsets int64[m+1], "
         "values uint32, non-zero buckets) of bank rows `rows`: each histogram's non-zero span; "
         "reset=True clears the rows. OverflowError if a bucket exceeds 2**32 - 1.");
-  // noconvert: the bank's own arrays are updated in place, never a converted copy of them
-  m.def("merge_rows", &merge_rows_np, py::arg("counts").noconvert(), py::arg("moments").noconvert(),
-        py::arg("src"), py::arg("dst"),
-        "Adds bank row src[i] into row dst[i] for every i (counts and sums added, min/max "
-        "combined), in place, without the GIL.");
 }

@@ -270,37 +270,6 @@ DNNTRACE_CLONES void fold_sub_counters(uint16_t* table, int first, int last, uin
   }
 }
 
-void fold_raw_range(uint32_t* table, int copies, int first, int last, const HistLayout& l,
-                    int64_t* row) {
-  const int k = l.k;
-  const int32_t lo = f32_lo(l), ps = l.per_sign();
-  int64_t negatives = 0;
-  for (int id = first; id <= last; ++id) {
-    uint32_t* t = table + static_cast<size_t>(id) * copies;
-    int64_t c = 0;
-    for (int j = 0; j < copies; ++j) {
-      c += t[j];
-      t[j] = 0u;
-    }
-    if (!c) continue;
-    const int32_t s = id >> (8 + k);
-    const int32_t e = (id >> k) & 0xff;
-    if (e == 0xff) continue;  // NaN and Inf: counted by the moments pass
-    if (e == 0) {
-      if ((id & ((1 << k) - 1)) == 0) {  // the id of +0 / -0 (and of the tiniest subnormals)
-        row[kZeros] += c;
-        continue;
-      }
-      row[kUnderPos + s] += c;
-    } else {
-      // the lowest value of this id, as fp32 bits, through the shared mapping
-      row[row_index_f32(static_cast<uint32_t>(id) << (23 - k), k, lo, ps)] += c;
-    }
-    negatives += s ? c : 0;
-  }
-  row[kNegatives] += negatives;
-}
-
 namespace {
 
 // Takes (and zeroes) the counts of ids [id0, id0 + n): wide[id] plus, when sub is set, its four

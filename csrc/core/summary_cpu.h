@@ -76,19 +76,14 @@ void fold_sub_counters(uint16_t* table, int first, int last, uint32_t* wide);
 // Number of raw ids for k mantissa bits: 2^(9 + k).
 inline int raw_id_count(int k) { return 1 << (9 + k); }
 
-// Adds raw ids [first, last] of a table (`copies` interleaved counters per id) into a row and
-// zeroes them in the table. The ids of +0 and -0 go to kZeros, the other ids of exponent 0
-// (subnormals) to underflow; ids of exponent 255 (NaN, Inf) are only zeroed. Ids with the sign
-// bit add to kNegatives, except -0's. The caller then moves sub_id0_pos/neg from kZeros to
-// underflow (and sub_id0_neg to kNegatives) and adds NaN/Inf (and -Inf to kNegatives) from the
+// Adds ids [first, last] of a thread's tables (sub: four 16-bit sub-counters per id, may be
+// nullptr; wide: one 32-bit counter per id) into a row and zeroes them, in one pass. In-window ids
+// map to consecutive buckets (reversed for the negative half), so the pass is a linear add per run
+// of ids rather than a mapping per id. The ids of +0 and -0 go to kZeros, the other ids of
+// exponent 0 (subnormals) to underflow; ids of exponent 255 (NaN, Inf) are only zeroed. Ids with
+// the sign bit add to kNegatives, except -0's. The caller then moves sub_id0_pos/neg from kZeros
+// to underflow (and sub_id0_neg to kNegatives) and adds NaN/Inf (and -Inf to kNegatives) from the
 // moments pass.
-void fold_raw_range(uint32_t* table, int copies, int first, int last, const HistLayout& l,
-                    int64_t* row);
-
-// The same as fold_sub_counters then fold_raw_range(wide, 1, ...) in one pass: ids [first, last]
-// of a thread's tables (sub: four 16-bit sub-counters per id, may be nullptr; wide: one 32-bit
-// counter per id) into a row, both zeroed. In-window ids map to consecutive buckets (reversed for
-// the negative half), so the pass is a linear add per run of ids rather than a mapping per id.
 void fold_tables(uint16_t* sub, uint32_t* wide, int first, int last, const HistLayout& l,
                  int64_t* row);
 

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from _capture_support import Recorder, assert_row_matches, load_rows, one_row
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 
 import dnntrace
@@ -158,30 +156,3 @@ def test_freed_memory_reused_by_another_tensor_is_read() -> None:
     assert ro.reads_saved == 0
     sums = bank.moments[:, 0] + bank.moments[:, 1]
     assert sums.tolist() == [4096.0 * (s + 1) for s in range(4)]
-
-
-@given(
-    pairs=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), max_size=8),
-    seed=st.integers(0, 2**16),
-)
-def test_native_merge_equals_the_device_op_merge(pairs, seed) -> None:
-    """The CPU bank's native merge and the index ops a CUDA bank runs give the same bits, with
-    chains (a source that is also a destination), repeated destinations and self-merges."""
-    g = torch.Generator().manual_seed(seed)
-    native, ops = StatBank(6), StatBank(6)
-    for slot in range(5):  # row 5 stays empty (min +inf, max -inf)
-        x = torch.randn(int(torch.randint(0, 400, (1,), generator=g)), generator=g)
-        x = (
-            x
-            * float(torch.rand(1, generator=g))
-            * 10 ** int(torch.randint(-6, 6, (1,), generator=g))
-        )
-        for bank in (native, ops):
-            bank.accumulate(x, slot)
-    src = [s for s, _ in pairs]
-    dst = [d for _, d in pairs]
-    native.merge_rows(src, dst)
-    ops.merge_rows_ops(src, dst)
-    assert torch.equal(native.counts, ops.counts)
-    assert native.moments.numpy().tobytes() == ops.moments.numpy().tobytes()
-    assert native.touched == ops.touched

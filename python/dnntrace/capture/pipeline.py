@@ -57,7 +57,7 @@ class VectorBlock(NamedTuple):
 class _Job:
     bank: StatBank
     # the bank rows used this step: the bank's set of touched rows as handed over (the flush does
-    # no more work than that), sorted into int64 by the writer (_take) before anything else
+    # no more work than that), sorted into int64 by the writer (_sorted_rows) before anything else
     rows: Any
     step: int
     wall_time_s: float
@@ -88,10 +88,8 @@ class _Compact(NamedTuple):
 _TICK: Any = object()  # the coalescing window ended without a new step
 
 
-def _sorted_rows(rows: Any) -> np.ndarray:
+def _sorted_rows(rows: set[int]) -> np.ndarray:
     """The bank rows of a step as sorted int64 (from the bank's set of touched rows)."""
-    if isinstance(rows, np.ndarray):
-        return rows
     return np.fromiter(sorted(rows), np.int64, len(rows))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _C, ops
+from .. import ops
 from ..sketch import layout as L
 from ..sketch.layout import Layout
 from ..sketch.summary import Summary
@@ -65,21 +65,6 @@ class StatBank:
         """Adds the state of row ``src[i]`` into row ``dst[i]`` for every i, as if the tensors
         summarised in ``src[i]`` had also been summarised in ``dst[i]`` (counts and sums added,
         min/max combined). Device ops only, no sync; ``dst`` may repeat and may equal ``src``."""
-        if not src:
-            return
-        self.touched.update(dst)
-        if self.device.type == "cpu":  # one native pass, no temporaries (the training thread)
-            _C.merge_rows(
-                self.counts.numpy(),
-                self.moments.numpy(),
-                np.asarray(src, dtype=np.int64),
-                np.asarray(dst, dtype=np.int64),
-            )
-            return
-        self.merge_rows_ops(src, dst)
-
-    def merge_rows_ops(self, src: Sequence[int], dst: Sequence[int]) -> None:
-        """``merge_rows`` as device ops (what a CUDA bank runs; the same bits)."""
         if not src:
             return
         self.touched.update(dst)
