@@ -91,6 +91,25 @@ void Watch::accumulate(const at::Tensor& x, int64_t slot) {
   }
 }
 
+void Watch::record(const at::Tensor& x, int64_t act_slot, int64_t grad_slot) {
+  bool hook = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!enabled_ || !counts_.defined() || !x.defined() || x.device() != counts_.device()) return;
+    if (act_slot >= 0) {
+      try {
+        accumulate_locked(x, act_slot);
+      } catch (const std::exception& e) {
+        fail_locked(e.what());
+      } catch (...) {
+        fail_locked("unknown error");
+      }
+    }
+    hook = grad_slot >= 0 && enabled_ && x.requires_grad();
+  }
+  if (hook) watch(x, grad_slot);  // outside the lock: the hook may run at once on another thread
+}
+
 void Watch::fail_locked(const char* what) {
   enabled_ = false;
   if (error_.empty()) error_ = what;
@@ -260,13 +279,11 @@ void watch_grad(const at::Tensor& t, int64_t id, int64_t slot) {
   w->watch(t, slot);
 }
 
-// The forward hook's native part: x's statistics into `act_slot` (read once per step), and its
-// gradient into `grad_slot` by a C++ hook; -1 skips either.
+// The forward hook's native part (Watch::record), for callers that hold the watch's id.
 void record_output(const at::Tensor& x, int64_t id, int64_t act_slot, int64_t grad_slot) {
   auto w = find_watch(id);
   TORCH_CHECK(w != nullptr, "dnntrace: no gradient watch ", id);
-  if (act_slot >= 0) w->accumulate(x, act_slot);
-  if (grad_slot >= 0 && x.requires_grad() && w->enabled()) w->watch(x, grad_slot);
+  w->record(x, act_slot, grad_slot);
 }
 
 at::Tensor watch_set_bank(int64_t id, const at::Tensor& counts, const at::Tensor& moments,

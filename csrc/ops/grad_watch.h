@@ -39,6 +39,10 @@ class Watch : public std::enable_shared_from_this<Watch> {
   void watch(const at::Tensor& t, int64_t slot);
   // Adds x into `slot` (what the hook does), read once per step.
   void accumulate(const at::Tensor& x, int64_t slot);
+  // The forward hook's native part: x into `act_slot` (read once per step) and a hook for its
+  // gradient into `grad_slot`; -1 skips either, and so does a tensor on another device than the
+  // bank's (model parallel) or a disabled watch.
+  void record(const at::Tensor& x, int64_t act_slot, int64_t grad_slot);
 
   void set_enabled(bool on);
   bool enabled() const;

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -154,3 +155,45 @@ def test_a_bank_swap_hands_the_old_bank_its_rows_and_merges() -> None:
     recorded, _, err = table.drain(new)
     assert recorded and not err
     assert new.touched == {3} and new.counts[3, L.COUNT] == 50
+
+
+def test_record_by_pybind_equals_the_op() -> None:
+    """GradWatch.record (the forward hook's call) and the op dnntrace::record_output leave the
+    same bank: activation read once, duplicate merged, gradient hooked."""
+    banks = []
+    x0 = torch.randn(64, 33)
+    g = torch.randn(64, 33)
+    for via_op in (False, True):
+        w, bank = _C.GradWatch(), StatBank(4)
+        _set_bank(w, bank)
+        x = x0.clone().requires_grad_(True)
+        y = x * 2
+        for act, grad in ((0, 1), (2, -1)):  # the second is the same data: a merge
+            if via_op:
+                torch.ops.dnntrace.record_output.default(y, w.id, act, grad)
+            else:
+                w.record(y, act, grad)
+        y.backward(g)
+        w.end_step()
+        assert sorted(set(w.take_touched())) == [0, 1, 2]
+        assert w.take_error() == ""
+        banks.append(bank)
+    assert torch.equal(banks[0].counts, banks[1].counts)
+    assert torch.equal(banks[0].moments, banks[1].moments)
+    bank = banks[0]
+    assert torch.equal(bank.counts[0], bank.counts[2])  # the duplicate's row is the first's
+    want_c, _ = tensor_summary_ref(
+        g.double().numpy().ravel(), bank.layout.k, bank.layout.emin, bank.layout.octaves
+    )
+    np.testing.assert_array_equal(bank.counts[1].numpy(), want_c)
+
+
+def test_record_skips_other_devices_and_rejects_non_tensors() -> None:
+    w, bank = _C.GradWatch(), StatBank(2)
+    _set_bank(w, bank)
+    w.record(torch.empty(8, device="meta", requires_grad=True), 0, 1)  # not the bank's device
+    w.end_step()
+    assert w.take_touched() == [] and w.take_error() == ""
+    assert bank.counts.sum() == 0
+    with pytest.raises(TypeError, match="not a tensor"):
+        w.record(np.zeros(3), 0, -1)

@@ -7,15 +7,20 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from _capture_support import MLP, assert_row_matches, load_rows, mlp_batch, one_row
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import dnntrace
+from dnntrace.capture.selection import iter_float_tensors
+from dnntrace.capture.tracer import _float_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,3 +209,47 @@ def test_format_md_examples_run(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert rc.returncode == 0, rc.stderr
+
+
+_leaves = st.sampled_from(["f32", "i64", "none", "int", "param", "f16"])
+
+
+def _build(spec: Any) -> Any:
+    if isinstance(spec, str):
+        return {
+            "f32": lambda: torch.randn(2),
+            "f16": lambda: torch.randn(2).half(),
+            "i64": lambda: torch.arange(2),
+            "none": lambda: None,
+            "int": lambda: 3,
+            "param": lambda: nn.Parameter(torch.randn(2)),
+        }[spec]()
+    kind, items = spec
+    built = [_build(s) for s in items]
+    if kind == "tuple":
+        return tuple(built)
+    if kind == "list":
+        return built
+    return {f"k{i}": v for i, v in enumerate(built)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        _leaves,
+        lambda inner: st.tuples(
+            st.sampled_from(["tuple", "list", "dict"]), st.lists(inner, max_size=20)
+        ),
+        max_leaves=40,
+    )
+)
+def test_the_hooks_fast_path_names_outputs_as_the_general_walk(spec: Any) -> None:
+    """The forward hook's flat-tuple fast path (_float_outputs) finds the same tensors at the
+    same positions as iter_float_tensors, for any output structure."""
+    out = _build(spec)
+    if isinstance(out, torch.Tensor):
+        return  # one tensor: the hook's own first case
+    got = _float_outputs(out)
+    want = list(iter_float_tensors(out))
+    assert [p for p, _ in got] == [p for p, _ in want]
+    assert all(a is b for (_, a), (_, b) in zip(got, want, strict=True))

@@ -14,9 +14,10 @@ only. Merges are queued and run before the step's rows are read (one native pass
 index ops on a device); a row that is a pending merge source is merged out before anything else is
 added to it.
 
-The table is native (``csrc/ops/grad_watch.h``): the forward hook hands each output to the op
-``dnntrace::record_output``, which reads it (or queues its merge) and registers a C++ hook for its
-gradient, so activation gradients take the same table without running Python in the backward.
+The table is native (``csrc/ops/grad_watch.h``): the forward hook hands each output to it in one
+pybind11 call (``record``; the op ``dnntrace::record_output`` does the same by the table's id),
+which reads it (or queues its merge) and registers a C++ hook for its gradient, so activation
+gradients take the same table without running Python in the backward.
 This class is the tracer's handle on it: the bank the rows go to, and what the native side
 recorded since the last drain (rows touched, dtype/shape changes, errors).
 """
@@ -38,6 +39,9 @@ class ReadOnce:
         self._watch: Any = _C.GradWatch()
         self.id: int = self._watch.id
         self._bank: StatBank | None = None
+        # record(x, act_slot, grad_slot): the forward hook's call, bound to the native table (a
+        # plain pybind11 call; the op dnntrace::record_output does the same by the table's id)
+        self.record = self._watch.record
 
     # ---- the tracer ---------------------------------------------------------------------
     def set_bank(self, bank: StatBank, previous: StatBank | None = None) -> None:

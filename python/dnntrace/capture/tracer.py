@@ -64,6 +64,26 @@ def _phase(module: nn.Module, grad_on: bool, flows: bool) -> str:
     return "train" if module.training and _in_reentrant_checkpoint() else "eval"
 
 
+_POSITIONS = tuple(str(i) for i in range(16))
+
+
+def _float_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
+    """(position, tensor) of the floating tensors of a module output that is not one tensor: a
+    flat tuple or list of tensors and Nones (attention's ``(output, weights)``) directly,
+    anything else by ``iter_float_tensors`` (same positions)."""
+    if type(output) is tuple or type(output) is list:
+        out = []
+        for i, v in enumerate(output):
+            if v is None:
+                continue
+            if type(v) is not torch.Tensor or i >= len(_POSITIONS):
+                return list(iter_float_tensors(output))
+            if v.is_floating_point():
+                out.append((_POSITIONS[i], v))
+        return out
+    return list(iter_float_tensors(output))
+
+
 def _in_reentrant_checkpoint() -> bool:
     from torch.utils.checkpoint import CheckpointFunction
 
@@ -377,9 +397,7 @@ class Tracer:
     def _install_hooks(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self.trace_activations or self.trace_activation_grads:
             for name, mod in self._modules:
-                self._handles.append(
-                    mod.register_forward_hook(self._guard(self._make_forward_hook(name)))
-                )
+                self._handles.append(mod.register_forward_hook(self._make_forward_hook(name)))
         # the next step begins with the model's next forward: the step just ended is written
         self._handles.append(self.model.register_forward_pre_hook(self._guard(self._root_pre_hook)))
         if self.trace_weight_grads and optimizer is None:
@@ -409,21 +427,24 @@ class Tracer:
         self._activity()
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
-        # Runs on the training thread for every traced module call: kept to few Python calls
-        # (in place, after the module's own ops, each costs several times its warm time). Labels
-        # and slots are looked up once per (position, phase); the output goes to the native table
-        # (readonce.py) in one op, which also registers a C++ hook for its gradient, so the
-        # backward runs no Python.
+        # Runs on the training thread for every traced module call, so it is one Python function
+        # (the checks of _guard inline) with few calls: in place, after the module's own ops,
+        # each costs several times its warm time. Labels and slots are looked up once per
+        # (position, phase); each output goes to the native table (readonce.py) in one pybind11
+        # call, which reads it (or queues its merge) and registers a C++ hook for its gradient,
+        # so the backward runs no Python. Outputs on another device than the bank's are skipped
+        # there (model parallel).
         labels: dict[tuple[str, str], tuple[int, int]] = {}
-        record = torch.ops.dnntrace.record_output.default
-        table = self._read_once.id
+        record = self._read_once.record
         device = self.device
         is_compiling = torch.compiler.is_compiling
         graph_task = torch._C._current_graph_task_id
         grad_enabled = torch.is_grad_enabled
         tensor_type = torch.Tensor
 
-        def labels_of(pos: str, phase: str) -> tuple[int, int]:
+        def labels_of(pos: str, phase: str, t: torch.Tensor) -> tuple[int, int]:
+            if t.device != device:
+                return (-1, -1)  # not cached: the module may move to the bank's device
             act = grad = -1
             if self.trace_activations:
                 act = self._slot((name, K.ACTIVATION, pos, phase))
@@ -433,46 +454,55 @@ class Tracer:
             return entry
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if is_compiling():
-                _compiled.record(self, name, module, output)
+            if self.disabled_reason is not None or self.closed or self._paused:
                 return
-            if self._end_pending:  # something of the next step: write the step that ended
-                self._finish()
-            if name not in self._first_call:  # execution order, for readers and the viewer
-                self._first_call[name] = len(self._first_call)
-                self._exec_new.append(self._module_index[name])
-            if self.step_index % self.activations_every:
-                return
-            if type(output) is tensor_type:  # the common case: one tensor
-                if not output.is_floating_point():
+            try:
+                if is_compiling():
+                    _compiled.record(self, name, module, output)
                     return
-                tensors: Sequence[tuple[str, torch.Tensor]] = (("", output),)
-                requires = output.requires_grad
-            else:
-                tensors = list(iter_float_tensors(output))
-                requires = any(t.requires_grad for _, t in tensors)
-            grad_on = grad_enabled()
-            flows = grad_on and requires
-            if graph_task() != -1:
-                # a forward inside backward is activation checkpointing's recompute: the
-                # activations were recorded by the original forward. Reentrant checkpointing
-                # backpropagates through the recomputed outputs, so their gradients are taken
-                # here (non-reentrant recompute outputs are not on the graph: no hook fires).
-                if flows and self.trace_activation_grads:
-                    for pos, t in tensors:
-                        if t.requires_grad and t.device == device:
-                            slot = self._slot((name, K.ACTIVATION_GRAD, pos, "train"))
-                            record(t, table, -1, slot)
-                return
-            if grad_on:  # _phase, inline
-                phase = "train" if (flows or module.training) else "eval"
-            else:
-                phase = _phase(module, grad_on, flows)
-            for pos, t in tensors:
-                if t.device != device:
-                    continue  # another device than the bank's (model parallel): not traced
-                act, grad = labels.get((pos, phase)) or labels_of(pos, phase)
-                record(t, table, act, grad if flows and t.requires_grad else -1)
+                if self._end_pending:  # something of the next step: write the step that ended
+                    self._finish()
+                if name not in self._first_call:  # execution order, for readers and the viewer
+                    self._first_call[name] = len(self._first_call)
+                    self._exec_new.append(self._module_index[name])
+                if self.step_index % self.activations_every:
+                    return
+                if type(output) is tensor_type:  # the common case: one tensor
+                    if not output.is_floating_point():
+                        return
+                    tensors: Sequence[tuple[str, torch.Tensor]] = (("", output),)
+                    requires = output.requires_grad
+                else:
+                    tensors = _float_outputs(output)
+                    requires = False
+                    for _, t in tensors:
+                        if t.requires_grad:
+                            requires = True
+                            break
+                grad_on = grad_enabled()
+                flows = grad_on and requires
+                if graph_task() != -1:
+                    # a forward inside backward is activation checkpointing's recompute: the
+                    # activations were recorded by the original forward. Reentrant checkpointing
+                    # backpropagates through the recomputed outputs, so their gradients are taken
+                    # here (non-reentrant recompute outputs are not on the graph: no hook fires).
+                    if flows and self.trace_activation_grads:
+                        for pos, t in tensors:
+                            if t.requires_grad and t.device == device:
+                                slot = self._slot((name, K.ACTIVATION_GRAD, pos, "train"))
+                                record(t, -1, slot)
+                    return
+                if grad_on:  # _phase, inline
+                    phase = "train" if (flows or module.training) else "eval"
+                else:
+                    phase = _phase(module, grad_on, flows)
+                for pos, t in tensors:
+                    act, grad = labels.get((pos, phase)) or labels_of(pos, phase, t)
+                    record(t, act, grad if flows and t.requires_grad else -1)
+            except AnomalyError:
+                raise
+            except Exception as e:
+                self._fail(e)
 
         return hook
 
