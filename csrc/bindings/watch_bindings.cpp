@@ -1,8 +1,8 @@
 // dnntrace._C.GradWatch: the Python handle of a native gradient watch (csrc/ops/grad_watch.h).
 // Tensors reach the watch through its ops (dnntrace::watch_grad, dnntrace::watch_set_bank), and
-// through `record`, the forward hook's per-output call: a plain pybind11 call that unpacks the
-// tensor itself (torch's Python C API), because a torch.ops call costs ~6 us in a training loop
-// (argument parsing against the schema, the boxed dispatcher) and runs once per traced output.
+// through `record` (the forward hook's per-output call) and `set_bank` (each flush): plain pybind11
+// calls that unpack the tensors themselves (torch's Python C API), because a torch.ops call costs
+// ~6 us in a training loop (argument parsing against the schema, the boxed dispatcher).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -39,6 +39,24 @@ void init_watch(py::module_& m) {
             g.watch->record(t, act_slot, grad_slot);
           },
           py::arg("x"), py::arg("act_slot"), py::arg("grad_slot"))
+      // Watch::set_bank at each flush (the op dnntrace::watch_set_bank, without its dispatch):
+      // the rows touched in the previous bank since the last drain, as a list.
+      .def(
+          "set_bank",
+          [](GradWatch& g, py::handle counts, py::handle moments, int64_t k, int64_t emin,
+             int64_t octaves) {
+            if (!THPVariable_Check(counts.ptr()) || !THPVariable_Check(moments.ptr()))
+              throw py::type_error("GradWatch.set_bank: counts and moments must be tensors");
+            const at::Tensor& c = THPVariable_Unpack(counts.ptr());
+            const at::Tensor& m = THPVariable_Unpack(moments.ptr());
+            std::vector<int64_t> touched;
+            {
+              py::gil_scoped_release nogil;
+              touched = g.watch->set_bank(c, m, k, emin, octaves);
+            }
+            return touched;
+          },
+          py::arg("counts"), py::arg("moments"), py::arg("k"), py::arg("emin"), py::arg("octaves"))
       .def("set_enabled", [](GradWatch& g, bool on) { g.watch->set_enabled(on); })
       .def("set_stub", [](GradWatch& g, bool on) { g.watch->set_stub(on); })
       .def("set_device_ops", [](GradWatch& g, bool on) { g.watch->set_device_ops(on); })

@@ -50,11 +50,9 @@ class ReadOnce:
         written to (a gradient hook may run on another thread until the switch), or in ``bank``
         when there is none (the first bank; a grown bank, which holds a copy of the old one)."""
         lay = bank.layout
-        touched = torch.ops.dnntrace.watch_set_bank.default(
-            self.id, bank.counts, bank.moments, lay.k, lay.emin, lay.octaves
-        )
-        if touched.numel():
-            (previous if previous is not None else bank).touched.update(touched.tolist())
+        touched = self._watch.set_bank(bank.counts, bank.moments, lay.k, lay.emin, lay.octaves)
+        if touched:
+            (previous if previous is not None else bank).touched.update(touched)
         self._bank = bank
 
     def drain(self, bank: StatBank, end_step: bool = False) -> tuple[bool, list[Any], str]:
