@@ -25,7 +25,8 @@ time per step, the flush cost on the training thread, steps dropped, and for (h)
 thread's added time per traced tensor (all of it, the per-step flush and optimizer hooks
 included, divided by the tensors the hooks trace per step). Below the table: the activation
 hooks alone, (h - j) over the activation-side tensors per step (j: weights+grads with the op
-stubbed); weights+grads (g) against TensorBoard (d) and wandb (e).
+stubbed), and the forward hooks' own wall time in (h), timed around each call inside the loop;
+weights+grads (g) against TensorBoard (d) and wandb (e).
 
     python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
     python bench/bench_overhead.py --quick         # smoke test
@@ -35,6 +36,7 @@ stubbed); weights+grads (g) against TensorBoard (d) and wandb (e).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -45,7 +47,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,6 +301,37 @@ def _stubbed(run: Run) -> Run:
     return Run(close=restore, path=run.path, tracer=run.tracer)
 
 
+# (h): the wall time of every dnntrace forward hook call, timed inside the training loop
+HOOK_TIMES: list[float] = []
+
+
+@contextlib.contextmanager
+def _timed_forward_hooks() -> Iterator[None]:
+    """Forward hooks made while inside are timed (perf_counter around each call, which adds
+    its own ~1 us: an upper bound) into HOOK_TIMES."""
+    from dnntrace.capture.tracer import Tracer
+
+    make = Tracer._make_forward_hook
+
+    def timed_make(self: Any, name: str) -> Callable[..., None]:
+        hook = make(self, name)
+
+        def timed(module: nn.Module, inputs: Any, output: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                hook(module, inputs, output)
+            finally:
+                HOOK_TIMES.append(time.perf_counter() - t0)
+
+        return timed
+
+    Tracer._make_forward_hook = timed_make  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Tracer._make_forward_hook = make  # type: ignore[method-assign]
+
+
 def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
     path = os.path.join(workdir, f"{tag}-{cfg}.arrow")
     if cfg == "a":
@@ -315,7 +348,8 @@ def install(cfg: str, model: nn.Module, workdir: str, tag: str) -> Run:
         except TypeError:  # an older dnntrace (a "before" run): no activation_grads=
             return _dnntrace(model, path, activations=False)
     if cfg == "h":
-        return _stubbed(_dnntrace(model, path, activations_every=1))
+        with _timed_forward_hooks():
+            return _stubbed(_dnntrace(model, path, activations_every=1))
     if cfg == "j":
         return _stubbed(_dnntrace(model, path, activations=False, activation_grads=False))
     if cfg == "d":
@@ -436,6 +470,7 @@ class Result:
     read_bytes: dict[str, float] = field(default_factory=dict)
     disk_per_row: dict[str, float] = field(default_factory=dict)
     hooked: dict[str, float] = field(default_factory=dict)
+    hook_times: list[float] = field(default_factory=list)  # (h) forward hook calls, timed rounds
 
 
 def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir: str) -> Result:
@@ -448,6 +483,7 @@ def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir:
         run = install(cfg, model, workdir, f"{case.name}-warm")
         train_steps(model, opt, case, run, 2, seed=999)
         run.close()
+    HOOK_TIMES.clear()
     for r in range(rounds):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate start
         for cfg in order:
@@ -464,6 +500,7 @@ def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir:
                 res.read_bytes[cfg], res.disk_per_row[cfg], res.hooked[cfg] = bytes_read_per_step(
                     run.path
                 )
+    res.hook_times = list(HOOK_TIMES)
     return res
 
 
@@ -660,6 +697,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{(added_of['h'] - added_of['j']) / n * 1e6:.1f} us per tensor "
                     f"({n:.0f} tensors per step)"
                 )
+                if res.hook_times:
+                    # the forward hooks alone (the gradient hooks run in C++ in the backward)
+                    per_step = sum(res.hook_times) / (args.rounds * args.steps)
+                    calls = len(res.hook_times) / (args.rounds * args.steps)
+                    peers.append(
+                        f"{m}: forward hooks timed in place (h): median "
+                        f"{statistics.median(res.hook_times) * 1e6:.1f} us per call, "
+                        f"{per_step * 1e6:.0f} us per step over {calls:.1f} calls = "
+                        f"{per_step / n * 1e6:.1f} us per activation-side tensor"
+                    )
         if "g" in added_of:
             for peer in ("d", "e"):
                 if peer in added_of and added_of[peer] > 0:

@@ -28,6 +28,9 @@ def compact_ref(counts: np.ndarray, moments: np.ndarray, rows: np.ndarray):  # t
     return header, mom, first, spans
 
 
+_SPECIALS = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30])
+
+
 def _bank(seed: int, slots: int, fill: list[int], scale: float) -> StatBank:
     g = torch.Generator().manual_seed(seed)
     bank = StatBank(slots, Layout(k=3, emin=-20, octaves=24))
@@ -36,6 +39,11 @@ def _bank(seed: int, slots: int, fill: list[int], scale: float) -> StatBank:
         x = torch.randn(n, generator=g) * scale
         if slot % 3 == 0:
             x = x.abs()  # one sign only
+        if slot % 4 == 1:  # zeros, NaN, Inf, underflow
+            pick = torch.randint(0, len(_SPECIALS), (int(n > 0) * 5,), generator=g)
+            x = torch.cat([x, _SPECIALS[pick]])
+        if slot % 5 == 2:
+            x = -x.abs()  # negative only
         bank.accumulate(x, slot)
     return bank
 
@@ -66,9 +74,19 @@ def test_compact_rows_match_reference(seed: int, fill: list[int], scale: float) 
         assert biggest[i] == counts[rows[i], L.HEADER :].max()
         assert nnz[i] == np.count_nonzero(want[3][i])
 
-    # the native pass, resetting the rows
+    # the native pass, scanning and (the writer's) bounded by each row's header and min/max,
+    # resetting the rows
+    lay = bank.layout
+    for hint in (None, (lay.k, lay.emin, lay.octaves)):
+        b = StatBank(8, lay)
+        b.counts.copy_(torch.from_numpy(counts))
+        b.moments.copy_(torch.from_numpy(moments))
+        _check_native(b, rows, want, hint)
+
+
+def _check_native(bank: StatBank, rows: np.ndarray, want, hint) -> None:  # type: ignore[no-untyped-def]
     h, m, f, off, values, nonzero = _C.compact_rows(
-        bank.counts.numpy(), bank.moments.numpy(), rows, True
+        bank.counts.numpy(), bank.moments.numpy(), rows, True, hint
     )
     assert nonzero == sum(np.count_nonzero(s) for s in want[3])
     for i in range(len(rows)):
@@ -78,8 +96,34 @@ def test_compact_rows_match_reference(seed: int, fill: list[int], scale: float) 
         np.testing.assert_array_equal(values[off[i] : off[i + 1]], want[3][i])
     assert values.dtype == np.uint32
     fresh = StatBank(8, bank.layout)
-    torch.testing.assert_close(bank.counts[rows], fresh.counts[rows])
+    torch.testing.assert_close(bank.counts, fresh.counts)  # every used row reset, no bucket left
     torch.testing.assert_close(bank.moments[rows], fresh.moments[rows])
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    fill=st.lists(st.integers(0, 7), min_size=1, max_size=12),
+    bad=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+    how=st.sampled_from(["narrow", "nan", "swap"]),
+)
+def test_moments_that_do_not_bound_the_histogram_cost_a_rescan_not_a_bucket(
+    seed: int, fill: list[int], bad: list[int], how: str
+) -> None:
+    """The writer bounds spans by min/max; rows whose min/max miss buckets (never written by the
+    kernels, planted here) are rescanned from the first such row: the same output as a scan."""
+    bank = _bank(seed, 8, fill, 1.0)
+    rows = np.array(sorted(set(fill) | set(bad)), np.int64)
+    for r in bad:
+        mo = bank.moments[r]
+        if how == "narrow":  # a min/max inside the data's range
+            mid = float(bank.moments[r, L.MIN] + bank.moments[r, L.MAX]) / 2
+            mo[L.MIN] = mo[L.MAX] = mid if np.isfinite(mid) else 0.5
+        elif how == "nan":
+            mo[L.MIN] = float("nan")
+        else:
+            mo[L.MIN], mo[L.MAX] = 1.0, -1.0
+    counts, moments = bank.counts.numpy().copy(), bank.moments.numpy().copy()
+    _check_native(bank, rows, compact_ref(counts, moments, rows), (3, -20, 24))
 
 
 def test_compact_rows_refuses_a_bucket_over_uint32_and_resets_nothing() -> None:

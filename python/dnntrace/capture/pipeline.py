@@ -378,8 +378,13 @@ class Pipeline:
         bank = job.bank
         if not self._cuda and not self.device_ops:
             try:
+                lay = self.layout  # spans bounded by each row's header and min/max, no scan
                 header, moments, first, offsets, values, nonzero = _C.compact_rows(
-                    bank.counts.numpy(), bank.moments.numpy(), job.rows, True
+                    bank.counts.numpy(),
+                    bank.moments.numpy(),
+                    job.rows,
+                    True,
+                    (lay.k, lay.emin, lay.octaves),
                 )
             except BaseException:
                 self._release(bank, job.rows)
