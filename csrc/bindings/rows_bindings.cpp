@@ -18,7 +18,8 @@ namespace {
 using I64 = py::array_t<int64_t, py::array::c_style>;
 using F64 = py::array_t<double, py::array::c_style>;
 
-py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object layout) {
+py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object layout,
+                       py::object out, int64_t at) {
   if (counts.ndim() != 2 || counts.shape(1) <= kHeader)
     throw py::value_error("counts must be int64[slots, width > 16]");
   if (moments.ndim() != 2 || moments.shape(0) != counts.shape(0) || moments.shape(1) != kNumMoments)
@@ -52,7 +53,22 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object
     py::gil_scoped_release release;
     total = compact_bounds(c, mo, width, r, 0, m, hint, f, off);
   }
-  py::array_t<uint32_t> values(total);
+  // The spans go to out[at:at + total] when they fit (the writer's reused window: no fresh
+  // pages to fault in per step), else to a new array.
+  py::array_t<uint32_t> values;
+  bool in_out = false;
+  if (!out.is_none()) {
+    using U32 = py::array_t<uint32_t, py::array::c_style>;
+    if (!py::isinstance<U32>(out)) throw py::value_error("out must be a contiguous uint32 array");
+    auto buf = out.cast<U32>();
+    if (buf.ndim() != 1 || !buf.writeable() || at < 0)
+      throw py::value_error("out must be a writable uint32[n] and at >= 0");
+    if (at + total <= buf.shape(0)) {
+      values = buf[py::slice(at, at + total, 1)].cast<py::array_t<uint32_t>>();
+      in_out = true;
+    }
+  }
+  if (!in_out) values = py::array_t<uint32_t>(total);
   int64_t nonzero = 0;
   CopyResult res;
   {
@@ -68,7 +84,7 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object
       py::gil_scoped_release release;
       compact_bounds(c, mo, width, r, res.row, m, nullptr, f, off);
     }
-    py::array_t<uint32_t> grown(off[m]);
+    py::array_t<uint32_t> grown(off[m]);  // (rare: never in out)
     std::copy(values.data(), values.data() + done, grown.mutable_data());
     values = grown;
     {
@@ -86,10 +102,12 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object
 
 void init_rows(py::module_& m) {
   m.def("compact_rows", &compact_rows, py::arg("counts"), py::arg("moments"), py::arg("rows"),
-        py::arg("reset") = false, py::arg("layout") = py::none(),
+        py::arg("reset") = false, py::arg("layout") = py::none(), py::arg("out") = py::none(),
+        py::arg("at") = 0,
         "(header int64[m,16], moments float64[m,8], hist_offset int32[m], offsets int64[m+1], "
         "values uint32, non-zero buckets) of bank rows `rows`: each histogram's non-zero span; "
         "reset=True clears the rows. layout=(k, emin, octaves) bounds each span by the row's "
-        "header and min/max instead of scanning (checked: a short span is rescanned). "
+        "header and min/max instead of scanning (checked: a short span is rescanned). values "
+        "is a view of out[at:] (uint32) when the spans fit there. "
         "OverflowError if a bucket exceeds 2**32 - 1.");
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -14,15 +15,15 @@ import dnntrace
 from dnntrace.capture.pipeline import Pipeline
 
 
-def _trace(path: Path) -> tuple[pa.Table, dict]:  # type: ignore[type-arg]
+def _trace(path: Path, steps: int = 4, nan_at: int = 2) -> tuple[pa.Table, dict]:  # type: ignore[type-arg]
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     with dnntrace.enable(model, path) as tr:
-        for i in range(4):
+        for i in range(steps):
             x, y = mlp_batch(g)
-            x[0, 0] = float("nan") if i == 2 else x[0, 0]
+            x[0, 0] = float("nan") if i == nan_at else x[0, 0]
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -52,3 +53,42 @@ def test_device_op_compaction_equals_native(
         assert 0 < per_step < 0.2 * st["bank_bytes"]
     kinds = set(native.column("kind").to_pylist())
     assert {"activation", "weight_grad", "scalar", "unit_test"} <= kinds
+
+
+@pytest.mark.parametrize(
+    ("coalesce_s", "initial_window"),
+    [(0.0, 0), (100.0, 1 << 20), (100.0, 64)],
+    ids=["one-step-batches-grown-window", "one-batch-in-the-window", "one-batch-too-big"],
+)
+def test_the_writers_reused_window_gives_the_same_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coalesce_s: float, initial_window: int
+) -> None:
+    """Histogram spans go to one buffer reused from record batch to record batch (grown after a
+    batch that did not fit, which got fresh arrays): the trace equals the device-op path's, which
+    does not use it. coalesce_s=0 writes each step alone (the window is grown after the first);
+    a long one writes all steps in one batch at close (their spans back to back in the window, or
+    not fitting)."""
+    monkeypatch.setattr(Pipeline, "coalesce_s", coalesce_s)
+    monkeypatch.setattr(Pipeline, "initial_window", initial_window)
+    used = []
+    joined = Pipeline._joined
+
+    def spy(self: Pipeline, pieces):  # type: ignore[no-untyped-def]
+        out = joined(self, pieces)
+        used.append(len(out) > 0 and np.shares_memory(out, self._window))
+        return out
+
+    monkeypatch.setattr(Pipeline, "_joined", spy)
+    native, st = _trace(tmp_path / "native.arrow", 8, nan_at=6)
+    if coalesce_s == 0.0:
+        assert st["batches"] == st["steps_written"] >= 2  # (a step may drop on a slow machine)
+        assert not used[0] and any(used[1:])
+    else:
+        assert st["batches"] == 1 and used == [initial_window > 64]
+    monkeypatch.setattr(Pipeline, "device_ops", True)
+    device, _ = _trace(tmp_path / "device.arrow", 8, nan_at=6)
+    assert native.num_rows == device.num_rows > 0
+    for name in native.column_names:
+        a = native.column(name).to_pylist()
+        b = device.column(name).to_pylist()
+        assert [str(v) for v in a] == [str(v) for v in b], name

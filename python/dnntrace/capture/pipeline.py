@@ -124,6 +124,8 @@ class Pipeline:
     coalesce_s = 0.5
     # CPU banks compacted by the device-op path CUDA uses (tests check it against the native one)
     device_ops = False
+    # histogram values the window holds at first (4 MB); it grows to the largest window written
+    initial_window = 1 << 20
 
     def __init__(
         self,
@@ -154,6 +156,12 @@ class Pipeline:
             self._free_banks.append(StatBank(slots, layout, device))
         self._bank = StatBank(slots, layout, device)
         self._label_cache: dict[Any, tuple[Any, Any, dict[str, pa.Array]]] = {}
+        # The histogram spans of the steps waiting to be written, back to back (CPU banks): one
+        # buffer reused window after window, so neither the compaction's output nor the record
+        # batch's values column is fresh memory to fault in (a copy of ~1 MB per step).
+        self._window = np.empty(0 if self._cuda else self.initial_window, np.uint32)
+        self._window_used = 0  # values of pending steps in it
+        self._window_need = 0  # values of pending steps in all: the next window's size
         self._vectors: Sequence[VectorBlock] = ()
         self._thread = threading.Thread(target=self._run, name="dnntrace-writer", daemon=True)
         self._thread.start()
@@ -343,6 +351,7 @@ class Pipeline:
                 except BaseException as e:  # noqa: BLE001 - reported once, tracing stops writing
                     self._failed(e, len(pending))
                 pending = []
+                self._window_reset()
             self.stats.write_seconds += time.perf_counter() - t0
             self.stats.writer_cpu_seconds += time.thread_time() - c0
             if job is None:
@@ -385,7 +394,12 @@ class Pipeline:
                     job.rows,
                     True,
                     (lay.k, lay.emin, lay.octaves),
+                    self._window,
+                    self._window_used,
                 )
+                if len(values) and np.shares_memory(values, self._window):
+                    self._window_used += len(values)
+                self._window_need += len(values)
             except BaseException:
                 self._release(bank, job.rows)
                 raise
@@ -468,7 +482,7 @@ class Pipeline:
         moments = np.concatenate([p["moments"] for p in pieces])
         first = np.concatenate([p["first"] for p in pieces])
         lengths = np.concatenate([p["lengths"] for p in pieces])
-        values = np.concatenate([p["values"] for p in pieces])
+        values = self._joined(pieces)
         list_offsets = np.zeros(len(lengths) + 1, np.int32)
         np.cumsum(lengths, out=list_offsets[1:])
         n_rows = [len(p["lengths"]) for p in pieces]
@@ -498,6 +512,31 @@ class Pipeline:
         self.writer.write(batch)
         self.stats.rows += batch.num_rows
         self.stats.batches += 1
+
+    def _joined(self, pieces: Sequence[dict[str, Any]]) -> np.ndarray:
+        """The pieces' spans as one array: a view of the window when they lie there back to
+        back (the steps of a CPU bank, in order), else a concatenation."""
+        parts = [p["values"] for p in pieces if len(p["values"])]
+        if not parts:
+            return np.zeros(0, np.uint32)
+        base = self._window.ctypes.data
+        at = (parts[0].ctypes.data - base) // 4
+        pos = at
+        for v in parts:
+            if (
+                v.base is None
+                or v.ctypes.data != base + 4 * pos
+                or not np.shares_memory(v, self._window)
+            ):
+                return np.concatenate(parts)
+            pos += len(v)
+        return self._window[at:pos]
+
+    def _window_reset(self) -> None:
+        """The pending steps were written: the window is free (grown to the last one's size)."""
+        if self._window_need > len(self._window):
+            self._window = np.empty(self._window_need + self._window_need // 4, np.uint32)
+        self._window_used = self._window_need = 0
 
     def _labels(
         self,
