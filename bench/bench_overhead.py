@@ -25,7 +25,8 @@ time per step, the flush cost on the training thread, steps dropped, and for (h)
 thread's added time per traced tensor (all of it, the per-step flush and optimizer hooks
 included, divided by the tensors the hooks trace per step). Below the table: the activation
 hooks alone, (h - j) over the activation-side tensors per step (j: weights+grads with the op
-stubbed), and the forward hooks' own wall time in (h), timed around each call inside the loop;
+stubbed), and the hooks' own wall time in (h): the forward hooks timed around each call inside
+the loop, the C++ gradient hooks by the native table (tracer.stats());
 weights+grads (g) against TensorBoard (d) and wandb (e).
 
     python bench/bench_overhead.py                 # full run (several minutes on 2 cores)
@@ -698,14 +699,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"({n:.0f} tensors per step)"
                 )
                 if res.hook_times:
-                    # the forward hooks alone (the gradient hooks run in C++ in the backward)
-                    per_step = sum(res.hook_times) / (args.rounds * args.steps)
-                    calls = len(res.hook_times) / (args.rounds * args.steps)
+                    # the hooks timed where they run: the forward hooks (Python, timed around
+                    # each call here) and the gradient hooks (C++, timed by the native table)
+                    steps = args.rounds * args.steps
+                    per_step = sum(res.hook_times) / steps
+                    calls = len(res.hook_times) / steps
+                    sts = res.stats.get("h", [])
+                    g_calls = sum(s.get("grad_hook_calls", 0) for s in sts) / steps
+                    g_step = sum(s.get("grad_hook_seconds", 0.0) for s in sts) / steps
                     peers.append(
-                        f"{m}: forward hooks timed in place (h): median "
+                        f"{m}: hooks timed in place (h): forward median "
                         f"{statistics.median(res.hook_times) * 1e6:.1f} us per call, "
-                        f"{per_step * 1e6:.0f} us per step over {calls:.1f} calls = "
-                        f"{per_step / n * 1e6:.1f} us per activation-side tensor"
+                        f"{per_step * 1e6:.0f} us per step over {calls:.1f} calls; gradient "
+                        f"{g_step / max(g_calls, 1) * 1e6:.1f} us per call, {g_step * 1e6:.0f} "
+                        f"us per step over {g_calls:.1f} calls; together "
+                        f"{(per_step + g_step) / n * 1e6:.1f} us per activation-side tensor"
                     )
         if "g" in added_of:
             for peer in ("d", "e"):

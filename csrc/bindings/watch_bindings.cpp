@@ -67,6 +67,7 @@ void init_watch(py::module_& m) {
       .def("take_recorded", [](GradWatch& g) { return g.watch->take_recorded(); })
       .def("take_error", [](GradWatch& g) { return g.watch->take_error(); })
       .def("saved", [](GradWatch& g) { return g.watch->saved(); })
+      .def("hook_time", [](GradWatch& g) { return g.watch->hook_time(); })
       // merges (end_step: and the table cleared), then (touched rows, changed rows' (slot, dtype,
       // shape), anything recorded, error or ""): one call per drain
       .def(

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <exception>
 
 #include "../core/compact.h"
@@ -75,7 +76,15 @@ void Watch::watch(const at::Tensor& t, int64_t slot) {
   // The hook holds the watch weakly: a closed tracer's pending hooks do nothing.
   std::weak_ptr<Watch> self = weak_from_this();
   t.register_hook([self, slot](const at::Tensor& grad) {
-    if (auto w = self.lock()) w->accumulate(grad, slot);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (auto w = self.lock()) {
+      w->accumulate(grad, slot);
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now() - t0)
+                          .count();
+      w->hook_calls_.fetch_add(1, std::memory_order_relaxed);
+      w->hook_ns_.fetch_add(ns, std::memory_order_relaxed);
+    }
   });
 }
 
@@ -263,6 +272,10 @@ std::string Watch::take_error() {
   std::string e;
   e.swap(error_);
   return e;
+}
+
+std::pair<int64_t, int64_t> Watch::hook_time() const {
+  return {hook_calls_.load(std::memory_order_relaxed), hook_ns_.load(std::memory_order_relaxed)};
 }
 
 std::pair<int64_t, int64_t> Watch::saved() const {

@@ -15,6 +15,7 @@
 #include <c10/core/UndefinedTensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -62,6 +63,9 @@ class Watch : public std::enable_shared_from_this<Watch> {
   bool take_recorded();
   std::string take_error();
   std::pair<int64_t, int64_t> saved() const;  // (reads, bytes) merged instead of read
+  // (calls, nanoseconds) of the gradient hooks so far: their wall time in the backward, the
+  // statistics op included (benchmarks: what the hooks cost in place)
+  std::pair<int64_t, int64_t> hook_time() const;
 
  private:
   struct Key {
@@ -100,6 +104,7 @@ class Watch : public std::enable_shared_from_this<Watch> {
   std::vector<std::pair<int64_t, int64_t>> pending_;
   std::unordered_set<int64_t> sources_;
   int64_t reads_saved_ = 0, bytes_saved_ = 0;
+  std::atomic<int64_t> hook_calls_{0}, hook_ns_{0};  // outside mu_: a hook adds after unlocking
 };
 
 // Watches by id: the op dnntrace::watch_grad names its watch by an int.

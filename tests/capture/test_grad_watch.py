@@ -197,3 +197,25 @@ def test_record_skips_other_devices_and_rejects_non_tensors() -> None:
     assert bank.counts.sum() == 0
     with pytest.raises(TypeError, match="not a tensor"):
         w.record(np.zeros(3), 0, -1)
+
+
+def test_the_gradient_hooks_are_counted_and_timed(tmp_path: Path) -> None:
+    """tracer.stats() counts every C++ gradient hook call (one per activation-gradient row call
+    in the trace) and their time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "t.arrow"
+    with dnntrace.enable(model, path, activations_every=1) as tr:
+        for _ in range(3):
+            loss = model(torch.randn(5, 8)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    st = tr.stats()
+    t = dnntrace.load(path).table
+    kinds = np.array(t.column("kind").to_pylist())
+    calls = int(np.asarray(t.column("calls"))[kinds == "activation_grad"].sum())
+    assert calls > 0
+    assert st["grad_hook_calls"] == calls
+    assert st["grad_hook_seconds"] > 0

@@ -6,7 +6,9 @@ the end of the step's device work; the training stream waits on the GPU, never o
 the new bank's reset). Only the used rows leave the bank, each compacted to its header, moments
 and the span of its non-zero histogram buckets as uint32:
 
-- CPU: ``_C.compact_rows`` reads and resets the used rows in one native pass without the GIL;
+- CPU: ``_C.compact_rows`` reads and resets the used rows in one native pass without the GIL,
+  each span bounded by its row's header and min/max (no scan; checked, rescanned when short),
+  into one buffer reused from record batch to record batch (``_window``);
 - CUDA: the writer thread runs the same compaction as device ops on a side stream
   (``StatBank.compact_bounds`` / ``gather_spans``), copies the compact rows to pinned memory and
   resets the used rows there; it polls events and never calls a synchronising function.

@@ -80,6 +80,12 @@ class ReadOnce:
     def bytes_saved(self) -> int:
         return int(self._watch.saved()[1])
 
+    @property
+    def grad_hook_time(self) -> tuple[int, float]:
+        """(calls, seconds) of the C++ gradient hooks so far (their wall time in the backward)."""
+        calls, ns = self._watch.hook_time()
+        return int(calls), ns * 1e-9
+
     def close(self) -> None:
         self._watch.close()
 

@@ -990,7 +990,8 @@ class Tracer:
         self._recorded = False
 
     def stats(self) -> dict[str, Any]:
-        """Steps written and dropped, rows, bytes on disk, bank memory, flush cost."""
+        """Steps written and dropped, rows, bytes on disk, bank memory, flush cost, the C++
+        gradient hooks' calls and time."""
         if self._pipe is None or self._writer is None:  # never started (disk full)
             return {
                 "steps_written": 0,
@@ -1007,6 +1008,8 @@ class Tracer:
                 "bytes_to_host": 0,
                 "bank_bytes": 0,
                 "batches": 0,
+                "grad_hook_calls": 0,
+                "grad_hook_seconds": 0.0,
                 "disabled": self.disabled_reason,
             }
         s = self._pipe.stats
@@ -1026,6 +1029,9 @@ class Tracer:
             "bytes_to_host": s.bytes_to_host,
             "bank_bytes": self._pipe.bank.bytes,
             "batches": s.batches,
+            # the C++ gradient hooks of activations: calls and their wall time in the backward
+            "grad_hook_calls": self._read_once.grad_hook_time[0],
+            "grad_hook_seconds": self._read_once.grad_hook_time[1],
             "disabled": self.disabled_reason,
         }
 
