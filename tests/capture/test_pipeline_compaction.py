@@ -56,12 +56,21 @@ def test_device_op_compaction_equals_native(
 
 
 @pytest.mark.parametrize(
-    ("coalesce_s", "initial_window"),
-    [(0.0, 0), (100.0, 1 << 20), (100.0, 64)],
-    ids=["one-step-batches-grown-window", "one-batch-in-the-window", "one-batch-too-big"],
+    ("coalesce_s", "initial_window", "max_window"),
+    [(0.0, 0, 1 << 24), (100.0, 1 << 20, 1 << 24), (100.0, 64, 1 << 24), (0.0, 0, 64)],
+    ids=[
+        "one-step-batches-grown-window",
+        "one-batch-in-the-window",
+        "one-batch-too-big",
+        "capped-window-never-used",
+    ],
 )
 def test_the_writers_reused_window_gives_the_same_trace(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coalesce_s: float, initial_window: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    coalesce_s: float,
+    initial_window: int,
+    max_window: int,
 ) -> None:
     """Histogram spans go to one buffer reused from record batch to record batch (grown after a
     batch that did not fit, which got fresh arrays): the trace equals the device-op path's, which
@@ -70,6 +79,7 @@ def test_the_writers_reused_window_gives_the_same_trace(
     not fitting)."""
     monkeypatch.setattr(Pipeline, "coalesce_s", coalesce_s)
     monkeypatch.setattr(Pipeline, "initial_window", initial_window)
+    monkeypatch.setattr(Pipeline, "max_window", max_window)
     used = []
     joined = Pipeline._joined
 
@@ -80,9 +90,12 @@ def test_the_writers_reused_window_gives_the_same_trace(
 
     monkeypatch.setattr(Pipeline, "_joined", spy)
     native, st = _trace(tmp_path / "native.arrow", 8, nan_at=6)
-    if coalesce_s == 0.0:
+    if max_window < 1 << 24:  # a step's spans never fit: no window is kept
+        assert not any(used) and "writer_window" not in st["memory_bytes"]
+    elif coalesce_s == 0.0:
         assert st["batches"] == st["steps_written"] >= 2  # (a step may drop on a slow machine)
         assert not used[0] and any(used[1:])
+        assert 0 < st["memory_bytes"]["writer_window"] <= 4 * max_window
     else:
         assert st["batches"] == 1 and used == [initial_window > 64]
     monkeypatch.setattr(Pipeline, "device_ops", True)

@@ -261,7 +261,7 @@ def test_slow_writer_drops_steps_and_memory_is_bounded(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            mem.append(sum(tr.stats()["memory_bytes"].values()))
+            mem.append(tr.stats()["memory_bytes"]["host"])  # the banks (not the writer's window)
         release.set()
     stats = tr.stats()
     assert stats["steps_dropped"] > 0

@@ -126,8 +126,10 @@ class Pipeline:
     coalesce_s = 0.5
     # CPU banks compacted by the device-op path CUDA uses (tests check it against the native one)
     device_ops = False
-    # histogram values the window holds at first (4 MB); it grows to the largest window written
+    # histogram values the window holds at first (4 MB); it grows to the largest window written,
+    # up to max_window values (64 MB): a larger window gets fresh arrays, freed once written
     initial_window = 1 << 20
+    max_window = 1 << 24
 
     def __init__(
         self,
@@ -180,7 +182,10 @@ class Pipeline:
     def memory_bytes(self) -> dict[str, int]:
         per_bank = self.bank.bytes
         where = "device" if self._cuda else "host"
-        return {where: (1 + self._pool_size) * per_bank}  # current bank + the pool
+        out = {where: (1 + self._pool_size) * per_bank}  # current bank + the pool
+        if self._window.nbytes:
+            out["writer_window"] = self._window.nbytes  # the spans of steps waiting to be written
+        return out
 
     def grow(self, slots: int) -> None:
         """Make the current bank hold ``slots`` rows, keeping what it holds (async copy)."""
@@ -536,8 +541,9 @@ class Pipeline:
 
     def _window_reset(self) -> None:
         """The pending steps were written: the window is free (grown to the last one's size)."""
-        if self._window_need > len(self._window):
-            self._window = np.empty(self._window_need + self._window_need // 4, np.uint32)
+        if len(self._window) < self._window_need <= self.max_window:
+            grown = min(self._window_need + self._window_need // 4, self.max_window)
+            self._window = np.empty(grown, np.uint32)
         self._window_used = self._window_need = 0
 
     def _labels(
