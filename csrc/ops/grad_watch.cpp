@@ -91,6 +91,10 @@ void Watch::watch(const at::Tensor& t, int64_t slot) {
 void Watch::accumulate(const at::Tensor& x, int64_t slot) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!enabled_ || !counts_.defined() || !x.defined()) return;
+  accumulate_or_fail_locked(x, slot);
+}
+
+void Watch::accumulate_or_fail_locked(const at::Tensor& x, int64_t slot) {
   try {
     accumulate_locked(x, slot);
   } catch (const std::exception& e) {
@@ -105,15 +109,7 @@ void Watch::record(const at::Tensor& x, int64_t act_slot, int64_t grad_slot) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!enabled_ || !counts_.defined() || !x.defined() || x.device() != counts_.device()) return;
-    if (act_slot >= 0) {
-      try {
-        accumulate_locked(x, act_slot);
-      } catch (const std::exception& e) {
-        fail_locked(e.what());
-      } catch (...) {
-        fail_locked("unknown error");
-      }
-    }
+    if (act_slot >= 0) accumulate_or_fail_locked(x, act_slot);
     hook = grad_slot >= 0 && enabled_ && x.requires_grad();
   }
   if (hook) watch(x, grad_slot);  // outside the lock: the hook may run at once on another thread

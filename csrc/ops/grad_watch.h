@@ -85,6 +85,8 @@ class Watch : public std::enable_shared_from_this<Watch> {
   };
 
   void accumulate_locked(const at::Tensor& x, int64_t slot);
+  // accumulate_locked; an error disables the watch (a hook never throws)
+  void accumulate_or_fail_locked(const at::Tensor& x, int64_t slot);
   void read_locked(const at::Tensor& x, int64_t slot);
   void apply_locked();
   // apply_locked, an error disabling the watch; nothing stays queued either way
