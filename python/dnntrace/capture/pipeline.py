@@ -530,11 +530,7 @@ class Pipeline:
         at = (parts[0].ctypes.data - base) // 4
         pos = at
         for v in parts:
-            if (
-                v.base is None
-                or v.ctypes.data != base + 4 * pos
-                or not np.shares_memory(v, self._window)
-            ):
+            if v.ctypes.data != base + 4 * pos or not np.shares_memory(v, self._window):
                 return np.concatenate(parts)
             pos += len(v)
         return self._window[at:pos]

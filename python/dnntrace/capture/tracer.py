@@ -1014,6 +1014,7 @@ class Tracer:
             }
         s = self._pipe.stats
         flush = sorted(s.flush_us)
+        hook_calls, hook_seconds = self._read_once.grad_hook_time
         return {
             "steps_written": s.steps_written,
             "steps_dropped": s.steps_dropped,
@@ -1030,8 +1031,8 @@ class Tracer:
             "bank_bytes": self._pipe.bank.bytes,
             "batches": s.batches,
             # the C++ gradient hooks of activations: calls and their wall time in the backward
-            "grad_hook_calls": self._read_once.grad_hook_time[0],
-            "grad_hook_seconds": self._read_once.grad_hook_time[1],
+            "grad_hook_calls": hook_calls,
+            "grad_hook_seconds": hook_seconds,
             "disabled": self.disabled_reason,
         }
 
