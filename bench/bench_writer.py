@@ -294,6 +294,10 @@ def main() -> None:
             ap.error(f"--configs: {c!r} is not a writing dnntrace configuration (b, c, g, i)")
     if args.steps < 10:
         ap.error("--steps must be at least 10")
+    for spec in args.priority.split(","):
+        nice = spec[5:] if spec.startswith("nice:") else ""
+        if spec not in ("idle", "batch", "normal") and not (nice.isdigit() and int(nice) <= 19):
+            ap.error(f"--priority: {spec!r} is not idle, batch, normal or nice:N (N in 0..19)")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(
         f"dnntrace writer, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
