@@ -94,7 +94,7 @@ class ReadOnce:
         """Adds ``x`` into ``slot`` of ``bank``: by a row merge when it is a duplicate."""
         if bank is not self._bank:
             self.set_bank(bank)
-        torch.ops.dnntrace.record_output.default(x, self.id, slot, -1)
+        self.record(x, slot, -1)
         _, _, err = self.drain(bank)  # errors raise here (no tracer to report them later)
         if err:
             raise RuntimeError(err)
