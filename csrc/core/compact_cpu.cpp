@@ -92,57 +92,95 @@ struct SpanCopy {
   int64_t big, sum, nonzero;
 };
 
-// v[j] = h[j] narrowed to uint32, with the OR of every bit above the low 32 (or a negative count),
-// the sum and the number of non-zero buckets. Built for x86-64-v4/v3 and a baseline: the
-// writer's per-bucket loop.
-DNNTRACE_CLONES SpanCopy copy_span(const int64_t* __restrict__ h, int64_t len,
-                                   uint32_t* __restrict__ v) {
+// The non-zero buckets of h[0, len) as (first + j, h[j] narrowed to uint32) pairs written to
+// idx/v, with the OR of every bit above the low 32 (or a negative count) and the sum. Blocks of 8
+// zeros are skipped; inside a block the pair is stored unconditionally and the cursor advances by
+// (h[j] != 0), so no branch depends on the data (idx/v need room for len pairs). Built for
+// x86-64-v4/v3 and a baseline: the writer's per-bucket loop.
+DNNTRACE_CLONES SpanCopy copy_nonzero(const int64_t* __restrict__ h, int64_t len, int32_t first,
+                                      uint16_t* __restrict__ idx, uint32_t* __restrict__ v) {
   constexpr int64_t kHigh = ~static_cast<int64_t>(std::numeric_limits<uint32_t>::max());
-  int64_t big = 0, sum = 0, nz = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    big |= h[j] & kHigh;
-    nz += h[j] != 0;
-    sum += h[j];
-    v[j] = static_cast<uint32_t>(h[j]);
+  int64_t big = 0, sum = 0, n = 0, j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const int64_t* b = h + j;
+    if ((b[0] | b[1] | b[2] | b[3] | b[4] | b[5] | b[6] | b[7]) == 0) continue;
+    for (int t = 0; t < 8; ++t) {
+      const int64_t c = b[t];
+      big |= c & kHigh;
+      sum += c;
+      idx[n] = static_cast<uint16_t>(first + j + t);
+      v[n] = static_cast<uint32_t>(c);
+      n += c != 0;
+    }
   }
-  return {big, sum, nz};
+  for (; j < len; ++j) {
+    const int64_t c = h[j];
+    big |= c & kHigh;
+    sum += c;
+    idx[n] = static_cast<uint16_t>(first + j);
+    v[n] = static_cast<uint32_t>(c);
+    n += c != 0;
+  }
+  return {big, sum, n};
 }
 
 }  // namespace
 
 CopyResult compact_copy(int64_t* counts, double* moments, int64_t width, const int64_t* rows,
                         int64_t begin, int64_t m, const int32_t* first, const int64_t* offsets,
-                        int64_t* header, double* moments_out, uint32_t* values, bool reset,
-                        bool check_total, int64_t* nonzero) {
-  int64_t nz = 0;
+                        int64_t* header, double* moments_out, uint16_t* index, uint32_t* values,
+                        int64_t* pairs, bool reset, bool check_total, const GapHint* gap,
+                        int64_t* scanned) {
   for (int64_t i = begin; i < m; ++i) {
     int64_t* row = counts + rows[i] * width;
     double* mo = moments + rows[i] * kNumMoments;
-    int64_t* h = row + kHeader + first[i];
-    uint32_t* v = values + offsets[i];
-    const int64_t len = offsets[i + 1] - offsets[i];
-    const SpanCopy c = copy_span(h, len, v);
-    const int64_t big = c.big, sum = c.sum, row_nz = c.nonzero;
-    if (big != 0) {
-      *nonzero += nz;
-      return {CopyStatus::kOverflow, i};
+    int64_t* hist = row + kHeader;
+    const int64_t f = first[i], len = offsets[i + 1] - offsets[i];
+    uint16_t* idx = index + pairs[i];
+    uint32_t* val = values + pairs[i];
+    const int64_t total = check_total ? histogram_total(row) : 0;
+    int32_t* inner = nullptr;
+    if (gap != nullptr && check_total && rows[i] < gap->slots) inner = gap->inner + 2 * rows[i];
+    SpanCopy c{0, 0, 0};
+    bool done = false;
+    if (inner != nullptr && inner[0] >= 0 && inner[1] >= 0 && len > 0) {
+      const int64_t s0 = std::max<int64_t>(f, int64_t{inner[0]} + gap->margin);
+      const int64_t s1 = std::min<int64_t>(f + len, int64_t{inner[1]} - gap->margin);
+      if (s1 > s0) {  // read [f, s0) and [s1, f + len)
+        const SpanCopy a = copy_nonzero(hist + f, s0 - f, static_cast<int32_t>(f), idx, val);
+        const SpanCopy b = copy_nonzero(hist + s1, f + len - s1, static_cast<int32_t>(s1),
+                                        idx + a.nonzero, val + a.nonzero);
+        c = {a.big | b.big, a.sum + b.sum, a.nonzero + b.nonzero};
+        *scanned += len - (s1 - s0);
+        done = c.sum == total;  // else values in the skipped buckets: read the whole span
+      }
     }
-    if (check_total && sum != histogram_total(row)) {
-      *nonzero += nz;
-      return {CopyStatus::kSpanShort, i};
+    if (!done) {
+      c = copy_nonzero(hist + f, len, static_cast<int32_t>(f), idx, val);
+      *scanned += len;
     }
-    nz += row_nz;
+    if (c.big != 0) return {CopyStatus::kOverflow, i};
+    if (check_total && c.sum != total) return {CopyStatus::kSpanShort, i};
+    pairs[i + 1] = pairs[i] + c.nonzero;
+    if (inner != nullptr) {
+      if (c.nonzero == 0) {
+        inner[0] = inner[1] = -1;
+      } else {
+        const uint16_t* pos = std::lower_bound(idx, idx + c.nonzero, gap->per_sign);
+        inner[0] = pos == idx ? 0 : int32_t{pos[-1]} + 1;
+        inner[1] = pos == idx + c.nonzero ? 2 * gap->per_sign : int32_t{*pos};
+      }
+    }
     std::memcpy(header + i * kHeader, row, kHeader * sizeof(int64_t));
     std::memcpy(moments_out + i * kNumMoments, mo, kNumMoments * sizeof(double));
-    if (reset) {  // while the row is in cache; buckets outside the span are already zero
+    if (reset) {  // while the row is in cache; only the non-zero buckets need zeroing
+      for (int64_t p = 0; p < c.nonzero; ++p) hist[idx[p]] = 0;
       std::fill(row, row + kHeader, int64_t{0});
-      std::fill(h, h + len, int64_t{0});
       std::fill(mo, mo + kNumMoments, 0.0);
       mo[kMin] = std::numeric_limits<double>::infinity();
       mo[kMax] = -std::numeric_limits<double>::infinity();
     }
   }
-  *nonzero += nz;
   return {CopyStatus::kOk, m};
 }
 

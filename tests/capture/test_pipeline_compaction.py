@@ -1,5 +1,5 @@
 """The writer's two compaction paths give the same trace: the native CPU pass, and the device-op
-path CUDA runs (forced on CPU banks here), whose non-zero buckets are rebuilt into spans."""
+path CUDA runs (forced on CPU banks here), which gathers the non-zero buckets with torch ops."""
 
 from __future__ import annotations
 
@@ -72,20 +72,23 @@ def test_the_writers_reused_window_gives_the_same_trace(
     initial_window: int,
     max_window: int,
 ) -> None:
-    """Histogram spans go to one buffer reused from record batch to record batch (grown after a
-    batch that did not fit, which got fresh arrays): the trace equals the device-op path's, which
-    does not use it. coalesce_s=0 writes each step alone (the window is grown after the first);
-    a long one writes all steps in one batch at close (their spans back to back in the window, or
-    not fitting)."""
+    """Histogram (bucket, count) pairs go to two buffers reused from record batch to record
+    batch (grown after a batch that did not fit, which got fresh arrays): the trace equals the
+    device-op path's, which does not use them. coalesce_s=0 writes each step alone (the window
+    is grown after the first); a long one writes all steps in one batch at close (their pairs
+    back to back in the window, or not fitting)."""
     monkeypatch.setattr(Pipeline, "coalesce_s", coalesce_s)
     monkeypatch.setattr(Pipeline, "initial_window", initial_window)
     monkeypatch.setattr(Pipeline, "max_window", max_window)
     used = []
     joined = Pipeline._joined
 
-    def spy(self: Pipeline, pieces):  # type: ignore[no-untyped-def]
-        out = joined(self, pieces)
-        used.append(len(out) > 0 and np.shares_memory(out, self._window))
+    def spy(self: Pipeline, pieces, key, window):  # type: ignore[no-untyped-def]
+        out = joined(self, pieces, key, window)
+        if key == "values":
+            used.append(len(out) > 0 and np.shares_memory(out, self._window))
+        else:  # the bucket indices lie in their window exactly when the counts lie in theirs
+            assert used[-1] == (len(out) > 0 and np.shares_memory(out, self._window_index))
         return out
 
     monkeypatch.setattr(Pipeline, "_joined", spy)

@@ -1,10 +1,12 @@
-# Generator of tests/data/trace_v1.arrow (golden trace, format v1): python tests/data/make_golden.py
+# Generator of tests/data/trace_v2.arrow (golden trace, format v2): python tests/data/make_golden.py
 """Writes a small trace with fixed content (no randomness, no clock, no host name) through the
-public storage API, from states computed by the float64 reference (torch-free).
+public storage API, from states computed by the float64 reference (torch-free), as
+``trace_v<current format version>.arrow``.
 
-Do not regenerate the file for a later format version: a new version gets its own golden file
-(trace_v2.arrow, ...), and this one must keep reading. It prints the values that
-tests/storage/test_trace_golden.py pins."""
+trace_v1.arrow was written by this script when the format was version 1 (before the nullable
+``values`` column existed). Do not regenerate a file for a later format version: a new version
+gets its own golden file, and every older one must keep reading with the same values. It prints
+the values that tests/storage/test_trace_golden.py pins."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/, for reference.py
 
 from dnntrace.storage import Layout, TraceWriter, scalar_batch, state_to_batch  # noqa: E402
+from dnntrace.storage.schema import SCHEMA_VERSION  # noqa: E402
 from reference import tensor_summary_ref  # noqa: E402
 
 LAYOUT = Layout(6, -48, 64)
@@ -57,7 +60,7 @@ def values(step: int, row: int, shape: tuple[int, ...], scale: float) -> np.ndar
 
 
 def main() -> None:
-    path = HERE / "trace_v1.arrow"
+    path = HERE / f"trace_v{SCHEMA_VERSION}.arrow"
     with TraceWriter(path, METADATA) as w:
         for step in range(3):
             counts, moments = [], []

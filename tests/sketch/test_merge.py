@@ -76,13 +76,18 @@ def test_merge_in_any_order_and_grouping_matches_the_float64_reference(parts, da
     c3, m3 = merge_rows(cg, mg)
     np.testing.assert_array_equal(c3, c)
     _check_against_reference(c3[0], m3[0], counts, moments)
-    # the same rows as a trace stores them (header + each histogram's non-zero run)
+    # the same rows as a trace stores them (header + each histogram's non-zero buckets as
+    # (bucket, count) pairs), stored last row first: a row's pairs need not follow the previous
     hdr, hist = counts[:, : L.HEADER], counts[:, L.HEADER :]
     nz = [np.flatnonzero(h) for h in hist]
-    first = np.array([z[0] if z.size else 0 for z in nz])
-    runs = [h[f : z[-1] + 1] if z.size else h[:0] for h, f, z in zip(hist, first, nz, strict=True)]
-    stop = np.cumsum([r.size for r in runs])
-    spans = (first, stop - [r.size for r in runs], stop, np.concatenate(runs))
+    sizes = np.array([z.size for z in nz], np.int64)
+    stop = np.cumsum(sizes[::-1])[::-1]
+    bucket = np.concatenate([z.astype(np.uint16) for z in nz[::-1]] + [np.zeros(0, np.uint16)])
+    count = np.concatenate(
+        [h[z].astype(np.uint32) for h, z in zip(hist[::-1], nz[::-1], strict=True)]
+        + [np.zeros(0, np.uint32)]
+    )
+    spans = (stop - sizes, stop, bucket, count)
     cs, ms = merge_rows(hdr, moments, group, 4, hist=spans, width=LAYOUT.width)
     np.testing.assert_array_equal(cs, cg)
     np.testing.assert_array_equal(ms, mg)

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 _READER = r"""
@@ -40,15 +42,23 @@ assert rows == [("fc1", 96), ("fc2", 48)], rows
 q = "select sum(list_sum(hist)) + sum(zero_count) from rel where kind = 'weight'"
 hist = duckdb.sql(q).fetchall()[0][0]
 assert hist == 96 + 48, hist  # every weight is in the histogram or an exact zero
+if "hist_bucket" in table.column_names:  # version 2: the non-zero buckets and their counts
+    pairs = duckdb.sql(
+        "select unnest(hist_bucket) as b, unnest(hist) as n from rel where kind = 'weight'"
+    ).fetchall()
+    assert len(pairs) > 50 and all(0 <= b < 8192 and n > 0 for b, n in pairs), pairs[:5]
+    zeros = duckdb.sql("select sum(zero_count) from rel where kind = 'weight'").fetchall()[0][0]
+    assert sum(n for _, n in pairs) + zeros == 96 + 48
 
 assert not any(m == "dnntrace" or m.startswith("dnntrace.") for m in sys.modules)
 print("ok")
 """
 
 
-def test_plain_readers_read_a_trace_without_dnntrace():
+@pytest.mark.parametrize("version", [1, 2])
+def test_plain_readers_read_a_trace_without_dnntrace(version: int):
     out = subprocess.run(
-        [sys.executable, "-c", _READER, str(DATA / "trace_v1.arrow")],
+        [sys.executable, "-c", _READER, str(DATA / f"trace_v{version}.arrow")],
         check=False,
         capture_output=True,
         text=True,

@@ -135,14 +135,16 @@ def test_arrow_file_format_is_not_a_stream(tmp_path):
     _assert_trace_error(p, "")
 
 
-@pytest.mark.parametrize("meta", [{"schema_version": 2}, {"schema_version": "1"}, {}])
+@pytest.mark.parametrize(
+    "meta", [{"schema_version": 3}, {"schema_version": 0}, {"schema_version": "2"}, {}]
+)
 def test_unknown_schema_version(tmp_path, meta):
     p = tmp_path / "v.arrow"
     schema = BASE_SCHEMA.with_metadata({b"dnntrace": json.dumps(meta).encode()})
     with pa.OSFile(str(p), "wb") as f, pa.ipc.new_stream(f, schema):
         pass
     msg = _assert_trace_error(p, "schema version")
-    assert "reads version 1" in msg
+    assert "reads versions 1, 2" in msg
 
 
 def test_metadata_not_json(tmp_path):

@@ -78,7 +78,7 @@ def test_roundtrip(tmp_path, steps):
             )
     trace = load(path)
     assert not trace.truncated
-    assert trace.metadata["schema_version"] == 1 and trace.layout == lay0
+    assert trace.metadata["schema_version"] == 2 and trace.layout == lay0
     want_rows = sum(c.shape[0] for _, c, _, _ in steps)
     assert trace.table.num_rows == want_rows
     got = rows_to_summaries(trace.table)

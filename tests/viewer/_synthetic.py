@@ -335,7 +335,7 @@ def write_synthetic_units(
     phase = rng.uniform(0, 2 * np.pi, u).astype(np.float32)
     die, revive = _death_steps(spec, rng)
     per = max(1, spec.cells_per_batch // max(u, 1))
-    empty = (np.zeros(0, np.int32), pa.array([], pa.list_(pa.uint32())))
+    empty = (pa.array([], pa.list_(pa.uint16())), pa.array([], pa.list_(pa.uint32())))
     writer = TraceWriter(path, meta, compression=spec.compression)
     try:
         for start in range(0, total, per):

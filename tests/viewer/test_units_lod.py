@@ -80,7 +80,7 @@ def write_rows(path: Path, rows: list[tuple[int, str, str, str, np.ndarray | Non
             part = rows[i : i + 3]
             vecs = [np.zeros(0, np.float32) if r[4] is None else r[4] for r in part]
             counts, moments = vector_state(vecs, lay, width=L.HEADER)
-            empty = (np.zeros(0, np.int32), pa.array([], pa.list_(pa.uint32())))
+            empty = (pa.array([], pa.list_(pa.uint16())), pa.array([], pa.list_(pa.uint32())))
             batch = state_to_batch(
                 counts,
                 moments,

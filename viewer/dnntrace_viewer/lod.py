@@ -203,14 +203,22 @@ class _Columns:
 
     def __init__(self, table: pa.Table) -> None:
         self.chunk_vals: list[np.ndarray] = []
+        self.chunk_buckets: list[np.ndarray] = []
         chunk_of, starts, lengths = (
             [np.zeros(0, np.int64)],
             [np.zeros(0, np.int64)],
             [np.zeros(0, np.int64)],
         )
-        for k, chunk in enumerate(table.column("hist").chunks):
+        hist, buckets = table.column("hist"), table.column("hist_bucket")
+        if [len(c) for c in hist.chunks] != [len(c) for c in buckets.chunks]:  # (not from a file)
+            hist = pa.chunked_array([hist.combine_chunks()])
+            buckets = pa.chunked_array([buckets.combine_chunks()])
+        for k, (chunk, bucket) in enumerate(zip(hist.chunks, buckets.chunks, strict=True)):
             offs = chunk.offsets.to_numpy().astype(np.int64)
+            if not np.array_equal(bucket.offsets.to_numpy(), chunk.offsets.to_numpy()):
+                raise ValueError("hist_bucket and hist differ in length in some row")
             self.chunk_vals.append(chunk.flatten().to_numpy(zero_copy_only=False))
+            self.chunk_buckets.append(bucket.flatten().to_numpy(zero_copy_only=False))
             chunk_of.append(np.full(len(chunk), k, np.int64))
             starts.append(offs[:-1] - offs[0])
             lengths.append(np.diff(offs))
@@ -218,7 +226,6 @@ class _Columns:
         self.starts = np.concatenate(starts)
         self.lengths = np.concatenate(lengths)
         self.step = table.column("step").to_numpy()
-        self.hist_offset = table.column("hist_offset").to_numpy().astype(np.int64)
 
         def num(name: str) -> np.ndarray:
             return table.column(name).to_numpy().astype(np.float64)
@@ -231,9 +238,8 @@ class _Columns:
 def build_series(cols: _Columns, rows: np.ndarray, lay: Layout) -> SeriesLOD:
     """The summed-area table of the given rows (all of one series).
 
-    Each row's buckets are one contiguous run of columns (two, either side of the zero
-    column), so the rows are added into a dense steps x columns matrix slice by slice: one
-    pass over the counts, no per-element index arrays."""
+    Each row's (bucket, count) pairs are added into a dense steps x columns matrix, a row at a
+    time: one pass over the stored pairs."""
     steps, step_idx = np.unique(cols.step[rows], return_inverse=True)
     p = lay.per_sign
     ncol = 2 * p + 3  # overflow-, p negative buckets, zeros and underflow, p positive, overflow+
@@ -243,16 +249,11 @@ def build_series(cols: _Columns, rows: np.ndarray, lay: Layout) -> SeriesLOD:
         length = int(cols.lengths[r])
         if length == 0:
             continue
-        s0 = int(cols.starts[r])
-        v = cols.chunk_vals[cols.chunk_of[r]][s0 : s0 + length]
-        b0 = int(cols.hist_offset[r])
-        b1 = b0 + length
-        neg_end = min(b1, p)  # buckets below p sit at column bucket + 1, the others at + 2
-        if neg_end > b0:
-            full[si, b0 + 1 : neg_end + 1] += v[: neg_end - b0]
-        pos0 = max(b0, p)
-        if b1 > pos0:
-            full[si, pos0 + 2 : b1 + 2] += v[pos0 - b0 :]
+        s0, k = int(cols.starts[r]), cols.chunk_of[r]
+        v = cols.chunk_vals[k][s0 : s0 + length]
+        b = cols.chunk_buckets[k][s0 : s0 + length].astype(np.int64)
+        # buckets below p sit at column bucket + 1, the others at + 2
+        np.add.at(full[si], b + 1 + (b >= p), v)
     for col, w in ((p + 1, cols.zero_like), (0, cols.over_neg), (ncol - 1, cols.over_pos)):
         full[:, col] += np.bincount(step_idx, weights=w[rows], minlength=n)
     used: np.ndarray = np.asarray((full > 0).any(axis=0))

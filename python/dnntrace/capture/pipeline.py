@@ -4,14 +4,17 @@ At a step's end the training thread hands the filled bank, with the list of rows
 step, to a background writer and continues with a free bank from a pool (CUDA: an event marks
 the end of the step's device work; the training stream waits on the GPU, never on the host, for
 the new bank's reset). Only the used rows leave the bank, each compacted to its header, moments
-and the span of its non-zero histogram buckets as uint32:
+and its non-zero histogram buckets as (uint16 bucket, uint32 count) pairs, which is what the
+trace stores (format version 2):
 
 - CPU: ``_C.compact_rows`` reads and resets the used rows in one native pass without the GIL,
-  each span bounded by its row's header and min/max (no scan; checked, rescanned when short),
-  into one buffer reused from record batch to record batch (``_window``);
+  each row's scan bounded by its header and min/max (checked, rescanned when short) and
+  skipping the gap between its signs where the row's last compaction found one (``_inner``;
+  checked, read in full when it missed values), into two buffers reused from record batch to
+  record batch (``_window``, ``_window_index``);
 - CUDA: the writer thread runs the same compaction as device ops on a side stream
-  (``StatBank.compact_bounds`` / ``gather_spans``), copies the compact rows to pinned memory and
-  resets the used rows there; it polls events and never calls a synchronising function.
+  (``StatBank.compact_bounds`` / ``gather_nonzero``), copies the compact rows to pinned memory
+  and resets the used rows there; it polls events and never calls a synchronising function.
 
 The bank goes back to the pool as soon as its rows are compacted. The writer coalesces the steps
 waiting in its queue into one record batch. Memory is bounded by the pool (``host_buffers``
@@ -38,9 +41,9 @@ import torch
 from .. import _C
 from ..sketch import layout as L
 from ..sketch.layout import Layout
-from ..stats.bank import StatBank, spans_from_nonzero
+from ..stats.bank import StatBank
 from ..storage import kinds as K
-from ..storage.rows import label_columns, scalar_state, state_to_batch
+from ..storage.rows import label_columns, pair_lists, scalar_state, state_to_batch
 from ..storage.schema import BASE_SCHEMA
 from ..storage.writer import TraceWriter
 
@@ -80,9 +83,9 @@ class _Compact(NamedTuple):
     job: _Job
     header: np.ndarray  # int64[m, HEADER]
     moments: np.ndarray  # float64[m, NUM_MOMENTS]
-    first: np.ndarray  # int32[m], hist_offset
-    offsets: np.ndarray  # int64[m + 1], span offsets into values
-    values: np.ndarray  # uint32, the spans back to back
+    offsets: np.ndarray  # int64[m + 1], row i's pairs are index/values[offsets[i]:offsets[i+1]]
+    index: np.ndarray  # uint16, the non-zero buckets, ascending per row
+    values: np.ndarray  # uint32, their counts
     scalars: np.ndarray | None  # float64 values of tensor scalars
     vectors: np.ndarray | None  # float32, flat
 
@@ -113,6 +116,7 @@ class PipelineStats:
     write_seconds: float = 0.0
     writer_cpu_seconds: float = 0.0
     bytes_to_host: int = 0  # compact rows taken from the banks (CUDA: copied device -> host)
+    buckets_scanned: int = 0  # histogram buckets the CPU compaction read
     flush_us: list[float] = field(default_factory=list)
 
 
@@ -126,8 +130,8 @@ class Pipeline:
     coalesce_s = 0.5
     # CPU banks compacted by the device-op path CUDA uses (tests check it against the native one)
     device_ops = False
-    # histogram values the window holds at first (4 MB); it grows to the largest window written,
-    # up to max_window values (64 MB): a larger window gets fresh arrays, freed once written
+    # (bucket, count) pairs the window holds at first (6 MB); it grows to the largest window
+    # written, up to max_window pairs (96 MB): a larger window gets fresh arrays, freed once written
     initial_window = 1 << 20
     max_window = 1 << 24
 
@@ -160,12 +164,18 @@ class Pipeline:
             self._free_banks.append(StatBank(slots, layout, device))
         self._bank = StatBank(slots, layout, device)
         self._label_cache: dict[Any, tuple[Any, Any, dict[str, pa.Array]]] = {}
-        # The histogram spans of the steps waiting to be written, back to back (CPU banks): one
-        # buffer reused window after window, so neither the compaction's output nor the record
-        # batch's values column is fresh memory to fault in (a copy of ~1 MB per step).
-        self._window = np.empty(0 if self._cuda else self.initial_window, np.uint32)
-        self._window_used = 0  # values of pending steps in it
-        self._window_need = 0  # values of pending steps in all: the next window's size
+        # The (bucket, count) pairs of the steps waiting to be written, back to back (CPU banks):
+        # two buffers reused window after window, so neither the compaction's output nor the
+        # record batch's list values are fresh memory to fault in.
+        size = 0 if self._cuda else self.initial_window
+        self._window = np.empty(size, np.uint32)  # counts
+        self._window_index = np.empty(size, np.uint16)  # bucket indices
+        self._window_used = 0  # pairs of pending steps in it
+        self._window_need = 0  # pairs of pending steps in all, plus room for one step's scan
+        self._window_scan = 0  # the most room one step's compaction needed (its spans)
+        # per bank row, where its data was at its last compaction (compact_rows' `inner`): a
+        # prediction of the empty buckets between its signs, which the next compaction skips
+        self._inner = np.full((0 if self._cuda else slots, 2), -1, np.int32)
         self._vectors: Sequence[VectorBlock] = ()
         self._thread = threading.Thread(target=self._run, name="dnntrace-writer", daemon=True)
         self._thread.start()
@@ -183,8 +193,8 @@ class Pipeline:
         per_bank = self.bank.bytes
         where = "device" if self._cuda else "host"
         out = {where: (1 + self._pool_size) * per_bank}  # current bank + the pool
-        if self._window.nbytes:
-            out["writer_window"] = self._window.nbytes  # the spans of steps waiting to be written
+        if self._window.nbytes:  # the pairs of steps waiting to be written
+            out["writer_window"] = self._window.nbytes + self._window_index.nbytes
         return out
 
     def grow(self, slots: int) -> None:
@@ -319,7 +329,7 @@ class Pipeline:
                 dtype=[""],
                 shape=[()],
                 values=[np.zeros(1, np.float32)],
-                hist=(np.zeros(1, np.int32), pa.array([[]], pa.list_(pa.uint32()))),
+                hist=(pa.array([[]], pa.list_(pa.uint16())), pa.array([[]], pa.list_(pa.uint32()))),
             )
         except Exception:  # noqa: BLE001 - only a warm-up; real errors surface on real jobs
             pass
@@ -394,19 +404,27 @@ class Pipeline:
         bank = job.bank
         if not self._cuda and not self.device_ops:
             try:
-                lay = self.layout  # spans bounded by each row's header and min/max, no scan
-                header, moments, first, offsets, values, nonzero = _C.compact_rows(
+                lay = self.layout  # scans bounded by each row's header and min/max
+                if len(self._inner) < bank.slots:  # the bank grew: new rows, no prediction
+                    grown = np.full((bank.slots, 2), -1, np.int32)
+                    grown[: len(self._inner)] = self._inner
+                    self._inner = grown
+                header, moments, offsets, index, values, room, scanned = _C.compact_rows(
                     bank.counts.numpy(),
                     bank.moments.numpy(),
                     job.rows,
                     True,
                     (lay.k, lay.emin, lay.octaves),
                     self._window,
+                    self._window_index,
                     self._window_used,
+                    self._inner,
                 )
                 if len(values) and np.shares_memory(values, self._window):
                     self._window_used += len(values)
                 self._window_need += len(values)
+                self._window_scan = max(self._window_scan, room)
+                self.stats.buckets_scanned += scanned
             except BaseException:
                 self._release(bank, job.rows)
                 raise
@@ -414,11 +432,11 @@ class Pipeline:
             self._free_banks.append(bank)
             st = job.scalar_tensor.numpy() if job.scalar_tensor is not None else None
             vt = job.vector_tensor.numpy() if job.vector_tensor is not None else None
-            # what the CUDA path moves for these rows: header, moments, 4 bounds per row and 6
+            # what the CUDA path moves for these rows: header, moments, 2 bounds per row and 6
             # bytes per non-zero bucket
-            self.stats.bytes_to_host += len(job.rows) * (L.HEADER + L.NUM_MOMENTS + 4) * 8
-            self.stats.bytes_to_host += 6 * nonzero + (vt.nbytes if vt is not None else 0)
-            return _Compact(job, header, moments, first, offsets, values, st, vt)
+            self.stats.bytes_to_host += len(job.rows) * (L.HEADER + L.NUM_MOMENTS + 2) * 8
+            self.stats.bytes_to_host += 6 * len(values) + (vt.nbytes if vt is not None else 0)
+            return _Compact(job, header, moments, offsets, index, values, st, vt)
         return self._compact_device(job)
 
     def _stream(self) -> Any:
@@ -433,8 +451,8 @@ class Pipeline:
 
     def _compact_device(self, job: _Job) -> _Compact:
         """Two rounds on the side stream, each ended by a polled event: (1) the rows' headers,
-        moments and span bounds; (2) their non-zero buckets as (uint16 index, uint32 count), now
-        that their number is known here. The dense spans of the file are rebuilt on the host."""
+        moments and numbers of non-zero buckets; (2) those buckets as (uint16 index, uint32
+        count), now that their number is known here: the pairs the file stores."""
         bank = job.bank
         if job.event is not None:
             self._wait(job.event)
@@ -452,7 +470,7 @@ class Pipeline:
                     extra.append(_to_host(t) if t is not None else None)
             self._done()
             h_header, h_moments, h_bounds = (t.numpy() for t in small)
-            first, length, nnz, biggest = h_bounds
+            nnz, biggest = h_bounds
             if m and biggest.max() > np.iinfo(np.uint32).max:
                 raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
             total = int(nnz.sum())
@@ -463,8 +481,7 @@ class Pipeline:
         finally:
             self._release(bank, job.rows)
         offsets = np.zeros(m + 1, np.int64)
-        np.cumsum(length, out=offsets[1:])
-        values = spans_from_nonzero(first, nnz, offsets, pairs[0].numpy(), pairs[1].numpy())
+        np.cumsum(nnz, out=offsets[1:])
         for t in (*small, *pairs, *extra):
             if t is not None:
                 moved += t.numpy().nbytes
@@ -473,9 +490,9 @@ class Pipeline:
             job,
             h_header,
             h_moments,
-            first.astype(np.int32),
             offsets,
-            values,
+            pairs[0].numpy().view(np.uint16),
+            pairs[1].numpy().view(np.uint32),
             extra[0].numpy() if extra[0] is not None else None,
             extra[1].numpy() if extra[1] is not None else None,
         )
@@ -487,11 +504,9 @@ class Pipeline:
             return
         counts = np.concatenate([p["counts"] for p in pieces])
         moments = np.concatenate([p["moments"] for p in pieces])
-        first = np.concatenate([p["first"] for p in pieces])
         lengths = np.concatenate([p["lengths"] for p in pieces])
-        values = self._joined(pieces)
-        list_offsets = np.zeros(len(lengths) + 1, np.int32)
-        np.cumsum(lengths, out=list_offsets[1:])
+        values = self._joined(pieces, "values", self._window)
+        index = self._joined(pieces, "index", self._window_index)
         n_rows = [len(p["lengths"]) for p in pieces]
         step = np.repeat([p["step"] for p in pieces], n_rows)
         wall = np.repeat([p["wall"] for p in pieces], n_rows)
@@ -513,33 +528,37 @@ class Pipeline:
             rank=self.rank,
             wall_time_s=wall,
             values=vectors,
-            hist=(first, pa.ListArray.from_arrays(pa.array(list_offsets), pa.array(values))),
+            hist=pair_lists(lengths, index, values),
             columns=cols,
         )
         self.writer.write(batch)
         self.stats.rows += batch.num_rows
         self.stats.batches += 1
 
-    def _joined(self, pieces: Sequence[dict[str, Any]]) -> np.ndarray:
-        """The pieces' spans as one array: a view of the window when they lie there back to
-        back (the steps of a CPU bank, in order), else a concatenation."""
-        parts = [p["values"] for p in pieces if len(p["values"])]
+    def _joined(self, pieces: Sequence[dict[str, Any]], key: str, window: np.ndarray) -> np.ndarray:
+        """The pieces' arrays ``key`` as one array: a view of ``window`` when they lie there back
+        to back (the steps of a CPU bank, in order), else a concatenation."""
+        parts = [p[key] for p in pieces if len(p[key])]
         if not parts:
-            return np.zeros(0, np.uint32)
-        base = self._window.ctypes.data
-        at = (parts[0].ctypes.data - base) // 4
+            return np.zeros(0, window.dtype)
+        size = window.itemsize
+        base = window.ctypes.data
+        at = (parts[0].ctypes.data - base) // size
         pos = at
         for v in parts:
-            if v.ctypes.data != base + 4 * pos or not np.shares_memory(v, self._window):
+            if v.ctypes.data != base + size * pos or not np.shares_memory(v, window):
                 return np.concatenate(parts)
             pos += len(v)
-        return self._window[at:pos]
+        return window[at:pos]
 
     def _window_reset(self) -> None:
-        """The pending steps were written: the window is free (grown to the last one's size)."""
-        if len(self._window) < self._window_need <= self.max_window:
-            grown = min(self._window_need + self._window_need // 4, self.max_window)
+        """The pending steps were written: the window is free (grown to the last one's size and
+        room for one more step's scan)."""
+        need = self._window_need + self._window_scan
+        if len(self._window) < need <= self.max_window:
+            grown = min(need + need // 4, self.max_window)
             self._window = np.empty(grown, np.uint32)
+            self._window_index = np.empty(grown, np.uint16)
         self._window_used = self._window_need = 0
 
     def _labels(
@@ -574,23 +593,19 @@ class Pipeline:
         """A step's rows: tensor rows with calls, then scalar rows, then vector rows."""
         job = part.job
         n = min(len(job.labels), job.bank.slots)
-        header, moments, first, offsets = part.header, part.moments, part.first, part.offsets
+        header, moments, offsets = part.header, part.moments, part.offsets
         keep = (header[:, L.CALLS] > 0) & (job.rows < n)
         rows = job.rows
         lengths = np.diff(offsets)
-        values = part.values
+        index, values = part.index, part.values
         if not keep.all():
             sel = np.flatnonzero(keep)
             starts = offsets[:-1][sel]
             lengths = lengths[sel]
-            values = (
-                np.concatenate(
-                    [part.values[a : a + b] for a, b in zip(starts, lengths, strict=True)]
-                )
-                if len(sel)
-                else np.zeros(0, np.uint32)
-            )
-            header, moments, first, rows = header[sel], moments[sel], first[sel], rows[sel]
+            spans = list(zip(starts, lengths, strict=True))
+            index = np.concatenate([part.index[a : a + b] for a, b in spans] or [index[:0]])
+            values = np.concatenate([part.values[a : a + b] for a, b in spans] or [values[:0]])
+            header, moments, rows = header[sel], moments[sel], rows[sel]
         labels: list[SlotLabel] = []
         meta: list[tuple[str, tuple[int, ...]]] = []
         extra_c: list[np.ndarray] = [header]
@@ -621,8 +636,8 @@ class Pipeline:
         return {
             "counts": np.concatenate(extra_c) if len(extra_c) > 1 else header,
             "moments": np.concatenate(extra_m) if len(extra_m) > 1 else moments,
-            "first": np.concatenate([first, np.zeros(len(labels), np.int32)]),
             "lengths": np.concatenate([lengths, np.zeros(len(labels), lengths.dtype)]),
+            "index": index,
             "values": values,
             "step": job.step,
             "wall": job.wall_time_s,

@@ -1006,6 +1006,7 @@ class Tracer:
                 "bytes_read_saved": 0,
                 "writer_cpu_seconds": 0.0,
                 "bytes_to_host": 0,
+                "buckets_scanned": 0,
                 "bank_bytes": 0,
                 "batches": 0,
                 "grad_hook_calls": 0,
@@ -1028,6 +1029,8 @@ class Tracer:
             "bytes_read_saved": self._read_once.bytes_saved,
             "writer_cpu_seconds": s.writer_cpu_seconds,
             "bytes_to_host": s.bytes_to_host,
+            # histogram buckets the CPU writer's compaction read (0 on CUDA)
+            "buckets_scanned": s.buckets_scanned,
             "bank_bytes": self._pipe.bank.bytes,
             "batches": s.batches,
             # the C++ gradient hooks of activations: calls and their wall time in the backward

@@ -114,9 +114,10 @@ def merge_rows(
     max are exact whatever the order; the sums are compensated (module docstring).
 
     Rows as a trace stores them (a histogram is mostly zeros): ``counts`` holds only the
-    header columns and ``hist = (first, start, stop, values)`` the histograms, row ``i``'s
-    being ``values[start[i]:stop[i]]`` from histogram bucket ``first[i]`` on; ``width`` is the
-    full counts-row width of the result. No dense ``[n, width]`` matrix is built."""
+    header columns and ``hist = (start, stop, bucket, count)`` the histograms' non-zero
+    buckets, row ``i``'s being histogram buckets ``bucket[start[i]:stop[i]]`` holding
+    ``count[start[i]:stop[i]]``; ``width`` is the full counts-row width of the result. No dense
+    ``[n, width]`` matrix is built."""
     counts = np.asarray(counts, dtype=np.int64)
     moments = np.asarray(moments, dtype=np.float64)
     if counts.ndim != 2 or moments.ndim != 2 or moments.shape != (counts.shape[0], NUM_MOMENTS):
@@ -141,13 +142,19 @@ def merge_rows(
         rows = counts if np.array_equal(order, np.arange(n)) else counts[order]
         out_c[sorted_g[starts], :cols] = np.add.reduceat(rows, starts, axis=0)
     if hist is not None:
-        first, start, stop, values = (np.asarray(a) for a in hist)
-        if not first.shape == start.shape == stop.shape == (n,):
-            raise ValueError(f"merge_rows: hist has {first.shape}/{start.shape} for {n} rows")
-        for i in np.flatnonzero(stop > start):  # each row's run is contiguous: a slice add
-            a, b = int(start[i]), int(stop[i])
-            lo = cols + int(first[i])
-            out_c[g[i], lo : lo + b - a] += values[a:b]
+        start, stop, bucket, count = (np.asarray(a) for a in hist)
+        if not start.shape == stop.shape == (n,):
+            raise ValueError(f"merge_rows: hist has {start.shape}/{stop.shape} for {n} rows")
+        lengths = np.maximum(stop - start, 0).astype(np.int64)
+        total = int(lengths.sum())
+        if total:
+            row = np.repeat(np.arange(n), lengths)
+            ends = np.cumsum(lengths)
+            pos = np.arange(total) + np.repeat(start.astype(np.int64) - (ends - lengths), lengths)
+            # one exact int64 scatter-add: rows of a group (and a bucket listed twice) add up
+            np.add.at(
+                out_c, (g[row], cols + bucket[pos].astype(np.int64)), count[pos].astype(np.int64)
+            )
     return out_c, merge_moments(moments, g, ng)
 
 

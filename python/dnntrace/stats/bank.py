@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,19 +102,12 @@ class StatBank:
 
     def compact_bounds(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Device-side first half of the compaction the CUDA writer does (torch ops, no sync):
-        (header int64[m,16], moments float64[m,8], bounds int64[4, m], hist) of the rows
-        ``rows``; ``bounds`` holds each histogram's first non-zero bucket, its span length up to
-        the last non-zero one, its number of non-zero buckets and its largest bucket."""
+        (header int64[m,16], moments float64[m,8], bounds int64[2, m], hist) of the rows
+        ``rows``; ``bounds`` holds each histogram's number of non-zero buckets and its largest
+        bucket."""
         counts = self.counts.index_select(0, rows)
         hist = counts[:, L.HEADER :]
-        nz = (hist != 0).to(torch.int8)
-        bins = hist.shape[1]
-        first = nz.argmax(1)
-        last = bins - 1 - nz.flip(1).argmax(1)
-        nnz = nz.sum(1)
-        first = torch.where(nnz > 0, first, 0)
-        length = torch.where(nnz > 0, last - first + 1, 0)
-        bounds = torch.stack([first, length, nnz, hist.amax(1)])
+        bounds = torch.stack([(hist != 0).sum(1), hist.amax(1)])
         return counts[:, : L.HEADER], self.moments.index_select(0, rows), bounds, hist
 
     @staticmethod
@@ -138,16 +130,3 @@ class StatBank:
         return Summary(
             self.counts[slot].cpu().numpy(), self.moments[slot].cpu().numpy(), self.layout
         )
-
-
-def spans_from_nonzero(
-    first: np.ndarray, nnz: np.ndarray, offsets: np.ndarray, index: np.ndarray, count: np.ndarray
-) -> np.ndarray:
-    """The dense spans (uint32, back to back at ``offsets``) from ``gather_nonzero``'s output:
-    row ``i`` holds ``nnz[i]`` of the (index, count) pairs, its span starts at bucket
-    ``first[i]``."""
-    values = np.zeros(int(offsets[-1]), np.uint32)
-    row = np.repeat(np.arange(len(nnz)), nnz)
-    col = index.view(np.uint16).astype(np.int64)
-    values[offsets[:-1][row] + col - first[row]] = count.view(np.uint32)
-    return values

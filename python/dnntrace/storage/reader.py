@@ -17,7 +17,7 @@ from ..sketch.merge import empty_moments, merge_rows
 from ..sketch.summary import Summary
 from . import kinds as K
 from .kinds import culprit, nonfinite_mask, tensor_rows
-from .rows import HEADER_COLUMNS
+from .rows import HEADER_COLUMNS, pair_lists
 from .schema import BASE_SCHEMA, COUNT_COLUMNS, TraceError, read_metadata
 
 
@@ -50,10 +50,76 @@ def read_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any], 
             truncated = True  # a torn last message: keep every complete batch before it
             break
     table = pa.Table.from_batches(batches, schema=reader.schema)
-    for field in BASE_SCHEMA:  # columns added since the file was written (nullable): nulls
-        if table.schema.get_field_index(field.name) < 0:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    try:
+        if meta.get("schema_version") == 1:
+            table = v1_to_v2(table)
+        for field in BASE_SCHEMA:  # columns added since the file was written (nullable): nulls
+            if table.schema.get_field_index(field.name) < 0:
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        check_histograms(table)
+    except (ValueError, KeyError, pa.ArrowException) as e:
+        raise TraceError(f"{p}: {_one_line(e)}") from None
     return table, meta, truncated
+
+
+def _pair_rows(table: pa.Table, lists: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each listed value, each row's bucket count 2 * octaves * 2**k)."""
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    k = table.column("k").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    octaves = table.column("octaves").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    row = np.repeat(np.arange(table.num_rows), lengths)
+    bad = (k[row] < 0) | (k[row] > 7) | (octaves[row] < 1) | (octaves[row] > 254)
+    if bad.any():
+        raise ValueError(f"row {int(row[np.argmax(bad)])} has a histogram with an invalid layout")
+    return row, 2 * octaves << np.clip(k, 0, 7)
+
+
+def check_histograms(table: pa.Table) -> None:
+    """``ValueError`` naming the problem unless every row's ``hist_bucket`` and ``hist`` are
+    lists of one length whose buckets lie inside the row's layout (a file is untrusted input:
+    a bad bucket must not land in another row or column)."""
+    if table.num_rows == 0:
+        return
+    buckets, counts = table.column("hist_bucket"), table.column("hist")
+    lb = pc.list_value_length(buckets).fill_null(0).to_numpy(zero_copy_only=False)
+    lc = pc.list_value_length(counts).fill_null(0).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lb, lc):
+        raise ValueError(f"hist_bucket and hist differ in length in row {int(np.argmax(lb != lc))}")
+    flat = pc.list_flatten(buckets).to_numpy(zero_copy_only=False)
+    if flat.size:
+        row, bins = _pair_rows(table, buckets)
+        bad = flat.astype(np.int64) >= bins[row]
+        if bad.any():
+            r = int(row[np.argmax(bad)])
+            raise ValueError(f"row {r} lists a histogram bucket beyond its {int(bins[r])} buckets")
+
+
+def v1_to_v2(table: pa.Table) -> pa.Table:
+    """A version-1 table (each histogram one dense span: ``hist_offset`` + ``hist``) with
+    version 2's histogram columns (``hist_bucket`` + ``hist``: the non-zero buckets and their
+    counts), in the same place; every other column as it was."""
+    if "hist_offset" not in table.column_names:
+        return table
+    at = table.schema.get_field_index("hist_offset")
+    n = table.num_rows
+    first = table.column("hist_offset").to_numpy(zero_copy_only=False).astype(np.int64)
+    hist = table.column("hist").combine_chunks() if n else pa.array([], pa.list_(pa.uint32()))
+    offs = hist.offsets.to_numpy().astype(np.int64)
+    vals = hist.values.to_numpy(zero_copy_only=False)[offs[0] : offs[-1]]
+    lengths = np.diff(offs)
+    row = np.repeat(np.arange(n), lengths)
+    bucket = first[row] + np.arange(len(vals)) - (offs[:-1] - offs[0])[row]
+    if bucket.size:
+        _, bins = _pair_rows(table, table.column("hist"))
+        bad = (bucket < 0) | (bucket >= bins[row])
+        if bad.any():
+            r = int(row[np.argmax(bad)])
+            raise ValueError(f"row {r}'s histogram span leaves its {int(bins[r])} buckets")
+    nz = vals != 0
+    buckets, counts = pair_lists(np.bincount(row[nz], minlength=n), bucket[nz], vals[nz])
+    table = table.remove_column(table.schema.get_field_index("hist"))
+    table = table.set_column(at, BASE_SCHEMA.field("hist_bucket"), buckets)
+    return table.add_column(at + 1, BASE_SCHEMA.field("hist"), counts)
 
 
 def _one_line(e: BaseException) -> str:
@@ -273,20 +339,24 @@ def _row_parts(
     rows: pa.Table,
 ) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]]:
     """The state rows of a trace table as stored: one ``(layout, row indices, header
-    int64[n, HEADER], moments float64[n, 8], (first, start, stop, values))`` per layout present
-    (usually one); row ``i``'s histogram is ``values[start[i]:stop[i]]`` from bucket
-    ``first[i]``. Sums come back with zero compensation (a row stores ``sum +
-    compensation``); an absent min/max (stored as NaN) is the empty state's ``+inf``/``-inf``."""
+    int64[n, HEADER], moments float64[n, 8], (start, stop, bucket, count))`` per layout present
+    (usually one); row ``i``'s non-zero histogram buckets are ``bucket[start[i]:stop[i]]`` with
+    counts ``count[start[i]:stop[i]]``. Sums come back with zero compensation (a row stores
+    ``sum + compensation``); an absent min/max (stored as NaN) is the empty state's
+    ``+inf``/``-inf``."""
     n = rows.num_rows
     if n == 0:
         return []
     keys = np.stack(
         [rows.column(c).to_numpy().astype(np.int64) for c in ("k", "emin", "octaves")], 1
     )
-    offs = rows.column("hist_offset").to_numpy().astype(np.int64)
-    hist = rows.column("hist").combine_chunks()
-    hist_off = hist.offsets.to_numpy().astype(np.int64)
-    hist_vals = hist.values.to_numpy(zero_copy_only=False)
+    buckets = rows.column("hist_bucket").combine_chunks()
+    counts = rows.column("hist").combine_chunks()
+    off = counts.offsets.to_numpy().astype(np.int64)
+    if not np.array_equal(buckets.offsets.to_numpy(), counts.offsets.to_numpy()):
+        raise TraceError("hist_bucket and hist differ in length in some row")
+    bucket_vals = buckets.values.to_numpy(zero_copy_only=False)
+    count_vals = counts.values.to_numpy(zero_copy_only=False)
     header = np.zeros((n, L.HEADER), np.int64)
     for name, col in HEADER_COLUMNS.items():
         header[:, col] = rows.column(name).to_numpy()
@@ -302,22 +372,20 @@ def _row_parts(
     for key in uniq:
         idx = np.arange(n) if len(uniq) == 1 else np.flatnonzero((keys == key).all(axis=1))
         lay = Layout(*(int(v) for v in key))
-        spans = (offs[idx], hist_off[idx], hist_off[idx + 1], hist_vals)
-        out.append((lay, idx, header[idx], moments[idx], spans))
+        pairs = (off[idx], off[idx + 1], bucket_vals, count_vals)
+        out.append((lay, idx, header[idx], moments[idx], pairs))
     return out
 
 
 def rows_to_summaries(rows: pa.Table) -> list[Summary]:
     """One ``Summary`` per row of a trace table."""
     out: list[Summary | None] = [None] * rows.num_rows
-    for lay, idx, header, moments, (first, start, stop, values) in _row_parts(rows):
+    for lay, idx, header, moments, (start, stop, bucket, count) in _row_parts(rows):
         for j, i in enumerate(idx):
             counts = np.zeros(lay.width, np.int64)
             counts[: L.HEADER] = header[j]
             a, b = int(start[j]), int(stop[j])
-            if b > a:
-                lo = L.HEADER + int(first[j])
-                counts[lo : lo + b - a] = values[a:b]
+            np.add.at(counts, L.HEADER + bucket[a:b].astype(np.int64), count[a:b])
             out[i] = Summary(counts, moments[j], lay)
     return out  # type: ignore[return-value]
 
@@ -329,11 +397,11 @@ def merge_table_state(
     order: np.ndarray | None = None,
 ) -> list[tuple[Layout, np.ndarray, np.ndarray, np.ndarray]]:
     """The rows of a trace table merged per ``group`` (``int[n]`` in ``0 .. ngroups-1``;
-    default: all in one) by the one row merge, ``sketch.merge_rows``, on the stored sparse
-    histograms: ``(layout, group ids, counts [k, width], moments [k, 8])`` per layout present,
-    ids ascending. A group's rows merge in table order, or in the order of the permutation
-    ``order`` (row indices). Rows of one group must share a layout (``ValueError`` naming
-    both)."""
+    default: all in one) by the one row merge, ``sketch.merge_rows``, on the stored
+    (bucket, count) pairs: ``(layout, group ids, counts [k, width], moments [k, 8])`` per
+    layout present, ids ascending. A group's rows merge in table order, or in the order of the
+    permutation ``order`` (row indices). Rows of one group must share a layout (``ValueError``
+    naming both)."""
     n = rows.num_rows
     g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
     ng = (int(g.max()) + 1 if n else 0) if ngroups is None else int(ngroups)
@@ -349,7 +417,7 @@ def merge_table_state(
         if at is not None:
             p = np.argsort(at[idx], kind="stable")
             idx, header, moments = idx[p], header[p], moments[p]
-            spans = (spans[0][p], spans[1][p], spans[2][p], spans[3])
+            spans = (spans[0][p], spans[1][p], spans[2], spans[3])
         ids = np.unique(g[idx])
         for gi in ids.tolist():
             if seen.setdefault(gi, lay) != lay:

@@ -30,27 +30,31 @@ HEADER_COLUMNS = {
 }
 
 
-def sparse_hist(hist: np.ndarray) -> tuple[np.ndarray, pa.ListArray]:
-    """(offsets, list<uint32>) holding each row's non-zero bucket range, vectorised."""
-    n, _ = hist.shape
-    nz = hist != 0
-    any_nz = nz.any(axis=1)
-    first = np.where(any_nz, nz.argmax(axis=1), 0)
-    last = np.where(any_nz, hist.shape[1] - 1 - nz[:, ::-1].argmax(axis=1), -1)
-    lengths = np.where(any_nz, last - first + 1, 0)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    if total:
-        row_of = np.repeat(np.arange(n), lengths)
-        col = np.arange(total) - np.repeat(offsets[:-1], lengths) + np.repeat(first, lengths)
-        values = hist[row_of, col]
-    else:
-        values = np.zeros(0, hist.dtype)
-    if values.size and values.max() > np.iinfo(np.uint32).max:
+def sparse_hist(hist: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
+    """Dense histograms ``[n, bins]`` as the trace stores them: per row, the non-zero buckets
+    (``list<uint16>``, ascending) and their counts (``list<uint32>``), vectorised."""
+    n, bins = hist.shape
+    if bins > 1 << 16:
+        raise ValueError(f"{bins} buckets per row do not fit uint16 bucket indices")
+    row, col = np.nonzero(hist)
+    values = hist[row, col]
+    if values.size and (values.max() > np.iinfo(np.uint32).max or values.min() < 0):
         raise OverflowError("a histogram bucket exceeds 2**32 - 1 in one step")
-    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.uint32)))
-    return first.astype(np.int32), lists
+    return pair_lists(np.bincount(row, minlength=n), col.astype(np.uint16), values)
+
+
+def pair_lists(
+    lengths: np.ndarray, bucket: np.ndarray, count: np.ndarray
+) -> tuple[pa.ListArray, pa.ListArray]:
+    """The ``hist_bucket`` and ``hist`` columns of rows holding ``lengths[i]`` of the
+    (bucket, count) pairs, back to back."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    off = pa.array(offsets)
+    return (
+        pa.ListArray.from_arrays(off, pa.array(np.asarray(bucket, np.uint16), pa.uint16())),
+        pa.ListArray.from_arrays(off, pa.array(np.asarray(count, np.uint32), pa.uint32())),
+    )
 
 
 def _values_array(values: Sequence[np.ndarray | None] | None, n: int) -> pa.Array:
@@ -106,15 +110,17 @@ def vector_state(
 
 
 def hist_with_empty(
-    offsets: np.ndarray, lists: pa.ListArray, extra: int
-) -> tuple[np.ndarray, pa.ListArray]:
-    """``sparse_hist``'s (offsets, lists) extended by ``extra`` rows without histogram."""
+    buckets: pa.ListArray, counts: pa.ListArray, extra: int
+) -> tuple[pa.ListArray, pa.ListArray]:
+    """``sparse_hist``'s lists extended by ``extra`` rows without histogram."""
     if extra == 0:
-        return offsets, lists
-    ends = lists.offsets.to_numpy()
-    list_offsets = np.concatenate([ends, np.full(extra, ends[-1], ends.dtype)])
-    out = pa.ListArray.from_arrays(pa.array(list_offsets), lists.values)
-    return np.concatenate([offsets, np.zeros(extra, offsets.dtype)]), out
+        return buckets, counts
+    ends = counts.offsets.to_numpy()
+    off = pa.array(np.concatenate([ends, np.full(extra, ends[-1], ends.dtype)]))
+    return (
+        pa.ListArray.from_arrays(off, buckets.values),
+        pa.ListArray.from_arrays(off, counts.values),
+    )
 
 
 def label_columns(
@@ -149,15 +155,15 @@ def state_to_batch(
     rank: int = 0,
     wall_time_s: float | np.ndarray = 0.0,
     values: Sequence[np.ndarray | None] | None = None,
-    hist: tuple[np.ndarray, pa.ListArray] | None = None,
+    hist: tuple[pa.ListArray, pa.ListArray] | None = None,
     columns: dict[str, pa.Array] | None = None,
 ) -> pa.RecordBatch:
     """A record batch of the trace schema from ``n`` slot rows and their labels.
 
     ``columns``: the label columns from ``label_columns`` instead of module ... shape.
     ``values`` gives vector rows their per-unit values (``None`` for ordinary tensor rows).
-    ``hist``: the rows' histograms already in ``sparse_hist`` form; ``counts`` then needs only
-    the header columns (``L.HEADER``)."""
+    ``hist``: the rows' histograms already in ``sparse_hist`` form (bucket lists, count lists);
+    ``counts`` then needs only the header columns (``L.HEADER``)."""
     counts = np.asarray(counts, dtype=np.int64)
     moments = np.asarray(moments, dtype=np.float64)
     n = counts.shape[0]
@@ -175,9 +181,9 @@ def state_to_batch(
     has = finite_of_counts(counts) > 0
     mn = np.where(has, moments[:, L.MIN], np.nan)
     mx = np.where(has, moments[:, L.MAX], np.nan)
-    offsets, lists = sparse_hist(counts[:, L.HEADER :]) if hist is None else hist
-    if len(offsets) != n or len(lists) != n:
-        raise ValueError(f"hist has {len(offsets)}/{len(lists)} rows for {n} state rows")
+    buckets, lists = sparse_hist(counts[:, L.HEADER :]) if hist is None else hist
+    if len(buckets) != n or len(lists) != n:
+        raise ValueError(f"hist has {len(buckets)}/{len(lists)} rows for {n} state rows")
     cols: dict[str, Any] = {
         "step": np.broadcast_to(np.asarray(step, dtype=np.int64), (n,)),
         "rank": np.full(n, rank, dtype=np.int32),
@@ -207,7 +213,7 @@ def state_to_batch(
     cols["k"] = np.full(n, layout.k, np.int8)
     cols["emin"] = np.full(n, layout.emin, np.int16)
     cols["octaves"] = np.full(n, layout.octaves, np.int16)
-    cols["hist_offset"] = offsets
+    cols["hist_bucket"] = buckets
     cols["hist"] = lists
     cols["values"] = _values_array(values, n)
     arrays = []

@@ -32,7 +32,7 @@ from .reader import merge_table_rows, merge_table_state, read_table
 from .rows import state_to_batch
 from .schema import BASE_SCHEMA, TraceError, read_metadata
 
-LIST_COLUMNS = ("shape", "hist", "values")
+LIST_COLUMNS = ("shape", "hist_bucket", "hist", "values")
 _KEY = ("run", "step", "module", "kind", "tensor", "phase")
 
 

@@ -1,4 +1,4 @@
-"""The Arrow schema of a trace file, format version 1 (see docs/FORMAT.md)."""
+"""The Arrow schema of a trace file, format version 2 (see docs/FORMAT.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pyarrow as pa
 from . import kinds as _K
 from .kinds import SCALAR_KIND, TENSOR_KINDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this dnntrace reads: version 1 stored each histogram as one dense span
+# (``hist_offset`` + ``hist``); the reader turns it into version 2's pairs (reader.v1_to_v2).
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = b"dnntrace"
 
 KINDS = (*TENSOR_KINDS, SCALAR_KIND)  # the histogram kinds; vector kinds: see kinds.py
@@ -53,7 +56,8 @@ _FIELDS = [
     pa.field("k", pa.int8()),
     pa.field("emin", pa.int16()),
     pa.field("octaves", pa.int16()),
-    pa.field("hist_offset", pa.int32()),
+    # the non-zero histogram buckets of the row: bucket indices (ascending) and their counts
+    pa.field("hist_bucket", pa.list_(pa.uint16())),
     pa.field("hist", pa.list_(pa.uint32())),
     # Vector rows (per-unit statistics, spectra, ...): one value per unit; null for tensor rows.
     pa.field("values", pa.list_(pa.float32()), nullable=True),
@@ -81,9 +85,9 @@ def read_metadata(schema: pa.Schema, source: str = "trace") -> dict[str, Any]:
     except ValueError as e:
         raise TraceError(f"{source}: dnntrace metadata is not valid JSON ({e})") from None
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise TraceError(
             f"{source}: unknown trace schema version {version!r} "
-            f"(this dnntrace reads version {SCHEMA_VERSION})"
+            f"(this dnntrace reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     return dict(meta)
