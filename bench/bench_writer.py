@@ -9,8 +9,9 @@ parts, each on the bench transformer of bench_overhead.py (``--model`` for the o
    the compaction of the used bank rows (``_C.compact_rows``), the Arrow IPC write (zstd
    included), the Python that builds rows and record batches, and the rest of the loop.
 2. ``codec``: the record batches of that trace written again in memory (CPU time of the writing
-   thread, best of 5): the histogram column as stored (dense spans from ``hist_offset``)
-   against a sparse (bucket, count) encoding of the same buckets that the format does not use,
+   thread, best of 5): the histogram columns as stored (format version 2: the non-zero
+   buckets, ``hist_bucket`` + ``hist``) against format version 1's dense spans of the same
+   buckets (``hist_offset`` + ``hist``, zeros inside the span included),
    with zstd, lz4 and no compression; also the fixed cost of one zstd-compressed Arrow buffer.
    This is how a format change would be judged: CPU and bytes, measured on real rows.
 3. ``priority`` (opt-in, Linux): the writer thread at a lower scheduling priority (SCHED_IDLE,
@@ -76,9 +77,10 @@ def split(model_name: str, configs: list[str], steps: int, workdir: str) -> dict
     print(f"\n1. writer CPU per step ({model_name}, one tracer for {steps} steps; ms)")
     print(
         "| config | writer CPU | compaction | IPC write + zstd | rows (Python) | batch (Python) "
-        "| rest of _write | loop and queue | record batches | KB on disk per step |"
+        "| rest of _write | loop and queue | record batches | KB on disk per step "
+        "| K buckets read per step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         acc: dict[str, float] = {}
         with (
@@ -109,7 +111,8 @@ def split(model_name: str, configs: list[str], steps: int, workdir: str) -> dict
         print(
             f"| {cfg} {B.CONFIGS[cfg]} | "
             + " | ".join(f"{c / n * 1e3:.3f}" for c in cells)
-            + f" | {st['batches']} | {st['bytes'] / n / 1e3:.1f} |"
+            + f" | {st['batches']} | {st['bytes'] / n / 1e3:.1f} "
+            + f"| {st.get('buckets_scanned', float('nan')) / n / 1e3:.0f} |"
         )
         if st["steps_dropped"]:
             print(f"  ({cfg}: {st['steps_dropped']} steps dropped)")
@@ -133,31 +136,32 @@ def _write_cpu(batch: pa.RecordBatch, codec: str | None) -> tuple[float, int]:
     return best, size
 
 
-def sparse_of(table: pa.Table) -> tuple[pa.ListArray, pa.ListArray, int, int]:
-    """The stored dense spans as (uint16 bucket, uint32 count) lists of the non-zero buckets;
-    also (buckets stored, non-zero buckets). The buckets are checked to round-trip."""
-    hist = table.column("hist").combine_chunks()
-    offs = hist.offsets.to_numpy().astype(np.int64)
-    vals = hist.values.to_numpy()[offs[0] : offs[-1]]
+def dense_of(table: pa.Table) -> tuple[pa.Int32Array, pa.ListArray, int, int]:
+    """The stored (bucket, count) pairs as format version 1 stored them: each row's dense span
+    from its first to its last non-zero bucket (``hist_offset``, ``hist``); also (buckets a
+    span stores, non-zero buckets). The span is checked to give back every pair."""
+    buckets = table.column("hist_bucket").combine_chunks()
+    counts = table.column("hist").combine_chunks()
+    offs = counts.offsets.to_numpy().astype(np.int64)
+    b = buckets.values.to_numpy().astype(np.int64)[offs[0] : offs[-1]]
+    c = counts.values.to_numpy()[offs[0] : offs[-1]]
     offs = offs - offs[0]
-    first = table.column("hist_offset").to_numpy().astype(np.int64)
+    n = len(offs) - 1
     lengths = np.diff(offs)
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    bucket = first[row] + np.arange(len(vals)) - offs[row]
-    nz = vals > 0
-    if bucket.size and bucket.max() > np.iinfo(np.uint16).max:
-        raise ValueError("bucket index beyond uint16: use a wider index type")
-    per_row = np.bincount(row[nz], minlength=len(lengths))
-    s_offs = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(per_row, out=s_offs[1:])
-    b = pa.ListArray.from_arrays(pa.array(s_offs), pa.array(bucket[nz].astype(np.uint16)))
-    c = pa.ListArray.from_arrays(pa.array(s_offs), pa.array(vals[nz]))
-    # round trip: the sparse pairs give back every stored bucket
-    dense = np.zeros(len(vals), np.uint32)
-    pos = offs[row[nz]] + bucket[nz] - first[row[nz]]
-    dense[pos] = vals[nz]
-    assert np.array_equal(dense, vals), "sparse encoding lost buckets"
-    return b, c, int(len(vals)), int(nz.sum())
+    has = lengths > 0
+    first = np.zeros(n, np.int64)
+    last = np.full(n, -1, np.int64)
+    first[has] = b[offs[:-1][has]]
+    last[has] = b[offs[1:][has] - 1]
+    span = last - first + 1
+    s_offs = np.zeros(n + 1, np.int64)
+    np.cumsum(span, out=s_offs[1:])
+    dense = np.zeros(int(s_offs[-1]), np.uint32)
+    row = np.repeat(np.arange(n), lengths)
+    dense[s_offs[row] + b - first[row]] = c
+    assert int(dense.astype(np.int64).sum()) == int(c.astype(np.int64).sum()), "span lost pairs"
+    lists = pa.ListArray.from_arrays(pa.array(s_offs.astype(np.int32)), pa.array(dense))
+    return pa.array(first.astype(np.int32)), lists, int(s_offs[-1]), int(len(c))
 
 
 def codec(paths: dict[str, str]) -> None:
@@ -171,17 +175,17 @@ def codec(paths: dict[str, str]) -> None:
         with pa.memory_map(path) as src:
             table = pa.ipc.open_stream(src).read_all()
         steps = max(len(np.unique(table.column("step").to_numpy())), 1)
-        b, c, stored, nonzero = sparse_of(table)
-        hist = table.column("hist").combine_chunks()
-        dense = pa.record_batch(
-            [table.column("hist_offset").combine_chunks(), hist], names=["hist_offset", "hist"]
+        first, spans, stored, nonzero = dense_of(table)
+        dense = pa.record_batch([first, spans], names=["hist_offset", "hist"])
+        sparse = pa.record_batch(
+            [table.column(c).combine_chunks() for c in ("hist_bucket", "hist")],
+            names=["hist_bucket", "hist"],
         )
-        sparse = pa.record_batch([b, c], names=["hist_bucket", "hist"])
         print(
-            f"| {cfg} | ({stored / steps:.0f} buckets stored per step, "
+            f"| {cfg} | ({stored / steps:.0f} buckets in version 1's spans per step, "
             f"{nonzero / steps:.0f} non-zero: {nonzero / max(stored, 1):.0%}) | | | | |"
         )
-        for name, batch in (("dense spans (the format)", dense), ("sparse pairs", sparse)):
+        for name, batch in (("dense spans (version 1)", dense), ("pairs (version 2)", sparse)):
             for cd in ("zstd", "lz4", None):
                 cpu, size = _write_cpu(batch, cd)
                 print(
