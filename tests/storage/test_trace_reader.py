@@ -171,3 +171,70 @@ def test_storage_does_not_import_torch():
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _one_weight_row() -> pa.RecordBatch:
+    from dnntrace.storage import Layout, state_to_batch
+    from dnntrace.storage import layout as L
+
+    lay = Layout(2, -4, 4)  # 32 buckets
+    counts = np.zeros((1, lay.width), np.int64)
+    counts[0, L.HEADER + 3] = counts[0, L.HEADER + 20] = 2
+    counts[0, L.COUNT] = 4
+    counts[0, L.NEGATIVES] = 2
+    moments = np.zeros((1, L.NUM_MOMENTS))
+    moments[0, L.MIN], moments[0, L.MAX] = -1.0, 1.0
+    return state_to_batch(
+        counts, moments, lay, step=0, module=["m"], kind=["weight"], tensor=["weight"],
+        dtype=["float32"], shape=[(4,)],
+    )  # fmt: skip
+
+
+def _write_raw(path, columns: dict, version: int = 2) -> None:
+    """One weight row with some columns replaced, written as a trace of ``version``."""
+    batch = _one_weight_row()
+    names, arrays = [], []
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if version == 1 and name == "hist_bucket":
+            name, col = "hist_offset", pa.array([0], pa.int32())
+        names.append(name)
+        arrays.append(columns.get(name, col))
+    t = pa.table(arrays, names=names)
+    meta = {"schema_version": version, "layout": {"k": 2, "emin": -4, "octaves": 4}}
+    schema = t.schema.with_metadata({b"dnntrace": json.dumps(meta).encode()})
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+        w.write_table(t.cast(schema))
+
+
+def test_a_well_formed_row_reads(tmp_path):
+    _write_raw(tmp_path / "ok.arrow", {})
+    s = load(tmp_path / "ok.arrow").summary("m", "weight")
+    assert s.count == 4 and s.counts[16 + 3] == s.counts[16 + 20] == 2
+
+
+@pytest.mark.parametrize(
+    ("columns", "fragment"),
+    [
+        ({"hist_bucket": pa.array([[3]], pa.list_(pa.uint16()))}, "differ in length"),
+        ({"hist_bucket": pa.array([[3, 32]], pa.list_(pa.uint16()))}, "outside its 32 buckets"),
+        ({"hist_bucket": pa.array([[-1, 3]], pa.list_(pa.int32()))}, "outside its 32 buckets"),
+        ({"k": pa.array([9], pa.int8())}, "invalid layout"),
+    ],
+    ids=["lengths", "past-the-end", "negative", "bad-k"],
+)
+def test_hostile_histogram_columns_are_one_line_errors(tmp_path, columns, fragment):
+    """A bucket outside its row's layout would land in another row's or the header's counts
+    when merged: the reader refuses the file instead."""
+    path = tmp_path / "bad.arrow"
+    _write_raw(path, columns)
+    _assert_trace_error(path, fragment)
+
+
+def test_a_version_1_span_outside_its_row_is_an_error(tmp_path):
+    path = tmp_path / "v1.arrow"
+    dense = pa.array([[1, 0, 1]], pa.list_(pa.uint32()))
+    _write_raw(path, {"hist_offset": pa.array([30], pa.int32()), "hist": dense}, version=1)
+    _assert_trace_error(path, "leaves its 32 buckets")
+    _write_raw(path, {"hist_offset": pa.array([29], pa.int32()), "hist": dense}, version=1)
+    t = load(path).table
+    assert t.column("hist_bucket").to_pylist() == [[29, 31]] and "hist_offset" not in t.column_names

@@ -171,7 +171,7 @@ class Pipeline:
         self._window = np.empty(size, np.uint32)  # counts
         self._window_index = np.empty(size, np.uint16)  # bucket indices
         self._window_used = 0  # pairs of pending steps in it
-        self._window_need = 0  # pairs of pending steps in all, plus room for one step's scan
+        self._window_need = 0  # pairs of pending steps in all: the next window's size
         self._window_scan = 0  # the most room one step's compaction needed (its spans)
         # per bank row, where its data was at its last compaction (compact_rows' `inner`): a
         # prediction of the empty buckets between its signs, which the next compaction skips

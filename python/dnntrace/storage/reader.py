@@ -88,10 +88,11 @@ def check_histograms(table: pa.Table) -> None:
     flat = pc.list_flatten(buckets).to_numpy(zero_copy_only=False)
     if flat.size:
         row, bins = _pair_rows(table, buckets)
-        bad = flat.astype(np.int64) >= bins[row]
+        b = flat.astype(np.int64)
+        bad = (b < 0) | (b >= bins[row])
         if bad.any():
             r = int(row[np.argmax(bad)])
-            raise ValueError(f"row {r} lists a histogram bucket beyond its {int(bins[r])} buckets")
+            raise ValueError(f"row {r} lists a histogram bucket outside its {int(bins[r])} buckets")
 
 
 def v1_to_v2(table: pa.Table) -> pa.Table:
