@@ -200,3 +200,16 @@ def test_rank_merge_run_set_and_summary_agree(world, labels, data):
 
 def test_reference_fields_are_the_layout_fields():
     assert (SUM, SUMSQ) == (L.SUM, L.SUMSQ)
+
+
+def test_stored_pairs_outside_the_row_are_refused() -> None:
+    """A (bucket, count) pair outside the histogram would land in the next group's row."""
+    hdr = np.zeros((2, L.HEADER), np.int64)
+    moments = np.zeros((2, L.NUM_MOMENTS))
+    for bad in (LAYOUT.bins, -1):
+        pairs = (np.array([0, 1]), np.array([1, 2]), np.array([3, bad]), np.array([1, 1]))
+        with pytest.raises(ValueError, match="bucket index is outside"):
+            merge_rows(hdr, moments, np.array([0, 1]), 2, hist=pairs, width=LAYOUT.width)
+    ok = (np.array([0, 1]), np.array([1, 2]), np.array([3, LAYOUT.bins - 1]), np.array([2, 5]))
+    c, _ = merge_rows(hdr, moments, np.array([0, 0]), 1, hist=ok, width=LAYOUT.width)
+    assert c[0, L.HEADER + 3] == 2 and c[0, -1] == 5 and c.sum() == 7

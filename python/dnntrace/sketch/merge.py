@@ -151,10 +151,15 @@ def merge_rows(
             row = np.repeat(np.arange(n), lengths)
             ends = np.cumsum(lengths)
             pos = np.arange(total) + np.repeat(start.astype(np.int64) - (ends - lengths), lengths)
-            # one exact int64 scatter-add: rows of a group (and a bucket listed twice) add up
-            np.add.at(
-                out_c, (g[row], cols + bucket[pos].astype(np.int64)), count[pos].astype(np.int64)
-            )
+            # one exact int64 scatter-add: rows of a group (and a bucket listed twice) add up;
+            # a flat index is ~4x faster in np.add.at than a (row, column) pair
+            b = bucket[pos].astype(np.int64)
+            if b.min() < 0 or b.max() >= out_c.shape[1] - cols:
+                raise ValueError(
+                    f"merge_rows: a bucket index is outside 0..{out_c.shape[1] - cols - 1}"
+                )
+            flat = g[row] * out_c.shape[1] + cols + b
+            np.add.at(out_c.reshape(-1), flat, count[pos].astype(np.int64))
     return out_c, merge_moments(moments, g, ng)
 
 
