@@ -22,6 +22,7 @@ parts, each on the bench transformer of bench_overhead.py (``--model`` for the o
     python bench/bench_writer.py                       # split + codec, ~1 min on 2 cores
     python bench/bench_writer.py --parts split --configs g,b --steps 300
     python bench/bench_writer.py --parts priority --priority idle,nice:10
+    python bench/bench_writer.py --parts split --option k=5    # an enable() option for all
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+
+import dnntrace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_overhead as B  # noqa: E402 - the bench models and configurations
@@ -287,7 +290,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="steps per tracer (split)")
     ap.add_argument("--priority", default="idle,batch,nice:10,nice:19", help="for priority")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (priority)")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a dnntrace.enable option for every tracer, e.g. k=5 or compression=lz4 (repeatable)",
+    )
     args = ap.parse_args()
+    extra: dict[str, Any] = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            ap.error(f"--option: {item!r} is not NAME=VALUE")
+        extra[name] = int(value) if value.lstrip("-").isdigit() else value
+    try:
+        dnntrace.TraceConfig(**extra)
+    except (TypeError, ValueError) as e:
+        ap.error(f"--option: {e}")
     parts = set(args.parts.split(","))
     unknown = parts - {"split", "codec", "priority"}
     if unknown:
@@ -307,6 +327,10 @@ def main() -> None:
         f"dnntrace writer, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} cores"
     )
+    if extra:
+        print(f"every tracer with {extra}")
+        plain = B._dnntrace
+        B._dnntrace = lambda model, path, **kw: plain(model, path, **{**kw, **extra})  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="dnntrace-writer-") as wd:
         paths = {}
         if "split" in parts or "codec" in parts:
