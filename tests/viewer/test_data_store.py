@@ -157,3 +157,16 @@ def test_all_nan_trace_still_renders(tmp_path) -> None:
     view = HistogramOverTime(store=store)
     assert view.renders == 1
     assert view.source.data["image"][0].shape == (view.level.ny, view.level.nx)
+
+
+def test_scans_without_histograms_give_the_full_tables_answers(demo_trace: str) -> None:
+    """The store scans (anomalies, execution order) a copy of the table without its two
+    histogram columns, which a filter would otherwise copy: same answers as the full table."""
+    from dnntrace_viewer.data_store import _without_histograms
+
+    full = load(demo_trace)
+    light = _without_histograms(full)
+    assert {"hist", "hist_bucket"} & set(light.table.column_names) == set()
+    assert {"hist", "hist_bucket"} <= set(full.table.column_names)
+    assert light.anomalies() == full.anomalies() and len(full.anomalies()) > 0
+    assert light.execution_order == full.execution_order
