@@ -127,7 +127,7 @@ py::tuple compact_rows(I64 counts, F64 moments, I64 rows, bool reset, py::object
     }
     room = done + rest;
     U32 grown_v(room);  // (rare: never in out)
-    U16 grown_i(done + rest);
+    U16 grown_i(room);
     std::copy(vd, vd + done, grown_v.mutable_data());
     std::copy(id, id + done, grown_i.mutable_data());
     values = grown_v;

@@ -213,10 +213,9 @@ class _Columns:
         if [len(c) for c in hist.chunks] != [len(c) for c in buckets.chunks]:  # (not from a file)
             hist = pa.chunked_array([hist.combine_chunks()])
             buckets = pa.chunked_array([buckets.combine_chunks()])
+        # (the reader checked that each row's two lists have one length: check_histograms)
         for k, (chunk, bucket) in enumerate(zip(hist.chunks, buckets.chunks, strict=True)):
             offs = chunk.offsets.to_numpy().astype(np.int64)
-            if not np.array_equal(bucket.offsets.to_numpy(), chunk.offsets.to_numpy()):
-                raise ValueError("hist_bucket and hist differ in length in some row")
             self.chunk_vals.append(chunk.flatten().to_numpy(zero_copy_only=False))
             self.chunk_buckets.append(bucket.flatten().to_numpy(zero_copy_only=False))
             chunk_of.append(np.full(len(chunk), k, np.int64))

@@ -435,11 +435,11 @@ def merge_table_state(
     if order is not None:  # each row's place in the merge order
         at = np.empty(n, np.int64)
         at[np.asarray(order, np.int64)] = np.arange(n)
-    for lay, idx, header, moments, spans in _row_parts(rows):
+    for lay, idx, header, moments, pairs in _row_parts(rows):
         if at is not None:
             p = np.argsort(at[idx], kind="stable")
             idx, header, moments = idx[p], header[p], moments[p]
-            spans = (spans[0][p], spans[1][p], spans[2], spans[3])
+            pairs = (pairs[0][p], pairs[1][p], pairs[2], pairs[3])
         ids = np.unique(g[idx])
         for gi in ids.tolist():
             if seen.setdefault(gi, lay) != lay:
@@ -447,7 +447,7 @@ def merge_table_state(
                     f"cannot merge summaries with different layouts: {seen[gi]} vs {lay}"
                 )
         dense = np.searchsorted(ids, g[idx])  # only the groups present: no empty rows
-        c, m = merge_rows(header, moments, dense, ids.size, hist=spans, width=lay.width)
+        c, m = merge_rows(header, moments, dense, ids.size, hist=pairs, width=lay.width)
         out.append((lay, ids, c, m))
     return out
 
