@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _background import background_jobs_finish  # noqa: E402
 from dnntrace_viewer.spectral_data import SpectralData  # noqa: E402
 from dnntrace_viewer.views_spectral import esd_plot, panels  # noqa: E402
 
@@ -37,14 +38,17 @@ def make_spectral_trace(path: Path, steps: int = 24) -> Path:
         SP.HessianEigen(lambda: loss_fn(model), every=6, iters=10),
         SP.Trajectory(seed=3),
     ]
-    with dnntrace.enable(
-        model,
-        str(path),
-        spectral={"full_every": 8, "sketch": {"every": 4}},
-        dynamics={"micro_batch_size": 64},
-        extensions=exts,
-        host_buffers=64,
-    ) as tr:
+    with (
+        background_jobs_finish(),
+        dnntrace.enable(
+            model,
+            str(path),
+            spectral={"full_every": 8, "sketch": {"every": 4}},
+            dynamics={"micro_batch_size": 64},
+            extensions=exts,
+            host_buffers=64,
+        ) as tr,
+    ):
         for _ in range(steps):
             opt.zero_grad()
             for k in range(4):

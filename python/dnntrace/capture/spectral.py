@@ -30,7 +30,9 @@ kind                values
 
 Scalars (``kind = scalar``): ``gns/grad_sq``, ``gns/trace_cov``, ``gns/b_simple``
 (``GradientNoiseScale``); ``hessian/top_eigenvalue``, ``hessian/trace``, ``hessian/hvps``,
-``hessian/seconds`` (``HessianEigen``).
+``hessian/seconds`` (``HessianEigen``); ``spectrum/skipped`` = 1 and ``rankme/skipped`` = 1 at a
+step whose background job was not started because the previous one was still running (a slow
+machine: the job is skipped rather than stalling training or queueing snapshots).
 """
 
 from __future__ import annotations
@@ -266,6 +268,7 @@ class WeightSpectra(Extension):
         if self._worker is not None and tracer.sampled(self.full_every):
             if self._worker.busy():
                 self._worker.skipped += 1
+                tracer.log_scalar("spectrum/skipped", 1.0)
                 return
             snap, ev = _host_snapshot([p for _, _, p in self._mats])
             names = [(m, n) for m, n, _ in self._mats]
@@ -401,7 +404,10 @@ class ActivationSketch(Extension):
                 eig = fd.eigenvalues() / fd.rows_seen
                 tracer.record_vector(name, K.FEATURE_EIGS, "", eig)
                 fd.reset()
-        if self._worker is not None and self._sample and not self._worker.busy():
+        if self._worker is not None and self._sample and self._worker.busy():
+            self._worker.skipped += 1
+            tracer.log_scalar("rankme/skipped", 1.0)
+        elif self._worker is not None and self._sample:
             names = list(self._sample)
             snap, ev = _host_snapshot([torch.cat(self._sample[n]) for n in names])
             step = tracer.step_index
