@@ -136,9 +136,22 @@ class SpectraView:
         esd = self.data.esd_table()
         alpha = _curves(esd.rename(columns={"alpha": "value"}), "layer", "power-law α")
         sr = self.data.layer_series(K.STABLE_RANK)
+        skipped = sorted(int(s) for s in self.data.scalars(["spectrum/skipped"])["step"])
         return pn.Column(
             pn.Row(self.layer, self.player),
             pn.pane.HoloViews(self.plot, name="esd"),
+            *(
+                [
+                    _note(
+                        f"{len(skipped)} full spectra were skipped (steps "
+                        f"{', '.join(map(str, skipped[:8]))}{', …' if len(skipped) > 8 else ''}): "
+                        "each was due while the previous one was still being computed in the "
+                        "background. A larger `full_every` gives every one."
+                    )
+                ]
+                if skipped
+                else []
+            ),
             pn.pane.Markdown(
                 "**Power-law α of each layer's ESD** (Martin & Mahoney: 2-6 is "
                 "typical of trained layers)"
