@@ -16,6 +16,13 @@ Configurations, interleaved round-robin on the same model and machine (medians o
                                                   (weights and weight gradients every step,
                                                   activations and their gradients every 10th)
 
+Every round of every configuration starts with ``--warmup`` steps timed apart (default 10): a
+configuration's start (a tracer allocates its slots and banks and faults in their pages in its
+first steps, TensorBoard opens its event file) is a one-off cost of a run, so the steps after it
+are what a long run pays per step; the start's cost is its own column (start ms: the start
+steps' time beyond as many steady steps, less the same for (a)). ``--warmup 0`` times every step
+from the start, as runs before 2026-12-03 did.
+
 Per model and configuration: step time (mean over a round, median over rounds), ratio to (a);
 for the dnntrace rows also the bytes the tracer reads per step (duplicates merged instead of
 read are not counted), the floor (bytes / torch.sum bandwidth measured in this run), added time /
@@ -304,6 +311,7 @@ def _stubbed(run: Run) -> Run:
 
 # (h): the wall time of every dnntrace forward hook call, timed inside the training loop
 HOOK_TIMES: list[float] = []
+HOOK_MARK = [0]  # where the current round's calls begin in HOOK_TIMES
 
 
 @contextlib.contextmanager
@@ -375,13 +383,23 @@ def _sync() -> None:
 
 
 def train_steps(
-    model: nn.Module, opt: torch.optim.Optimizer, case: Case, run: Run, steps: int, seed: int
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    case: Case,
+    run: Run,
+    steps: int,
+    seed: int,
+    warm: int = 0,
 ) -> list[float]:
+    """Per-step times of ``warm + steps`` steps (the first ``warm`` are the configuration's
+    start: the caller times them apart)."""
     g = torch.Generator().manual_seed(seed)
-    batches = [tuple(t.to(DEVICE) for t in case.batch(g)) for _ in range(steps)]
+    batches = [tuple(t.to(DEVICE) for t in case.batch(g)) for _ in range(warm + steps)]
     times = []
     clock = time.thread_time if CPU_TIME else time.perf_counter
     for i, (x, y) in enumerate(batches):
+        if i == warm:
+            del HOOK_TIMES[HOOK_MARK[0] :]  # hook calls of the start steps are not counted
         _sync()
         t0 = clock()
         loss = case.loss(model(x), y)
@@ -467,6 +485,8 @@ def check_tracing_is_transparent(case: Case, workdir: str) -> None:
 @dataclass
 class Result:
     round_means: dict[str, list[float]] = field(default_factory=dict)
+    # per round: the first ``warm`` steps' time beyond as many steady steps (the start's cost)
+    start_costs: dict[str, list[float]] = field(default_factory=dict)
     stats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     read_bytes: dict[str, float] = field(default_factory=dict)
     disk_per_row: dict[str, float] = field(default_factory=dict)
@@ -474,7 +494,9 @@ class Result:
     hook_times: list[float] = field(default_factory=list)  # (h) forward hook calls, timed rounds
 
 
-def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir: str) -> Result:
+def bench_case(
+    case: Case, configs: list[str], steps: int, rounds: int, workdir: str, warm: int = 0
+) -> Result:
     torch.manual_seed(0)
     model = case.make().to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -489,12 +511,15 @@ def bench_case(case: Case, configs: list[str], steps: int, rounds: int, workdir:
         order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate start
         for cfg in order:
             run = install(cfg, model, workdir, f"{case.name}-r{r}")
-            times = train_steps(model, opt, case, run, steps, seed=r)
+            HOOK_MARK[0] = len(HOOK_TIMES)
+            times = train_steps(model, opt, case, run, steps, seed=r, warm=warm)
             st = run.close()
+            start, times = times[:warm], times[warm:]
             per_step = sum(times) / len(times)
             if CPU_TIME and isinstance(st, dict):  # the writer thread's CPU, up to close
-                per_step += st.get("writer_cpu_seconds", 0.0) / steps
+                per_step += st.get("writer_cpu_seconds", 0.0) / (steps + warm)
             res.round_means.setdefault(cfg, []).append(per_step)
+            res.start_costs.setdefault(cfg, []).append(sum(start) - warm * per_step)
             if isinstance(st, dict):
                 res.stats.setdefault(cfg, []).append(st)
             if run.path is not None and r == rounds - 1:
@@ -582,6 +607,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=20, help="steps per round (%(default)s)")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds (%(default)s)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="steps run first in every round of every configuration and timed apart (the "
+        "configuration's start: a tracer's first steps allocate its slots and banks), so the "
+        "step times are a long run's; a multiple of 10 keeps the default set's 1-in-10 cadence "
+        "(%(default)s)",
+    )
     ap.add_argument("--demo-steps", type=int, default=200, help="0 to skip the demo trace size")
     ap.add_argument(
         "--fast-steps",
@@ -605,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     if args.quick:
         args.steps, args.rounds, args.demo_steps, args.fast_steps = 10, 1, 0, 30
+        args.warmup = min(args.warmup, 2)
     cases = _cases()
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -620,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"dnntrace {dnntrace.__version__} ({os.path.dirname(dnntrace.__file__)}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu}); "
-        f"{args.steps} steps x {args.rounds} rounds; "
+        f"{args.steps} steps x {args.rounds} rounds after {args.warmup} start steps; "
         f"{'training + writer thread CPU time' if CPU_TIME else 'wall time'} per step; "
         f"traces in {workdir}"
     )
@@ -631,15 +666,17 @@ def main(argv: list[str] | None = None) -> int:
     print("checked: one step gives the same loss and parameters with and without tracing")
 
     header = (
-        "| model | config | step ms | ×(a) | added ms | MB read/step | floor ms | added/floor "
+        "| model | config | step ms | ×(a) | added ms | start ms | MB read/step | floor ms "
+        "| added/floor "
         "| B/tensor-step | MB from bank/step | whole bank MB | writer CPU ms/step | flush µs "
         "| dropped | hook µs/tensor |"
     )
-    lines = [header, "|" + "---|" * 15]
+    lines = [header, "|" + "---|" * 16]
     peers = []
     for m in models:
-        res = bench_case(cases[m], configs, args.steps, args.rounds, workdir)
+        res = bench_case(cases[m], configs, args.steps, args.rounds, workdir, args.warmup)
         base = statistics.median(res.round_means["a"]) if "a" in res.round_means else math.nan
+        base_start = statistics.median(res.start_costs["a"]) if "a" in res.start_costs else 0.0
         added_of = {}
         for cfg in configs:
             med = statistics.median(res.round_means[cfg])
@@ -651,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{med * 1e3:.1f}",
                 f"{med / base:.3f}",
                 f"{added * 1e3:+.1f}",
+                # the start steps' time beyond as many steady steps, less the untraced run's
+                f"{(statistics.median(res.start_costs[cfg]) - base_start) * 1e3:+.0f}"
+                if args.warmup
+                else "-",
             ]
             stub_of = {"h": "b", "j": "g"}  # a stubbed run's rows are counted in its real run's
             real = stub_of.get(cfg, cfg)
@@ -702,11 +743,12 @@ def main(argv: list[str] | None = None) -> int:
                     # the hooks timed where they run: the forward hooks (Python, timed around
                     # each call here) and the gradient hooks (C++, timed by the native table)
                     steps = args.rounds * args.steps
-                    per_step = sum(res.hook_times) / steps
+                    per_step = sum(res.hook_times) / steps  # the timed steps' calls only
                     calls = len(res.hook_times) / steps
                     sts = res.stats.get("h", [])
-                    g_calls = sum(s.get("grad_hook_calls", 0) for s in sts) / steps
-                    g_step = sum(s.get("grad_hook_seconds", 0.0) for s in sts) / steps
+                    traced = args.rounds * (args.steps + args.warmup)  # the tracer's counts
+                    g_calls = sum(s.get("grad_hook_calls", 0) for s in sts) / traced
+                    g_step = sum(s.get("grad_hook_seconds", 0.0) for s in sts) / traced
                     peers.append(
                         f"{m}: hooks timed in place (h): forward median "
                         f"{statistics.median(res.hook_times) * 1e6:.1f} us per call, "

@@ -64,8 +64,9 @@ if want overhead; then
   log "bench_overhead on CUDA (GPT-2-small-size transformer, ResNet-style CNN)"
   CONFIGS=abcdfgi  # wandb (e) only where its wheels were carried; i: the default set
   $PY -c "import wandb" 2>/dev/null && CONFIGS=abcdefgi
+  # --warmup 3: each configuration's first steps timed apart, few enough for the device time
   timeout 200 $PY bench/bench_overhead.py --device cuda --models gpt2,resnet --steps 10 \
-    --rounds 2 --demo-steps 0 --configs $CONFIGS >"$OUT/bench_overhead.txt" 2>&1
+    --rounds 2 --warmup 3 --demo-steps 0 --configs $CONFIGS >"$OUT/bench_overhead.txt" 2>&1
   RC[overhead]=$?
 fi
 
