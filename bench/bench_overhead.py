@@ -398,7 +398,7 @@ def train_steps(
     times = []
     clock = time.thread_time if CPU_TIME else time.perf_counter
     for i, (x, y) in enumerate(batches):
-        if i == warm:
+        if warm and i == warm:
             del HOOK_TIMES[HOOK_MARK[0] :]  # hook calls of the start steps are not counted
         _sync()
         t0 = clock()
