@@ -21,7 +21,7 @@ configuration's start (a tracer allocates its slots and banks and faults in thei
 first steps, TensorBoard opens its event file) is a one-off cost of a run, so the steps after it
 are what a long run pays per step; the start's cost is its own column (start ms: the start
 steps' time beyond as many steady steps, less the same for (a)). ``--warmup 0`` times every step
-from the start, as runs before 2026-12-03 did.
+from the start, as the runs in bench/RESULTS.md before its "ninth session" section did.
 
 Per model and configuration: step time (mean over a round, median over rounds), ratio to (a);
 for the dnntrace rows also the bytes the tracer reads per step (duplicates merged instead of

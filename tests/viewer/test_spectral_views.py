@@ -157,4 +157,5 @@ def test_spectra_tab_names_skipped_spectra(tmp_path: Path) -> None:
 
     # odd steps are not due: the note can only come from these rows
     assert any("2 full spectra were skipped (steps 3, 5)" in n for n in notes("s.arrow", (3, 5)))
+    assert any("1 full spectrum was skipped (step 5)" in n for n in notes("one.arrow", (5,)))
     assert not any("skipped" in n for n in notes("plain.arrow", ()))

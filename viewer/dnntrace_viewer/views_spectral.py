@@ -143,10 +143,15 @@ class SpectraView:
             *(
                 [
                     _note(
-                        f"{len(skipped)} full spectra were skipped (steps "
-                        f"{', '.join(map(str, skipped[:8]))}{', …' if len(skipped) > 8 else ''}): "
-                        "each was due while the previous one was still being computed in the "
-                        "background. A larger `full_every` gives every one."
+                        (
+                            f"{len(skipped)} full spectra were skipped (steps "
+                            if len(skipped) > 1
+                            else "1 full spectrum was skipped (step "
+                        )
+                        + ", ".join(map(str, skipped[:8]))
+                        + (", …" if len(skipped) > 8 else "")
+                        + "): each was due while the previous one was still being computed in "
+                        "the background. A larger `full_every` gives every one."
                     )
                 ]
                 if skipped
