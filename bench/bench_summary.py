@@ -297,7 +297,7 @@ def ratio_markdown(rows: list[dict]) -> str:
 
 
 def cpu_kernel(device: str) -> str:
-    """The CPU kernel version that ran ('avx512' or 'baseline'; 'unknown' for builds before
+    """The CPU kernel version that ran ('avx512', 'avx2' or 'baseline'; 'unknown' for builds before
     ``_C.cpu_kernel_isa`` existed, so this bench can time older builds too)."""
     if device != "cpu":
         return "-"

@@ -152,7 +152,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("half_bits_to_float", &half_bits_to_float_np, py::arg("bits"), py::arg("bf16") = false,
         "The shared host/device fp16/bf16 -> fp32 conversion.");
   m.def("cpu_kernel_isa", &block_fused_isa,
-        "Which CPU summary kernel runs here: 'avx512' or 'baseline' (DNNTRACE_CPU_BASELINE=1).");
+        "Which CPU summary kernel runs here: 'avx512', 'avx2' or 'baseline' (capped by "
+        "DNNTRACE_CPU_ISA=baseline|avx2|avx512; DNNTRACE_CPU_BASELINE=1 is 'baseline').");
   init_rows(m);
   init_watch(m);
 }

@@ -4,8 +4,9 @@
 // `bits >> (23 - k)`, counted in a per-thread table of all 2^(9+k) ids with four interleaved
 // 16-bit sub-counters per id. Zeros and negatives are read from the table's ids when it is folded
 // into a slot's row (window, underflow, overflow), so the per-element histogram work is one
-// shift and one increment. The AVX-512 version (intrinsics, x86-64-v4) is picked at run time;
-// the baseline one (generic vectors, target clones) runs elsewhere.
+// shift and one increment. The AVX-512 version (intrinsics, x86-64-v4) or the AVX2 one
+// (intrinsics, x86-64-v3) is picked at run time; the baseline one (generic vectors, target clones)
+// runs elsewhere.
 #pragma once
 
 #include <cstdint>
@@ -59,15 +60,16 @@ enum class Elem { kF32, kF16, kBF16 };
 // than ceil(n / 4) per call; the caller folds them (fold_sub_counters) before any can pass 65535.
 // With a table, zeros and negatives are left to the table (fold_raw_range) and only
 // sub_id0_pos/neg are counted; without one, acc gets every special count. NaN/Inf counts always
-// go to acc. An AVX-512 version is picked at run time unless DNNTRACE_CPU_BASELINE=1 is set in the
-// environment when the first block runs.
+// go to acc. The best version the CPU runs (AVX-512, AVX2, baseline) is picked at run time, capped
+// by DNNTRACE_CPU_ISA=baseline|avx2|avx512 (or DNNTRACE_CPU_BASELINE=1) in the environment when
+// the first block runs.
 void block_fused(Elem e, const void* x, int n, int k, uint16_t* table, BlockAcc& acc);
 
 // block_fused over x[0..n) in blocks of kBlock, in order (so the same sums as block by block);
-// the AVX-512 version overlaps each block's increments with the next block's moments.
+// the AVX-512 and AVX2 versions overlap each block's increments with the next block's moments.
 void span_fused(Elem e, const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc);
 
-// Which block_fused version runs here: "avx512" or "baseline".
+// Which block_fused version runs here: "avx512", "avx2" or "baseline".
 const char* block_fused_isa();
 
 // wide[id] += the four sub-counters of id, which are zeroed, for ids first..last.

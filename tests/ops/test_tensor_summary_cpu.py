@@ -6,8 +6,8 @@
   id (fp32 bits of |x| below 2^(23 - k), i.e. 0 < |x| < 2^(-149 + 23 - k)) counted apart in the
   blocks that hold them;
 - blocks with NaN/Inf found by their non-finite block sum (+Inf and -Inf together sum to NaN);
-- the AVX-512 version and the baseline one (``DNNTRACE_CPU_BASELINE=1``, in a subprocess): every
-  integer field bit-identical to the reference and to each other.
+- every version this CPU runs (AVX-512, AVX2, the baseline; ``DNNTRACE_CPU_ISA`` caps the choice,
+  in a subprocess each): every integer field bit-identical to the reference and to each other.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -145,7 +146,7 @@ _BASELINE_SCRIPT = textwrap.dedent(
     from dnntrace import _C, ops
     from dnntrace.storage import layout as L
     from dnntrace.storage.layout import Layout
-    assert _C.cpu_kernel_isa() == "baseline", _C.cpu_kernel_isa()
+    assert _C.cpu_kernel_isa() == sys.argv[3], (_C.cpu_kernel_isa(), sys.argv[3])
     xs = torch.load(sys.argv[1])
     lay = Layout(6, -48, 64)
     out = {}
@@ -161,9 +162,24 @@ _BASELINE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_baseline_version_matches_the_reference_and_the_avx512_one(tmp_path):
-    """The version for CPUs without AVX-512, forced by DNNTRACE_CPU_BASELINE=1 (read once per
-    process, hence the subprocess): bit-identical integer fields, close sums."""
+def _isas_here() -> list[str]:
+    """The kernel versions this CPU can run, from torch's own detection (an independent truth:
+    it does not ask our dispatcher)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["baseline", "avx2", "avx512"], "AVX2": ["baseline", "avx2"]}.get(
+        cap, ["baseline"]
+    )
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_version_matches_the_reference_and_this_machines(tmp_path, isa):
+    """Each version this CPU runs, forced by DNNTRACE_CPU_ISA (read once per process, hence the
+    subprocess): bit-identical integer fields, close sums, and the same integer fields as the
+    version this process runs."""
+    if platform.machine() not in ("x86_64", "AMD64") and isa != "baseline":
+        pytest.skip("x86-64 versions only")
+    if isa not in _isas_here():
+        pytest.skip(f"this CPU has no {isa} (torch: {torch.backends.cpu.get_cpu_capability()})")
     xs = []
     for dtype in LOW:
         g = torch.Generator().manual_seed(7)
@@ -171,10 +187,12 @@ def test_baseline_version_matches_the_reference_and_the_avx512_one(tmp_path):
         xs.append(_zero_id_mix(dtype, 4 * 65536 + 1000))
         xs.append(torch.full((SUB_RANGE + 5,), -1.25, dtype=dtype))
         xs.append(torch.randn(3000, generator=g).to(dtype))  # the direct (small input) path
+        xs.append((torch.randn(1_000_003, generator=g) * 1e-3).to(dtype))  # many chunks
     torch.save(xs, tmp_path / "xs.pt")
-    env = dict(os.environ, DNNTRACE_CPU_BASELINE="1")
+    env = dict(os.environ, DNNTRACE_CPU_ISA=isa)
+    env.pop("DNNTRACE_CPU_BASELINE", None)
     subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "xs.pt"), str(tmp_path / "o")],
+        [sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "xs.pt"), str(tmp_path / "o"), isa],
         env=env,
         check=True,
         timeout=600,
@@ -190,5 +208,11 @@ def test_baseline_version_matches_the_reference_and_the_avx512_one(tmp_path):
             np.testing.assert_array_equal(here_c, base[f"c{i}_{h}"])
 
 
-def test_this_machine_runs_a_known_kernel():
-    assert _C.cpu_kernel_isa() in ("avx512", "baseline")
+def test_this_machine_runs_its_best_kernel():
+    """Without DNNTRACE_CPU_ISA the dispatcher picks the best version torch also finds here."""
+    if os.environ.get("DNNTRACE_CPU_ISA") or os.environ.get("DNNTRACE_CPU_BASELINE"):
+        pytest.skip("a version is forced in this environment")
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("torch's detection is capped in this environment")
+    want = _isas_here()[-1] if platform.machine() in ("x86_64", "AMD64") else "baseline"
+    assert _C.cpu_kernel_isa() == want
