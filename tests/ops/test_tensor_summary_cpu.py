@@ -216,3 +216,19 @@ def test_this_machine_runs_its_best_kernel():
         pytest.skip("torch's detection is capped in this environment")
     want = _isas_here()[-1] if platform.machine() in ("x86_64", "AMD64") else "baseline"
     assert _C.cpu_kernel_isa() == want
+
+
+def test_an_unknown_version_name_is_named_and_ignored():
+    """A misspelt DNNTRACE_CPU_ISA gets one line on stderr; the best version runs."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the variable chooses among x86-64 versions only")
+    env = dict(os.environ, DNNTRACE_CPU_ISA="avx-2")
+    env.pop("DNNTRACE_CPU_BASELINE", None)
+    code = "import torch; from dnntrace import _C; print(_C.cpu_kernel_isa())"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "DNNTRACE_CPU_ISA=avx-2 is not baseline, avx2 or avx512; ignored" in r.stderr
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        assert r.stdout.strip() == _isas_here()[-1]
