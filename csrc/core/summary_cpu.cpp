@@ -373,6 +373,119 @@ DNNTRACE_CLONES void bf16_to_float(const uint16_t* x, int n, float* out) {
 #if defined(DNNTRACE_AVX512_PATH)
 namespace {
 
+// The fp32 bits of value i of an fp32, bf16 or fp16 array (exact).
+template <Elem E>
+__attribute__((always_inline)) inline uint32_t elem_bits(const void* p, int i) {
+  if constexpr (E == Elem::kF32) {
+    uint32_t u;
+    std::memcpy(&u, static_cast<const float*>(p) + i, sizeof u);
+    return u;
+  } else if constexpr (E == Elem::kBF16) {
+    return static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
+  } else {
+    return f32_bits(half_bits_to_float(static_cast<const uint16_t*>(p)[i]));
+  }
+}
+
+// What a vector block found in its full 16-value groups.
+struct VecPartial {
+  double bs, bq;           // sums and squares (fp64)
+  float bmn, bmx;          // min and max (a NaN may have been skipped: such blocks are recounted)
+  uint32_t bmina;          // smallest non-zero |bits|, 0xffffffff when none
+  int64_t neg, zer, nzer;  // moments-only mode
+};
+
+// The end of a vector block (AVX-512 and AVX2 versions), from value i on: the scalar tail, the
+// subnormals that share the zeros' raw id, the exact recount of a block with NaN/Inf (any among
+// the vector lanes makes their sum non-finite; the finite values of one block cannot overflow a
+// double), and the fold into acc. Inlined into each version's block.
+template <Elem E, bool kScatter>
+__attribute__((always_inline)) inline void finish_block(const void* x, int i, int n, int k,
+                                                        uint16_t* table, VecPartial p,
+                                                        BlockAcc& acc) {
+  const int shift = 23 - k;
+  bool bad = false;
+  for (; i < n; ++i) {
+    const uint32_t u = elem_bits<E>(x, i);
+    const uint32_t a = u & 0x7fffffffu;
+    const float v = f32_from_bits(u);
+    if constexpr (kScatter) {
+      table[((u >> shift) << 2) + (i & 3)] += 1;
+    } else {
+      p.neg += v < 0.0f;
+      p.zer += a == 0u;
+      p.nzer += u == 0x80000000u;
+    }
+    bad |= a >= 0x7f800000u;
+    p.bmina = (a != 0u && a < p.bmina) ? a : p.bmina;
+    if (a < 0x7f800000u) {
+      const double d = v;
+      p.bs += d;
+      p.bq += d * d;
+      p.bmn = v < p.bmn ? v : p.bmn;
+      p.bmx = v > p.bmx ? v : p.bmx;
+    }
+  }
+  if (kScatter && p.bmina < 0x00800000u)
+    count_sub_id0([x](int j) { return elem_bits<E>(x, j); }, n, k, acc);
+  if (bad || (f64_bits(p.bs) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) {
+    if constexpr (E == Elem::kF32) {
+      f32_block_moments_masked(static_cast<const float*>(x), n, acc);
+    } else {
+      float f[kBlock];
+      for (int j = 0; j < n; ++j) f[j] = f32_from_bits(elem_bits<E>(x, j));
+      f32_block_moments_masked(f, n, acc);
+    }
+    return;
+  }
+  fold(acc.sum, acc.sum_c, p.bs);
+  fold(acc.sq, acc.sq_c, p.bq);
+  acc.mn = p.bmn < acc.mn ? p.bmn : acc.mn;
+  acc.mx = p.bmx > acc.mx ? p.bmx : acc.mx;
+  if (p.bmina != 0xffffffffu) {
+    const double m = f32_from_bits(p.bmina);
+    acc.min_abs = m < acc.min_abs ? m : acc.min_abs;
+  }
+  acc.negatives += p.neg;
+  acc.zeros += p.zer;
+  acc.neg_zeros += p.nzer;
+}
+
+// A version's entry points, over its block function with and without the scatter
+// (`block(x, n, k, table, acc, ids, prev, prev_n)`, returning how many ids it stored) and its
+// 16-id scatter (`scatter(ids, table)`).
+template <typename BlockS, typename BlockM, typename Scatter>
+inline void dispatch_block(BlockS with_table, BlockM moments_only, Scatter scatter, const void* x,
+                           int n, int k, uint16_t* table, BlockAcc& acc) {
+  if (table) {
+    alignas(64) uint32_t ids[kBlock];
+    const int stored = with_table(x, n, k, table, acc, ids, nullptr, 0);
+    for (int j = 0; j < stored; j += 16) scatter(ids + j, table);
+  } else {
+    moments_only(x, n, k, nullptr, acc, nullptr, nullptr, 0);
+  }
+}
+
+// Blocks of a span, each block's increments overlapped with the next block's moments.
+template <Elem E, typename BlockS, typename BlockM, typename Scatter>
+inline void span_blocks(BlockS with_table, BlockM moments_only, Scatter scatter, const void* x,
+                        int64_t n, int k, uint16_t* table, BlockAcc& acc) {
+  constexpr int64_t esize = E == Elem::kF32 ? 4 : 2;
+  const char* p = static_cast<const char*>(x);
+  alignas(64) uint32_t ids[2][kBlock];
+  int pending = 0;
+  for (int64_t off = 0, b = 0; off < n; off += kBlock, ++b) {
+    const int m = static_cast<int>(std::min<int64_t>(kBlock, n - off));
+    if (!table) {
+      moments_only(p + off * esize, m, k, nullptr, acc, nullptr, nullptr, 0);
+      continue;
+    }
+    pending = with_table(p + off * esize, m, k, table, acc, ids[b & 1], ids[(b + 1) & 1], pending);
+    if (off + kBlock >= n)
+      for (int j = 0; j < pending; j += 16) scatter(ids[b & 1] + j, table);
+  }
+}
+
 // The AVX-512 fused block, written with intrinsics in functions compiled for x86-64-v4 (GCC 12
 // neither vectorises the selects of these reductions nor lowers generic vectors of an inlined
 // helper for the caller's target). Per 16 values: 16-lane loads (bf16 widened by a shift, fp16 by
@@ -395,19 +508,6 @@ DNNTRACE_V4 inline __m512 v4_load16(const void* p, int i) {
     } else {
       return _mm512_cvtph_ps(h);  // exact, subnormal halves included
     }
-  }
-}
-
-template <Elem E>
-DNNTRACE_V4 inline uint32_t v4_bits(const void* p, int i) {
-  if constexpr (E == Elem::kF32) {
-    uint32_t u;
-    std::memcpy(&u, static_cast<const float*>(p) + i, sizeof u);
-    return u;
-  } else if constexpr (E == Elem::kBF16) {
-    return static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-  } else {
-    return f32_bits(half_bits_to_float(static_cast<const uint16_t*>(p)[i]));
   }
 }
 
@@ -479,93 +579,26 @@ DNNTRACE_V4 int v4_block(const void* x, int n, int k, uint16_t* __restrict table
   }
   double bs = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
   double bq = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
-  float bmn = _mm512_reduce_min_ps(mn), bmx = _mm512_reduce_max_ps(mx);
-  uint32_t bmina = _mm512_reduce_min_epu32(mina);
-  bool bad = false;
-  for (; i < n; ++i) {
-    const uint32_t u = v4_bits<E>(x, i);
-    const uint32_t a = u & 0x7fffffffu;
-    const float v = f32_from_bits(u);
-    if constexpr (kScatter) {
-      table[((u >> shift) << 2) + (i & 3)] += 1;
-    } else {
-      neg += v < 0.0f;
-      zer += a == 0u;
-      nzer += u == 0x80000000u;
-    }
-    bad |= a >= 0x7f800000u;
-    bmina = (a != 0u && a < bmina) ? a : bmina;
-    if (a < 0x7f800000u) {
-      const double d = v;
-      bs += d;
-      bq += d * d;
-      bmn = v < bmn ? v : bmn;
-      bmx = v > bmx ? v : bmx;
-    }
-  }
-  if (kScatter && bmina < 0x00800000u)
-    count_sub_id0([x](int j) { return v4_bits<E>(x, j); }, n, k, acc);
-  // A NaN or Inf among the vector lanes makes their sum non-finite (the finite values of one block
-  // cannot overflow a double): then exact masked moments and counts.
-  if (bad || (f64_bits(bs) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) {
-    if constexpr (E == Elem::kF32) {
-      f32_block_moments_masked(static_cast<const float*>(x), n, acc);
-    } else {
-      float f[kBlock];
-      for (int j = 0; j < n; ++j) f[j] = f32_from_bits(v4_bits<E>(x, j));
-      f32_block_moments_masked(f, n, acc);
-    }
-    return stored;
-  }
-  fold(acc.sum, acc.sum_c, bs);
-  fold(acc.sq, acc.sq_c, bq);
-  acc.mn = bmn < acc.mn ? bmn : acc.mn;
-  acc.mx = bmx > acc.mx ? bmx : acc.mx;
-  if (bmina != 0xffffffffu) {
-    const double m = f32_from_bits(bmina);
-    acc.min_abs = m < acc.min_abs ? m : acc.min_abs;
-  }
-  acc.negatives += neg;
-  acc.zeros += zer;
-  acc.neg_zeros += nzer;
+  const float bmn = _mm512_reduce_min_ps(mn), bmx = _mm512_reduce_max_ps(mx);
+  const uint32_t bmina = _mm512_reduce_min_epu32(mina);
+  finish_block<E, kScatter>(x, i, n, k, table, {bs, bq, bmn, bmx, bmina, neg, zer, nzer}, acc);
   return stored;
 }
 
 template <Elem E>
 void v4_dispatch(const void* x, int n, int k, uint16_t* table, BlockAcc& acc) {
-  if (table) {
-    alignas(64) uint32_t ids[kBlock];
-    const int stored = v4_block<E, true>(x, n, k, table, acc, ids, nullptr, 0);
-    for (int j = 0; j < stored; j += 16) v4_scatter16(ids + j, table);
-  } else {
-    v4_block<E, false>(x, n, k, nullptr, acc, nullptr, nullptr, 0);
-  }
+  dispatch_block(v4_block<E, true>, v4_block<E, false>, v4_scatter16, x, n, k, table, acc);
 }
 
-// Blocks of a span, each block's increments overlapped with the next block's moments.
 template <Elem E>
 void v4_span(const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc) {
-  constexpr int64_t esize = E == Elem::kF32 ? 4 : 2;
-  const char* p = static_cast<const char*>(x);
-  alignas(64) uint32_t ids[2][kBlock];
-  int pending = 0;
-  for (int64_t off = 0, b = 0; off < n; off += kBlock, ++b) {
-    const int m = static_cast<int>(std::min<int64_t>(kBlock, n - off));
-    if (!table) {
-      v4_block<E, false>(p + off * esize, m, k, nullptr, acc, nullptr, nullptr, 0);
-      continue;
-    }
-    pending =
-        v4_block<E, true>(p + off * esize, m, k, table, acc, ids[b & 1], ids[(b + 1) & 1], pending);
-    if (off + kBlock >= n)
-      for (int j = 0; j < pending; j += 16) v4_scatter16(ids[b & 1] + j, table);
-  }
+  span_blocks<E>(v4_block<E, true>, v4_block<E, false>, v4_scatter16, x, n, k, table, acc);
 }
 
 // The AVX2 fused block (x86-64-v3: AVX2, FMA, F16C), for CPUs without AVX-512 (AMD Zen 1-3,
 // Intel before Skylake-SP and most client parts). The same plan as the AVX-512 block, in two
-// 8-lane halves per 16 values: sums and squares in four 4 x fp64 accumulators each, min/max in
-// fp32, and the unsigned minimum of |bits| - 1 (a zero wraps to the largest value, so no mask
+// 8-lane halves per 16 values: sums and squares of pairs in two 4 x fp64 accumulators each, min/max
+// in fp32, and the unsigned minimum of |bits| - 1 (a zero wraps to the largest value, so no mask
 // register is needed) for the smallest non-zero |x|; raw ids stored to the stack by one vector
 // shift per 8 values and scattered inside the next block's vector loop. Without a table, zeros,
 // negatives and negative zeros are counted in vector lanes (a block has at most 1024 values).
@@ -589,19 +622,6 @@ DNNTRACE_V3 inline void v3_load16(const void* p, int i, __m256& a, __m256& b) {
       a = _mm256_cvtph_ps(h0);  // exact, subnormal halves included
       b = _mm256_cvtph_ps(h1);
     }
-  }
-}
-
-template <Elem E>
-DNNTRACE_V3 inline uint32_t v3_bits(const void* p, int i) {
-  if constexpr (E == Elem::kF32) {
-    uint32_t u;
-    std::memcpy(&u, static_cast<const float*>(p) + i, sizeof u);
-    return u;
-  } else if constexpr (E == Elem::kBF16) {
-    return static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-  } else {
-    return f32_bits(half_bits_to_float(static_cast<const uint16_t*>(p)[i]));
   }
 }
 
@@ -734,82 +754,18 @@ DNNTRACE_V3 int v3_block(const void* x, int n, int k, uint16_t* __restrict table
     zer = v3_hsum_epi32(_mm256_and_si256(_mm256_srli_epi32(cnt, 10), _mm256_set1_epi32(1023)));
     nzer = v3_hsum_epi32(_mm256_srli_epi32(cnt, 20));
   }
-  bool bad = false;
-  for (; i < n; ++i) {
-    const uint32_t u = v3_bits<E>(x, i);
-    const uint32_t a = u & 0x7fffffffu;
-    const float v = f32_from_bits(u);
-    if constexpr (kScatter) {
-      table[((u >> shift) << 2) + (i & 3)] += 1;
-    } else {
-      neg += v < 0.0f;
-      zer += a == 0u;
-      nzer += u == 0x80000000u;
-    }
-    bad |= a >= 0x7f800000u;
-    bmina = (a != 0u && a < bmina) ? a : bmina;
-    if (a < 0x7f800000u) {
-      const double d = v;
-      bs += d;
-      bq += d * d;
-      bmn = v < bmn ? v : bmn;
-      bmx = v > bmx ? v : bmx;
-    }
-  }
-  if (kScatter && bmina < 0x00800000u)
-    count_sub_id0([x](int j) { return v3_bits<E>(x, j); }, n, k, acc);
-  if (bad || (f64_bits(bs) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) {
-    if constexpr (E == Elem::kF32) {
-      f32_block_moments_masked(static_cast<const float*>(x), n, acc);
-    } else {
-      float f[kBlock];
-      for (int j = 0; j < n; ++j) f[j] = f32_from_bits(v3_bits<E>(x, j));
-      f32_block_moments_masked(f, n, acc);
-    }
-    return stored;
-  }
-  fold(acc.sum, acc.sum_c, bs);
-  fold(acc.sq, acc.sq_c, bq);
-  acc.mn = bmn < acc.mn ? bmn : acc.mn;
-  acc.mx = bmx > acc.mx ? bmx : acc.mx;
-  if (bmina != 0xffffffffu) {
-    const double m = f32_from_bits(bmina);
-    acc.min_abs = m < acc.min_abs ? m : acc.min_abs;
-  }
-  acc.negatives += neg;
-  acc.zeros += zer;
-  acc.neg_zeros += nzer;
+  finish_block<E, kScatter>(x, i, n, k, table, {bs, bq, bmn, bmx, bmina, neg, zer, nzer}, acc);
   return stored;
 }
 
 template <Elem E>
 void v3_dispatch(const void* x, int n, int k, uint16_t* table, BlockAcc& acc) {
-  if (table) {
-    alignas(32) uint32_t ids[kBlock];
-    const int stored = v3_block<E, true>(x, n, k, table, acc, ids, nullptr, 0);
-    for (int j = 0; j < stored; j += 16) v3_scatter16(ids + j, table);
-  } else {
-    v3_block<E, false>(x, n, k, nullptr, acc, nullptr, nullptr, 0);
-  }
+  dispatch_block(v3_block<E, true>, v3_block<E, false>, v3_scatter16, x, n, k, table, acc);
 }
 
 template <Elem E>
 void v3_span(const void* x, int64_t n, int k, uint16_t* table, BlockAcc& acc) {
-  constexpr int64_t esize = E == Elem::kF32 ? 4 : 2;
-  const char* p = static_cast<const char*>(x);
-  alignas(32) uint32_t ids[2][kBlock];
-  int pending = 0;
-  for (int64_t off = 0, b = 0; off < n; off += kBlock, ++b) {
-    const int m = static_cast<int>(std::min<int64_t>(kBlock, n - off));
-    if (!table) {
-      v3_block<E, false>(p + off * esize, m, k, nullptr, acc, nullptr, nullptr, 0);
-      continue;
-    }
-    pending =
-        v3_block<E, true>(p + off * esize, m, k, table, acc, ids[b & 1], ids[(b + 1) & 1], pending);
-    if (off + kBlock >= n)
-      for (int j = 0; j < pending; j += 16) v3_scatter16(ids[b & 1] + j, table);
-  }
+  span_blocks<E>(v3_block<E, true>, v3_block<E, false>, v3_scatter16, x, n, k, table, acc);
 }
 
 }  // namespace
