@@ -789,13 +789,16 @@ Isa isa() {
     const char* base = std::getenv("DNNTRACE_CPU_BASELINE");
     if (base && base[0] == '1') cap = Isa::kBaseline;
     const char* env = std::getenv("DNNTRACE_CPU_ISA");
-    if (env && std::strcmp(env, "baseline") == 0) cap = Isa::kBaseline;
-    if (env && std::strcmp(env, "avx2") == 0 && cap != Isa::kBaseline) cap = Isa::kAvx2;
-    if (env && env[0] && std::strcmp(env, "baseline") && std::strcmp(env, "avx2") &&
-        std::strcmp(env, "avx512"))
-      std::fprintf(stderr,
-                   "dnntrace: DNNTRACE_CPU_ISA=%.40s is not baseline, avx2 or avx512; ignored\n",
-                   env);
+    if (env && env[0]) {
+      if (std::strcmp(env, "baseline") == 0)
+        cap = Isa::kBaseline;
+      else if (std::strcmp(env, "avx2") == 0)
+        cap = cap == Isa::kBaseline ? cap : Isa::kAvx2;
+      else if (std::strcmp(env, "avx512") != 0)
+        std::fprintf(stderr,
+                     "dnntrace: DNNTRACE_CPU_ISA=%.40s is not baseline, avx2 or avx512; ignored\n",
+                     env);
+    }
     return static_cast<int>(best) < static_cast<int>(cap) ? best : cap;
   }();
   return chosen;
