@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 
@@ -123,9 +124,16 @@ void Watch::fail_locked(const char* what) {
 void Watch::accumulate_locked(const at::Tensor& x, int64_t slot) {
   if (x.device() != counts_.device()) return;  // another device than the bank's: not traced
   TORCH_CHECK(slot >= 0 && slot < counts_.size(0), "dnntrace: slot ", slot, " outside the bank");
-  if (sources_.count(slot)) apply_locked();  // its pending copies first: the row will change
+  const size_t s = static_cast<size_t>(slot);
+  if (s >= adds_.size()) {  // a new (or grown) bank: room for every row
+    const size_t rows = static_cast<size_t>(counts_.size(0));
+    adds_.resize(rows, 0);
+    is_source_.resize(rows, 0);
+    meta_.resize(rows, {int8_t{-1}, {}});
+  }
+  if (is_source_[s]) apply_locked();  // its pending copies first: the row will change
   const auto dtype = static_cast<int8_t>(x.scalar_type());
-  auto& m = meta_[slot];
+  auto& m = meta_[s];
   if (m.first != dtype || !x.sizes().equals(m.second)) {
     m = {dtype, x.sizes().vec()};
     meta_dirty_.push_back(slot);
@@ -134,16 +142,17 @@ void Watch::accumulate_locked(const at::Tensor& x, int64_t slot) {
   recorded_ = true;
   if (x.is_inference()) {  // no version counter: read it
     read_locked(x, slot);
-    ++adds_[slot];
+    ++adds_[s];
     return;
   }
-  Key key{reinterpret_cast<intptr_t>(x.data_ptr()), dtype, x.sizes().vec(), x.strides().vec(),
-          static_cast<int64_t>(x._version())};
+  Key key{reinterpret_cast<intptr_t>(x.data_ptr()), dtype, static_cast<int64_t>(x._version()), {}};
+  key.dims.append(x.sizes().begin(), x.sizes().end());
+  key.dims.append(x.strides().begin(), x.strides().end());
   auto it = seen_.find(key);
   if (it != seen_.end() && !it->second.impl.expired() && adds_[it->second.slot] == 1) {
     const int64_t src = it->second.slot;
     pending_.emplace_back(src, slot);
-    sources_.insert(src);
+    is_source_[src] = 1;
     ++reads_saved_;
     bytes_saved_ += x.numel() * static_cast<int64_t>(x.element_size());
   } else {
@@ -153,7 +162,7 @@ void Watch::accumulate_locked(const at::Tensor& x, int64_t slot) {
                                     x.getIntrusivePtr()),
                                 slot});
   }
-  ++adds_[slot];
+  ++adds_[s];
 }
 
 void Watch::read_locked(const at::Tensor& x, int64_t slot) {
@@ -173,8 +182,8 @@ void Watch::apply_locked() {
     idx[i] = pending_[i].first;
     idx[m + i] = pending_[i].second;
   }
+  for (const auto& pr : pending_) is_source_[pr.first] = 0;
   pending_.clear();
-  sources_.clear();
   if (counts_.device().is_cpu() && !device_ops_) {  // one native pass (the ops' bits)
     TORCH_CHECK(counts_.is_contiguous() && moments_.is_contiguous(), "dnntrace: bank layout");
     core::merge_rows(counts_.data_ptr<int64_t>(), moments_.data_ptr<double>(), counts_.size(1),
@@ -202,8 +211,8 @@ void Watch::merge_pending_locked() {
   } catch (const std::exception& e) {
     fail_locked(e.what());
   }
+  for (const auto& pr : pending_) is_source_[pr.first] = 0;
   pending_.clear();  // merged, or dropped with the watch disabled
-  sources_.clear();
 }
 
 void Watch::apply() {
@@ -215,7 +224,7 @@ void Watch::end_step() {
   std::lock_guard<std::mutex> lock(mu_);
   merge_pending_locked();
   seen_.clear();
-  adds_.clear();
+  std::fill(adds_.begin(), adds_.end(), 0);
 }
 
 void Watch::set_enabled(bool on) {

@@ -13,17 +13,17 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/UndefinedTensorImpl.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <atomic>
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -68,14 +68,24 @@ class Watch : public std::enable_shared_from_this<Watch> {
   std::pair<int64_t, int64_t> hook_time() const;
 
  private:
+  // A tensor's identity for read-once (storage address, dtype, version, sizes then strides),
+  // hashed: one lookup per record, no heap allocation for up to 5 dimensions.
   struct Key {
     intptr_t data;
     int8_t dtype;
-    std::vector<int64_t> sizes, strides;
     int64_t version;
-    bool operator<(const Key& o) const {
-      return std::tie(data, dtype, sizes, strides, version) <
-             std::tie(o.data, o.dtype, o.sizes, o.strides, o.version);
+    c10::SmallVector<int64_t, 10> dims;
+    bool operator==(const Key& o) const {
+      return data == o.data && dtype == o.dtype && version == o.version && dims == o.dims;
+    }
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      // The address and version tell tensors apart; views of one address differ in dims,
+      // compared on a hit.
+      return std::hash<intptr_t>()(k.data) ^
+             (std::hash<int64_t>()(k.version) * 0x9e3779b97f4a7c15ull) ^
+             static_cast<size_t>(k.dims.size());
     }
   };
   struct Seen {
@@ -99,12 +109,14 @@ class Watch : public std::enable_shared_from_this<Watch> {
   bool enabled_ = true, stub_ = false, recorded_ = false, device_ops_ = false;
   std::string error_;
   std::vector<int64_t> touched_;
-  std::unordered_map<int64_t, std::pair<int8_t, std::vector<int64_t>>> meta_;
+  // By slot (a bank row), grown on demand: dtype (-1: none yet) and shape last seen, reads this
+  // step, and whether the row is the source of a pending merge.
+  std::vector<std::pair<int8_t, std::vector<int64_t>>> meta_;
   std::vector<int64_t> meta_dirty_;
-  std::map<Key, Seen> seen_;
-  std::unordered_map<int64_t, int64_t> adds_;
+  std::unordered_map<Key, Seen, KeyHash> seen_;
+  std::vector<int64_t> adds_;
   std::vector<std::pair<int64_t, int64_t>> pending_;
-  std::unordered_set<int64_t> sources_;
+  std::vector<uint8_t> is_source_;
   int64_t reads_saved_ = 0, bytes_saved_ = 0;
   std::atomic<int64_t> hook_calls_{0}, hook_ns_{0};  // outside mu_: a hook adds after unlocking
 };
