@@ -144,6 +144,25 @@ def test_not_the_same_data_is_read_again() -> None:
         np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-12, atol=1e-12)
 
 
+def test_high_rank_tensors_are_told_apart_by_every_dim() -> None:
+    """Sizes and strides of six dimensions (past what the native key holds inline): a tensor
+    that differs from a read one only in its last stride is read, an identical one merged."""
+    bank, ro = StatBank(4), ReadOnce()
+    x = torch.randn(2, 3, 2, 2, 3, 4)
+    ro.accumulate(bank, x, 0)
+    ro.accumulate(bank, x, 1)  # same data: merged
+    y = x.transpose(4, 5)  # same address and numel, other sizes and strides: read
+    ro.accumulate(bank, y, 2)
+    z = torch.as_strided(x, x.shape, x.stride()[:5] + (0,))  # only the last stride differs
+    ro.accumulate(bank, z, 3)
+    assert ro.reads_saved == 1
+    ro.end_step(bank)
+    direct = StatBank(4)
+    for slot, t in ((0, x), (1, x), (2, y), (3, z)):
+        direct.accumulate(t, slot)
+    assert torch.equal(bank.counts, direct.counts)
+
+
 def test_freed_memory_reused_by_another_tensor_is_read() -> None:
     """A dead first tensor proves nothing: its address may now hold another tensor."""
     bank, ro = StatBank(4), ReadOnce()
