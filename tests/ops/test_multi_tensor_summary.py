@@ -226,6 +226,27 @@ def test_thread_count_does_not_change_a_bit():
     assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()
 
 
+def test_one_tensor_split_between_threads_does_not_change_a_bit():
+    """2^18 values, one tensor: two runs of 2^17 on two threads (one run on one thread)."""
+    x = _spread(262_144, 11, torch.float32)
+    lay = Layout()
+    out = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts, moments = fresh_state(1, lay.k, lay.emin, lay.octaves)
+            ops.tensor_summary_out(x, 0, counts, moments, lay)
+            out.append((counts, moments))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()
+    want_c, want_m = tensor_summary_ref(exact_f64(x).reshape(-1), lay.k, lay.emin, lay.octaves)
+    assert_counts_equal(out[1][0][0].numpy(), want_c)
+    assert_moments_close(out[1][1][0].numpy(), want_m, exact_f64(x).reshape(-1))
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     data=st.data(),
@@ -238,7 +259,7 @@ def test_long_lists_match_reference(data, layout, threads, histogram):
     dtype, values over all classes of raw id) against the reference, for 1 and 2 threads."""
     k, emin, octaves = layout
     lay = Layout(k, emin, octaves)
-    sizes = st.sampled_from([4_097, 65_535, 65_536, 65_537, 131_073, 196_608, 262_145])
+    sizes = st.sampled_from([4_097, 65_535, 65_536, 65_537, 131_073, 196_608, 262_144, 262_145])
     n_tensors = data.draw(st.integers(1, 4))
     xs = [
         _spread(

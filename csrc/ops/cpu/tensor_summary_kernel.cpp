@@ -28,7 +28,10 @@ using core::kBlock;
 
 constexpr int64_t kChunkBlocks = 64;  // 64 Ki elements per chunk
 constexpr int64_t kDirectMax = 4096;  // below this the full mapping straight into the row wins
-constexpr int64_t kMinRunElems = (int64_t{1} << 17) + 1;  // see summarize_items
+// Values per thread at least (see summarize_items): 2^17 runs on one thread, 2^18 on two. It was
+// 2^17 + 1, which kept every call below 2^18 + 2 values on one thread: on a 2-core Zen 3 VM a
+// 2^18-value fp32 call took 128-139 us there and 75-80 us on two (bench/NOTES.md).
+constexpr int64_t kMinRunElems = int64_t{1} << 17;
 
 enum class Src { kF32, kF64, kF16, kBF16 };
 
