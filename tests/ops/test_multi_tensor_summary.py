@@ -208,43 +208,43 @@ def test_runs_across_tensors_match_reference(threads, layout):
         assert_moments_close(moments[s].numpy(), want_m, values)
 
 
-def test_thread_count_does_not_change_a_bit():
-    """Chunk boundaries and the order partial sums are folded in do not depend on the threads."""
-    xs = [_spread(n, 40 + n % 7, torch.float32) for n in (300_007, 9_000, 65_537, 131_072)]
-    lay = Layout()
+def _on_one_and_two_threads(call, rows: int, lay: Layout):
+    """(counts, moments) of `call(counts, moments)` on one thread, then on two; both checked
+    bit for bit equal."""
     out = []
     saved = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            counts, moments = fresh_state(4, lay.k, lay.emin, lay.octaves)
-            ops.multi_tensor_summary_out(xs, [0, 1, 2, 3], counts, moments, lay)
+            counts, moments = fresh_state(rows, lay.k, lay.emin, lay.octaves)
+            call(counts, moments)
             out.append((counts, moments))
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(out[0][0], out[1][0])
     assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()
+    return out[1]
+
+
+def test_thread_count_does_not_change_a_bit():
+    """Chunk boundaries and the order partial sums are folded in do not depend on the threads."""
+    xs = [_spread(n, 40 + n % 7, torch.float32) for n in (300_007, 9_000, 65_537, 131_072)]
+    lay = Layout()
+    _on_one_and_two_threads(
+        lambda c, m: ops.multi_tensor_summary_out(xs, [0, 1, 2, 3], c, m, lay), 4, lay
+    )
 
 
 def test_one_tensor_split_between_threads_does_not_change_a_bit():
     """2^18 values, one tensor: two runs of 2^17 on two threads (one run on one thread)."""
     x = _spread(262_144, 11, torch.float32)
     lay = Layout()
-    out = []
-    saved = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            counts, moments = fresh_state(1, lay.k, lay.emin, lay.octaves)
-            ops.tensor_summary_out(x, 0, counts, moments, lay)
-            out.append((counts, moments))
-    finally:
-        torch.set_num_threads(saved)
-    assert torch.equal(out[0][0], out[1][0])
-    assert out[0][1].numpy().tobytes() == out[1][1].numpy().tobytes()
+    counts, moments = _on_one_and_two_threads(
+        lambda c, m: ops.tensor_summary_out(x, 0, c, m, lay), 1, lay
+    )
     want_c, want_m = tensor_summary_ref(exact_f64(x).reshape(-1), lay.k, lay.emin, lay.octaves)
-    assert_counts_equal(out[1][0][0].numpy(), want_c)
-    assert_moments_close(out[1][1][0].numpy(), want_m, exact_f64(x).reshape(-1))
+    assert_counts_equal(counts[0].numpy(), want_c)
+    assert_moments_close(moments[0].numpy(), want_m, exact_f64(x).reshape(-1))
 
 
 @settings(max_examples=12, deadline=None)
