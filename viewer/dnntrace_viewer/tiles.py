@@ -78,10 +78,12 @@ def plan(
         ny = height if fixed_y else r * height * (y[1] - y[0]) / vy
         if finest_x > 0:
             nx = min(nx, (x[1] - x[0]) / finest_x)
+        # the budget on the cell counts sent, after rounding up (a product just under the
+        # budget could pass it by a row or column of cells)
+        nx = min(MAX_CELLS, max(1, math.ceil(nx)))
+        ny = min(MAX_CELLS, max(1, math.ceil(ny)))
         if nx * ny <= MAX_TOTAL:
             break
-    nx = min(MAX_CELLS, max(1, math.ceil(nx)))
-    ny = min(MAX_CELLS, max(1, math.ceil(ny)))
     return Level(x, y, int(nx), int(ny))
 
 
