@@ -295,7 +295,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a dnntrace.enable option for every tracer, e.g. k=5 or compression=lz4 (repeatable)",
+        help="a dnntrace.enable option for every tracer, e.g. k=5, compression=lz4 or "
+        "compression=None (repeatable)",
     )
     args = ap.parse_args()
     extra: dict[str, Any] = {}
@@ -303,7 +304,14 @@ def main() -> None:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             ap.error(f"--option: {item!r} is not NAME=VALUE")
-        extra[name] = int(value) if value.lstrip("-").isdigit() else value
+        consts = {"None": None, "True": True, "False": False}
+        extra[name] = (
+            consts[value]
+            if value in consts
+            else int(value)
+            if value.lstrip("-").isdigit()
+            else value
+        )
     try:
         dnntrace.TraceConfig(**extra)
     except (TypeError, ValueError) as e:
