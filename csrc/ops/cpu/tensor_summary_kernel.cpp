@@ -28,10 +28,11 @@ using core::kBlock;
 
 constexpr int64_t kChunkBlocks = 64;  // 64 Ki elements per chunk
 constexpr int64_t kDirectMax = 4096;  // below this the full mapping straight into the row wins
-// Values per thread at least (see summarize_items): 2^17 runs on one thread, 2^18 on two. It was
-// 2^17 + 1, which kept every call below 2^18 + 2 values on one thread: on a 2-core Zen 3 VM a
-// 2^18-value fp32 call took 128-139 us there and 75-80 us on two (bench/NOTES.md).
-constexpr int64_t kMinRunElems = int64_t{1} << 17;
+// Values per thread at least (see summarize_items): a call of two 64 Ki chunks or more (2^17
+// values) runs on two threads. On a 2-core Zen 3 VM, fp32 calls on a fresh Linear output, the
+// pool threads just used (bench/NOTES.md, twelfth session row 7): 2^17 values 85-124 -> 79-92 us
+// median, 196,608 values 121-171 -> 94-130 us against one thread.
+constexpr int64_t kMinRunElems = int64_t{1} << 16;
 
 enum class Src { kF32, kF64, kF16, kBF16 };
 
