@@ -300,18 +300,17 @@ def main() -> None:
     )
     args = ap.parse_args()
     extra: dict[str, Any] = {}
+    consts = {"None": None, "True": True, "False": False}
     for item in args.option:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             ap.error(f"--option: {item!r} is not NAME=VALUE")
-        consts = {"None": None, "True": True, "False": False}
-        extra[name] = (
-            consts[value]
-            if value in consts
-            else int(value)
-            if value.lstrip("-").isdigit()
-            else value
-        )
+        if value in consts:
+            extra[name] = consts[value]
+        elif value.lstrip("-").isdigit():
+            extra[name] = int(value)
+        else:
+            extra[name] = value
     try:
         dnntrace.TraceConfig(**extra)
     except (TypeError, ValueError) as e:
