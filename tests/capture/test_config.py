@@ -72,6 +72,9 @@ def test_misspelt_option_names_the_closest() -> None:
         ({"units": 3}, "units must be True, False or a dict of options, got 3"),
         ({"extensions": "x"}, "extensions must be a sequence of dnntrace.Extension"),
         ({"k": 9}, "k"),
+        ({"k": "x"}, "k must be an int, got 'x'"),
+        ({"k": 2.5}, "k must be an int, got 2.5"),
+        ({"octaves": True}, "octaves must be an int, got True"),
     ],
 )
 def test_bad_values_raise_one_line_value_errors(options: dict, message: str) -> None:

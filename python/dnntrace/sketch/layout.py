@@ -9,6 +9,7 @@ value is 100 the representative lies in [99.22, 100.78].
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,10 @@ class Layout:
     octaves: int = DEFAULT_OCTAVES
 
     def __post_init__(self) -> None:
+        for name in ("k", "emin", "octaves"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an int, got {v!r}")
         if not 0 <= self.k <= MAX_K:
             raise ValueError(f"k must be in 0..{MAX_K}, got {self.k}")
         if not 1 <= self.octaves <= 254:
